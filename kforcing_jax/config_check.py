@@ -1,0 +1,106 @@
+"""Config validation: every bad value fails here, before anything compiles, naming the field."""
+
+import ml_collections
+
+KNOWN_STAGES = ("teacher",)
+SOURCES = ("kjv", "text_files", "tfds")
+TOKENIZERS = ("bpe", "gpt2", "bert-base-uncased")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """An invalid config value; the message starts with the offending field."""
+
+
+def _require(ok: bool, field: str, msg: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}: {msg}")
+
+
+def parse_stages(stages: str) -> list[str]:
+  names = [s.strip() for s in stages.split(",") if s.strip()]
+  _require(bool(names), "stages", "is empty; use e.g. 'teacher'")
+  for name in names:
+    _require(name in KNOWN_STAGES, "stages",
+             f"unknown stage {name!r}; known stages: {', '.join(KNOWN_STAGES)}")
+  _require(len(set(names)) == len(names), "stages", f"repeats a stage: {stages!r}")
+  return names
+
+
+def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int]:
+  """(data, model) axis sizes with mesh.data = -1 resolved against the device count."""
+  model = config.mesh.model
+  _require(isinstance(model, int) and model >= 1, "mesh.model", f"must be >= 1, got {model}")
+  _require(n_devices % model == 0, "mesh.model",
+           f"{model} does not divide the {n_devices} available devices")
+  data = n_devices // model if config.mesh.data == -1 else config.mesh.data
+  _require(isinstance(data, int) and data >= 1, "mesh.data", f"must be -1 or >= 1, got {data}")
+  _require(data * model == n_devices, "mesh.data",
+           f"mesh.data * mesh.model = {data} * {model} = {data * model}, but there are "
+           f"{n_devices} devices; the product must equal the device count (or set mesh.data=-1)")
+  return data, model
+
+
+def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: int = 1) -> None:
+  """Raise ConfigError for the first invalid field. Cheap: touches no device."""
+  parse_stages(config.stages)
+  m = config.model
+  _require(m.n_layers >= 1, "model.n_layers", f"must be >= 1, got {m.n_layers}")
+  _require(m.n_heads >= 1, "model.n_heads", f"must be >= 1, got {m.n_heads}")
+  _require(m.d_model % m.n_heads == 0, "model.d_model",
+           f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
+  _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads",
+           f"head_dim = d_model / n_heads = {m.d_model // m.n_heads} must be even (rotary)")
+  _require(m.mlp_ratio >= 1, "model.mlp_ratio", f"must be >= 1, got {m.mlp_ratio}")
+  _require(m.vocab_size == -1 or m.vocab_size >= 2, "model.vocab_size",
+           f"must be -1 (from the tokenizer) or >= 2, got {m.vocab_size}")
+  _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+
+  d = config.data
+  _require(d.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {d.source!r}")
+  _require(d.source != "text_files" or bool(d.text_files.strip()), "data.text_files",
+           "is empty but data.source='text_files'; give comma-separated paths or globs")
+  _require(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name",
+           "is empty but data.source='tfds'; e.g. 'lm1b' or 'openwebtext'")
+  _require(d.tokenizer in TOKENIZERS, "data.tokenizer",
+           f"must be one of {TOKENIZERS}, got {d.tokenizer!r}")
+  _require(0.0 < d.val_fraction < 1.0, "data.val_fraction",
+           f"must be in (0, 1), got {d.val_fraction}")
+  _require(d.bpe_vocab_size >= 300, "data.bpe_vocab_size",
+           f"must be >= 300 (256 bytes + specials + merges), got {d.bpe_vocab_size}")
+  _require(d.worker_count >= 0, "data.worker_count", f"must be >= 0, got {d.worker_count}")
+  _require(config.seq_len >= 2, "seq_len", f"must be >= 2, got {config.seq_len}")
+
+  data, model = mesh_shape(config, n_devices)
+  _require(config.batch_size >= 1, "batch_size", f"must be >= 1, got {config.batch_size}")
+  _require(config.batch_size % data == 0, "batch_size",
+           f"global batch {config.batch_size} is not divisible by the data axis "
+           f"(mesh.data={data}); use a multiple of {data}")
+  _require(config.batch_size % process_count == 0, "batch_size",
+           f"global batch {config.batch_size} is not divisible by the {process_count} processes")
+  _require(m.n_heads % model == 0, "model.n_heads",
+           f"{m.n_heads} heads are not divisible by the model axis (mesh.model={model})")
+  _require((m.mlp_ratio * m.d_model) % model == 0, "model.mlp_ratio",
+           f"MLP width {m.mlp_ratio * m.d_model} is not divisible by mesh.model={model}")
+  _require(not config.mesh.fsdp or m.d_model % data == 0, "mesh.fsdp",
+           f"FSDP shards d_model={m.d_model} over the data axis ({data}), which does not divide it")
+
+  o = config.optim
+  _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+  _require(o.schedule in ("constant", "cosine"), "optim.schedule",
+           f"must be 'constant' or 'cosine', got {o.schedule!r}")
+  _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+  _require(0.0 <= o.final_lr_frac <= 1.0, "optim.final_lr_frac",
+           f"must be in [0, 1], got {o.final_lr_frac}")
+  for name in ("b1", "b2"):
+    _require(0.0 <= o[name] < 1.0, f"optim.{name}", f"must be in [0, 1), got {o[name]}")
+  _require(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
+  _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+  _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
+  _require(0.0 <= o.ema_decay < 1.0, "optim.ema_decay",
+           f"must be in [0, 1) (0 = off), got {o.ema_decay}")
+
+  t = config.train
+  for name in ("num_steps", "log_every", "eval_every", "eval_batches", "ckpt_every",
+               "keep_checkpoints"):
+    _require(t[name] >= 1, f"train.{name}", f"must be >= 1, got {t[name]}")

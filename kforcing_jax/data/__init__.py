@@ -1,0 +1,1 @@
+"""Input pipeline: tfds builders (embedded KJV corpus, local text files), tokenizers, grain."""

@@ -1,0 +1,23 @@
+"""Losses. Cross-entropy is computed from float32 logits with an explicit log-sum-exp."""
+
+import jax
+import jax.numpy as jnp
+
+from kforcing_jax import model as model_lib
+
+
+def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+  """Per-position negative log-likelihood (B, L)."""
+  logits = logits_BxLxV.astype(jnp.float32)
+  lse_BxL = jax.nn.logsumexp(logits, axis=-1)
+  picked_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+  return lse_BxL - picked_BxL
+
+
+def next_token_loss(model: model_lib.Transformer, tokens_BxL: jax.Array):
+  """AR teacher loss: mean NLL of tokens[1:] given tokens[:-1]; aux = {'accuracy'}."""
+  logits = model(tokens_BxL[:, :-1])
+  targets = tokens_BxL[:, 1:]
+  nll = token_nll(logits, targets).mean()
+  acc = (logits.argmax(-1) == targets).mean()
+  return nll, {"accuracy": acc}

@@ -1,0 +1,67 @@
+"""What the user sees: periodic progress lines with ETA, metrics as JSON lines, a loss plot.
+
+Only process 0 writes; other processes get no-op writers so multi-host runs log once.
+"""
+
+import json
+import logging
+import os
+import time
+
+import jax
+
+log = logging.getLogger("kforcing_jax")
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to <workdir>/metrics.jsonl."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+  def drop_after(self, stage: str, step: int) -> None:
+    """On resume, forget lines of `stage` newer than the restored step (they will be redone)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    kept = [line for line in read_jsonl(self.path)
+            if not (line.get("stage") == stage and line.get("step", 0) > step)]
+    with open(self.path + ".tmp", "w") as f:
+      for line in kept:
+        f.write(json.dumps(line) + "\n")
+    os.replace(self.path + ".tmp", self.path)
+
+  def write(self, record: dict) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """Throughput and ETA measured between log lines (compile time excluded after the first)."""
+
+  def __init__(self, stage: str, start_step: int, total_steps: int, tokens_per_step: int):
+    self.stage, self.total, self.tokens_per_step = stage, total_steps, tokens_per_step
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def tick(self, step: int) -> dict:
+    now = time.perf_counter()
+    steps = max(step - self.last_step, 1)
+    dt = max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    rate = steps / dt
+    return {"tokens_per_s": rate * self.tokens_per_step, "steps_per_s": rate,
+            "eta_s": (self.total - step) / rate}
+
+  def line(self, step: int, metrics: dict) -> str:
+    eta = metrics.get("eta_s", 0.0)
+    return (f"[{self.stage}] step {step}/{self.total} ({100.0 * step / self.total:.0f}%) "
+            f"loss {metrics['loss']:.4f} | {metrics.get('tokens_per_s', 0):,.0f} tok/s | "
+            f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")

@@ -1,0 +1,139 @@
+"""The AR backbone (spec section 2): embeddings, pre-norm blocks, output norm + biased head.
+
+Two attention paths share every weight: the full causal pass used in training, and a pass over
+an explicit fixed-size KV cache used by decoding.
+"""
+
+import dataclasses
+import json
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kforcing_jax import attention, layers
+
+MASKED_LOGIT = -1000.0  # The reserved mask token is never produced.
+
+# Per-layer attention: (layer_index, q, k, v) -> out, all (B, H, L, head_dim).
+LayerAttendFn = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture; saved as JSON beside every checkpoint."""
+  vocab_size: int
+  mask_id: int
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  mlp_ratio: int = 4
+  rope_base: float = 10000.0
+  dtype: str = "float32"
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
+  """Empty cache: k/v (n_layers, B, H, max_len, head_dim) and the number of filled slots."""
+  shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.head_dim)
+  dt = jnp.dtype(cfg.dtype)
+  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "len": jnp.zeros((), jnp.int32)}
+
+
+class Transformer(nnx.Module):
+  """Token embeddings -> blocks -> ScaleNorm -> Linear(d, V) with bias (zero-initialised)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, dt = cfg.d_model, jnp.dtype(cfg.dtype)
+    self.vocab_embed = nnx.Param(
+        jax.nn.initializers.normal(layers.INIT_STD)(rngs.params(), (cfg.vocab_size, d)),
+        out_sharding=("vocab", "embed"))
+    self.blocks = nnx.List([layers.Block(d, cfg.n_heads, cfg.mlp_ratio, cfg.n_layers, rngs, dt)
+                            for _ in range(cfg.n_layers)])
+    self.norm_final = layers.ScaleNorm(d)
+    self.head = nnx.Param(jnp.zeros((d, cfg.vocab_size), jnp.float32),
+                          out_sharding=("embed", "vocab"))
+    self.head_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32),
+                               out_sharding=("vocab",))
+
+  def embed(self, tokens_BxL: jax.Array) -> jax.Array:
+    return jnp.take(self.vocab_embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
+
+  def logits(self, h_BxLxD: jax.Array) -> jax.Array:
+    """Float32 logits with the mask token's logit forced to MASKED_LOGIT."""
+    h = self.norm_final(h_BxLxD).astype(jnp.float32)
+    out = h @ self.head[...] + self.head_bias[...]
+    return out.at[..., self.cfg.mask_id].set(MASKED_LOGIT)
+
+  def run_blocks(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, attend: LayerAttendFn):
+    """All blocks with a caller-chosen attention; returns hidden states and per-layer (k, v)."""
+    cos, sin = layers.rotary_tables(pos_BxL, self.cfg.head_dim, self.cfg.rope_base)
+    kvs = []
+    for i, block in enumerate(self.blocks):
+      x_BxLxD, kv = block(x_BxLxD, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
+      kvs.append(kv)
+    return x_BxLxD, kvs
+
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    """Causal forward: logits (B, L, V) for the next token at every position."""
+    b, length = tokens_BxL.shape
+    pos_BxL = jnp.broadcast_to(jnp.arange(length), (b, length))
+    h, _ = self.run_blocks(self.embed(tokens_BxL), pos_BxL,
+                           lambda i, q, k, v: attention.causal_attention(q, k, v))
+    return self.logits(h)
+
+  def forward_cached(self, x_BxLxD: jax.Array, cache: dict, n_keep: int):
+    """Run L new positions after the cache's filled slots; store the first `n_keep` in the cache.
+
+    Positions are cache["len"] + 0..L-1. Only real tokens should be kept (the PFLM's noise tokens
+    are appended after them and dropped). Returns (hidden (B, L, D), updated cache).
+    """
+    b, length, _ = x_BxLxD.shape
+    start = cache["len"]
+    pos_BxL = jnp.broadcast_to(start + jnp.arange(length), (b, length))
+
+    def attend(i, q, k, v):
+      return attention.cached_attention(q, k, v, cache["k"][i], cache["v"][i], start)
+
+    h, kvs = self.run_blocks(x_BxLxD, pos_BxL, attend)
+    new_k = jnp.stack([k[:, :, :n_keep] for k, _ in kvs]).astype(cache["k"].dtype)
+    new_v = jnp.stack([v[:, :, :n_keep] for _, v in kvs]).astype(cache["v"].dtype)
+    zero = jnp.zeros((), jnp.int32)
+    idx = (zero, zero, zero, start, zero)
+    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], new_k, idx),
+             "v": jax.lax.dynamic_update_slice(cache["v"], new_v, idx),
+             "len": start + n_keep}
+    return h, cache
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """Shapes only; eager sharding off because logical names are not mesh axes."""
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+
+
+def split_params(model: nnx.Module):
+  """(graphdef, params as a plain nested dict): the pytree we optimise and checkpoint."""
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def merge(graphdef, params: dict) -> Transformer:
+  return nnx.merge(graphdef, params)
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,66 @@
+"""The sharding policy: the ('data', 'model') mesh and logical-axis -> mesh-axis rules.
+
+Every parameter names its logical axes where it is created (layers.py / model.py):
+  vocab_embed (V, D)         ('vocab', 'embed')
+  attn_qkv    (D, 3, H, K)   ('embed', None, 'heads', 'head_dim')
+  attn_out    (H, K, D)      ('heads', 'head_dim', 'embed')
+  mlp_in      (D, F)         ('embed', 'mlp')      mlp_out (F, D) ('mlp', 'embed')
+  head        (D, V)         ('embed', 'vocab')    norms / biases ('norm',) or ('mlp',)
+Tensor parallelism shards heads and the MLP hidden dim over 'model' (Megatron style: one
+all-reduce after attention and one after the MLP). FSDP additionally shards 'embed' over 'data'.
+The vocabulary stays replicated so any vocabulary size (50258 for GPT-2 + mask) works.
+"""
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+
+def logical_rules(fsdp: bool) -> dict[str, str | None]:
+  return {
+      "vocab": None,
+      "embed": DATA if fsdp else None,
+      "heads": MODEL,
+      "mlp": MODEL,
+      "head_dim": None,
+      "norm": None,
+  }
+
+
+def make_mesh(data: int, model: int, devices=None) -> Mesh:
+  """A (data, model) mesh with Auto axis types (classic GSPMD propagation; see platform-notes)."""
+  devices = jax.devices() if devices is None else devices
+  if data * model != len(devices):
+    raise ValueError(f"mesh.data * mesh.model = {data} * {model} != {len(devices)} devices")
+  return jax.make_mesh((data, model), (DATA, MODEL), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def logical_to_spec(names, rules: dict) -> P:
+  return P(*(None if n is None else rules[n] for n in names))
+
+
+def param_shardings(abstract_module: nnx.Module, mesh: Mesh, fsdp: bool) -> dict:
+  """NamedShardings for the plain-dict parameter pytree of `abstract_module`."""
+  rules = logical_rules(fsdp)
+  specs = nnx.get_partition_spec(nnx.state(abstract_module))
+  specs = nnx.to_pure_dict(specs)
+  return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_spec(tuple(s), rules)), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading (batch) axis over 'data', the rest replicated."""
+  return NamedSharding(mesh, P(DATA, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_BxL: np.ndarray, mesh: Mesh) -> jax.Array:
+  """Assemble each process's rows into one global array sharded over 'data'."""
+  return jax.make_array_from_process_local_data(batch_sharding(mesh, local_BxL.ndim), local_BxL)

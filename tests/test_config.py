@@ -1,0 +1,118 @@
+"""Every config file validates; every bad value fails with a message naming its field."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kforcing_jax import config_check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def test_config_files_exist():
+  names = {os.path.basename(p) for p in CONFIG_FILES}
+  assert {"kjv_tiny.py", "lm1b.py", "owt.py"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_config_file_validates(path):
+  c = load(path)
+  config_check.validate(c, n_devices=8)
+  config_check.validate(c, n_devices=1)
+  with open(path) as f:
+    head = f.read(400)
+  assert "python -m kforcing_jax.train --config configs/" in head, "docstring must give the command"
+
+
+BAD = [
+    # (field path, value, n_devices, expected substring)
+    ("batch_size", 30, 8, "config.batch_size: global batch 30 is not divisible by the data axis"),
+    ("model.n_heads", 3, 8, "config.model.d_model: 256 is not divisible by model.n_heads=3"),
+    ("mesh.model", 3, 8, "config.mesh.model: 3 does not divide the 8 available devices"),
+    ("mesh.data", 2, 8, "config.mesh.data: mesh.data * mesh.model = 2 * 1 = 2, but there are 8"),
+    ("stages", "teacher,k3x", 8, "config.stages: unknown stage 'k3x'"),
+    ("stages", "", 8, "config.stages: is empty"),
+    ("stages", "teacher,teacher", 8, "config.stages: repeats a stage"),
+    ("data.source", "wikipedia", 8, "config.data.source: must be one of"),
+    ("data.tokenizer", "sentencepiece", 8, "config.data.tokenizer: must be one of"),
+    ("model.dtype", "float16", 8, "config.model.dtype: must be one of"),
+    ("optim.lr", 0.0, 8, "config.optim.lr: must be > 0"),
+    ("optim.schedule", "linear", 8, "config.optim.schedule: must be 'constant' or 'cosine'"),
+    ("optim.ema_decay", 1.0, 8, "config.optim.ema_decay: must be in [0, 1)"),
+    ("optim.b2", 1.5, 8, "config.optim.b2: must be in [0, 1)"),
+    ("train.num_steps", 0, 8, "config.train.num_steps: must be >= 1"),
+    ("seq_len", 1, 8, "config.seq_len: must be >= 2"),
+    ("data.val_fraction", 0.0, 8, "config.data.val_fraction: must be in (0, 1)"),
+    ("model.vocab_size", 0, 8, "config.model.vocab_size: must be -1"),
+]
+
+
+def _set(c, field, value):
+  *parents, leaf = field.split(".")
+  node = c
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+@pytest.mark.parametrize("field,value,n_devices,message", BAD, ids=[b[0] + "=" + str(b[1]) for b in BAD])
+def test_bad_config_fails_with_clear_message(field, value, n_devices, message):
+  c = load(os.path.join(ROOT, "configs", "kjv_tiny.py"))
+  _set(c, field, value)
+  with pytest.raises(config_check.ConfigError) as e:
+    config_check.validate(c, n_devices=n_devices)
+  assert message in str(e.value)
+
+
+def test_cross_field_cases():
+  c = load(os.path.join(ROOT, "configs", "kjv_tiny.py"))
+  c.mesh.model = 8
+  with pytest.raises(config_check.ConfigError, match=r"config.model.n_heads: 4 heads are not "
+                     r"divisible by the model axis \(mesh.model=8\)"):
+    config_check.validate(c, n_devices=8)
+  c = load(os.path.join(ROOT, "configs", "kjv_tiny.py"))
+  c.data.source = "text_files"
+  with pytest.raises(config_check.ConfigError, match="config.data.text_files: is empty"):
+    config_check.validate(c, n_devices=1)
+  c = load(os.path.join(ROOT, "configs", "kjv_tiny.py"))
+  c.mesh.fsdp, c.mesh.model, c.mesh.data, c.batch_size = True, 1, 3, 33
+  with pytest.raises(config_check.ConfigError, match="config.mesh.fsdp"):
+    config_check.validate(c, n_devices=3)
+  c = load(os.path.join(ROOT, "configs", "kjv_tiny.py"))
+  with pytest.raises(config_check.ConfigError, match="not divisible by the 3 processes"):
+    c.batch_size = 32
+    config_check.validate(c, n_devices=8, process_count=3)
+
+
+def test_cli_rejects_bad_config_before_compiling(tmp_path):
+  """The entry point fails fast (no tokenizer, no data, no compile) and names the field."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "kforcing_jax.train", "--config", "configs/kjv_tiny.py",
+       "--workdir", str(tmp_path / "w"), "--config.mesh.model=3"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "config.mesh.model: 3 does not divide the 8 available devices" in proc.stderr + proc.stdout
+  assert not (tmp_path / "w" / "tokenizer.json").exists()
+
+
+def test_cli_rejects_unknown_field(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "kforcing_jax.train", "--config", "configs/kjv_tiny.py",
+       "--workdir", str(tmp_path / "w"), "--config.optim.learning_rate=1e-3"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "learning_rate" in proc.stderr
