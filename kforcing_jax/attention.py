@@ -47,3 +47,48 @@ def cached_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, cache_k_BxHxSxK, cache_v_B
   mask_cache = jnp.broadcast_to(jnp.arange(n_slots)[None, :] < cache_len, (n_new, n_slots))
   mask = jnp.concatenate([mask_cache, causal_mask(n_new, n_new)], axis=1)
   return dense_attention(q_BxHxLxK, k, v, mask)
+
+
+# ---- PFLM two-stream attention (spec section 3) ----
+#
+# Every context position t owns a window of W tokens (noise tokens, or tokens produced in earlier
+# rollout rounds followed by noise) at rotary positions t+1..t+W. A window token (t, i) may see
+# context tokens b <= t ("staircase") and tokens (t, i') of its own window with i' <= i.
+
+
+def window_attention(q_BxHxNxWxK: jax.Array, kc_BxHxNxK: jax.Array, vc_BxHxNxK: jax.Array,
+                     kw_BxHxNxWxK: jax.Array, vw_BxHxNxWxK: jax.Array,
+                     valid_W: jax.Array | None = None) -> jax.Array:
+  """Efficient form: O(N*W*N + N*W*W) scores, one softmax across context and window keys.
+
+  `valid_W` masks window slots that hold nothing yet (fixed-size rollout buffers).
+  """
+  n, w = q_BxHxNxWxK.shape[2], q_BxHxNxWxK.shape[3]
+  scale = q_BxHxNxWxK.shape[-1] ** -0.5
+  s_ctx = jnp.einsum("bhnwk,bhsk->bhnws", q_BxHxNxWxK, kc_BxHxNxK,
+                     preferred_element_type=jnp.float32) * scale
+  s_win = jnp.einsum("bhnwk,bhnuk->bhnwu", q_BxHxNxWxK, kw_BxHxNxWxK,
+                     preferred_element_type=jnp.float32) * scale
+  stair_Nx1xS = (jnp.arange(n)[None, :] <= jnp.arange(n)[:, None])[:, None, :]
+  win_WxU = jnp.arange(w)[None, :] <= jnp.arange(w)[:, None]
+  if valid_W is not None:
+    win_WxU = win_WxU & valid_W[None, :]
+  s_ctx = jnp.where(stair_Nx1xS, s_ctx, NEG_INF)
+  s_win = jnp.where(win_WxU, s_win, NEG_INF)
+  p = jax.nn.softmax(jnp.concatenate([s_ctx, s_win], axis=-1), axis=-1)
+  p_ctx, p_win = p[..., :n].astype(vc_BxHxNxK.dtype), p[..., n:].astype(vw_BxHxNxWxK.dtype)
+  return (jnp.einsum("bhnws,bhsk->bhnwk", p_ctx, vc_BxHxNxK)
+          + jnp.einsum("bhnwu,bhnuk->bhnwk", p_win, vw_BxHxNxWxK))
+
+
+def two_stream_dense_mask(n: int, w: int, valid_W: jax.Array | None = None) -> jax.Array:
+  """Reference (N + N*W)^2 mask over [context ; window tokens flattened (t, i)]. Tests only."""
+  ctx = jnp.arange(n)
+  t = jnp.repeat(ctx, w)
+  i = jnp.tile(jnp.arange(w), n)
+  valid = jnp.ones((w,), bool) if valid_W is None else valid_W
+  cc = ctx[None, :] <= ctx[:, None]
+  cw = jnp.zeros((n, n * w), bool)
+  wc = ctx[None, :] <= t[:, None]
+  ww = (t[None, :] == t[:, None]) & (i[None, :] <= i[:, None]) & valid[i][None, :]
+  return jnp.concatenate([jnp.concatenate([cc, cw], 1), jnp.concatenate([wc, ww], 1)], 0)

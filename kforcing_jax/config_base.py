@@ -11,8 +11,21 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds parameter init, data order and every per-step rng (folded from the step).
-  # Comma-separated stages run in order. "teacher" trains the AR model.
+  # Comma-separated stages run in order, each resuming from its own checkpoint. "teacher" trains
+  # the AR model; "k<n>" distils the previous stage into a PFLM with window n. After the AR
+  # teacher any n works (n rounds of inverse-CDF sampling: "teacher,k4" is single-stage);
+  # after a PFLM(m), n must be a multiple R*m, R >= 2 (R=2: the paper's self-forcing).
+  # The paper's schedule: "teacher,k1,k2,k4".
   c.stages = "teacher"
+
+  # ---- distillation stages (spec section 4) ----
+  c.distill = ml_collections.ConfigDict()
+  # "self_forcing": targets from the frozen previous stage rolled out (the paper's method);
+  # "noise_inversion": real data tokens as targets, z inverted from the AR teacher's CDF (the
+  # PTP baseline of the paper's ablation; only directly after the "teacher" stage).
+  c.distill.target = "self_forcing"
+  c.distill.tau = 1.0  # Sampling temperature (fed to the noise encoder too); the paper uses 1.
+  # Teacher weights and student init come from the previous stage's EMA when EMA is on.
 
   # ---- model (spec section 2) ----
   c.model = ml_collections.ConfigDict()
@@ -73,6 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
   # ---- training loop ----
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000  # Optimizer steps per stage.
+  # Per-stage overrides of num_steps, e.g. "teacher=2000,k1=500"; "" = num_steps everywhere.
+  c.train.stage_steps = ""
   c.train.log_every = 20  # Steps between progress lines / JSON metric lines.
   c.train.eval_every = 200  # Steps between validation passes (and at the end).
   c.train.eval_batches = 4  # Validation batches per pass (each of batch_size sequences).

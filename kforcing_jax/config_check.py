@@ -2,7 +2,9 @@
 
 import ml_collections
 
-KNOWN_STAGES = ("teacher",)
+import re
+
+TEACHER = "teacher"
 SOURCES = ("kjv", "text_files", "tfds")
 TOKENIZERS = ("bpe", "gpt2", "bert-base-uncased")
 DTYPES = ("float32", "bfloat16")
@@ -17,14 +19,41 @@ def _require(ok: bool, field: str, msg: str) -> None:
     raise ConfigError(f"config.{field}: {msg}")
 
 
+def stage_k(name: str) -> int:
+  """Window of a stage: 0 for the AR teacher, n for "k<n>"."""
+  return 0 if name == TEACHER else int(name[1:])
+
+
 def parse_stages(stages: str) -> list[str]:
+  """Stage names in order; the chain always starts at the AR teacher (a finished teacher stage
+  is skipped on resume, so "teacher,k1,k2,k4" also continues an existing teacher)."""
   names = [s.strip() for s in stages.split(",") if s.strip()]
-  _require(bool(names), "stages", "is empty; use e.g. 'teacher'")
+  _require(bool(names), "stages", "is empty; use e.g. 'teacher' or 'teacher,k1,k2,k4'")
   for name in names:
-    _require(name in KNOWN_STAGES, "stages",
-             f"unknown stage {name!r}; known stages: {', '.join(KNOWN_STAGES)}")
+    _require(name == TEACHER or bool(re.fullmatch(r"k[1-9]\d*", name)), "stages",
+             f"unknown stage {name!r}; stages are 'teacher' and 'k<n>' (n >= 1), e.g. "
+             f"'teacher,k1,k2,k4'")
   _require(len(set(names)) == len(names), "stages", f"repeats a stage: {stages!r}")
+  _require(names[0] == TEACHER, "stages", f"must start with 'teacher', got {stages!r}")
+  _require(TEACHER not in names[1:], "stages", "'teacher' can only be the first stage")
+  for prev, cur in zip(names[1:], names[2:]):
+    kp, kc = stage_k(prev), stage_k(cur)
+    _require(kc % kp == 0 and kc // kp >= 2, "stages",
+             f"{cur} cannot follow {prev}: a PFLM(k) teacher rolled out R >= 2 rounds gives "
+             f"windows R*k, so the next window must be a multiple of {kp} and at least {2 * kp}")
   return names
+
+
+def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
+  """Optimizer steps of `stage` (train.stage_steps overrides train.num_steps)."""
+  steps = config.train.num_steps
+  for item in filter(None, (x.strip() for x in config.train.stage_steps.split(","))):
+    name, _, value = item.partition("=")
+    _require(bool(value) and value.strip().isdigit() and int(value) >= 1, "train.stage_steps",
+             f"entry {item!r} must look like 'k1=500'")
+    if name.strip() == stage:
+      steps = int(value)
+  return steps
 
 
 def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int]:
@@ -43,7 +72,18 @@ def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> tuple[int, 
 
 def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: int = 1) -> None:
   """Raise ConfigError for the first invalid field. Cheap: touches no device."""
-  parse_stages(config.stages)
+  stages = parse_stages(config.stages)
+  for name in filter(None, (x.strip().partition("=")[0].strip()
+                            for x in config.train.stage_steps.split(","))):
+    _require(name in stages, "train.stage_steps", f"names stage {name!r}, not in {stages}")
+  for name in stages:
+    stage_steps(config, name)
+  dc = config.distill
+  _require(dc.target in ("self_forcing", "noise_inversion"), "distill.target",
+           f"must be 'self_forcing' or 'noise_inversion', got {dc.target!r}")
+  _require(dc.target != "noise_inversion" or len(stages) <= 2, "distill.target",
+           "noise_inversion distils the AR teacher directly: use stages='teacher,k<n>'")
+  _require(dc.tau > 0, "distill.tau", f"must be > 0, got {dc.tau}")
   m = config.model
   _require(m.n_layers >= 1, "model.n_layers", f"must be >= 1, got {m.n_layers}")
   _require(m.n_heads >= 1, "model.n_heads", f"must be >= 1, got {m.n_heads}")

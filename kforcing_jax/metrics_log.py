@@ -6,11 +6,28 @@ Only process 0 writes; other processes get no-op writers so multi-host runs log 
 import json
 import logging
 import os
+import sys
 import time
 
 import jax
 
 log = logging.getLogger("kforcing_jax")
+
+
+def configure_logging() -> None:
+  """Our progress lines on stdout (process 0 only); library chatter (Orbax, absl) muted."""
+  if not log.handlers:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.propagate = False
+  log.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  except ImportError:
+    pass
 
 
 class MetricsWriter:

@@ -89,11 +89,43 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     """Causal forward: logits (B, L, V) for the next token at every position."""
-    b, length = tokens_BxL.shape
-    pos_BxL = jnp.broadcast_to(jnp.arange(length), (b, length))
-    h, _ = self.run_blocks(self.embed(tokens_BxL), pos_BxL,
-                           lambda i, q, k, v: attention.causal_attention(q, k, v))
+    h, _ = self.context_pass(tokens_BxL)
     return self.logits(h)
+
+  # ---- two-stream passes (spec section 3); used by the PFLM student and the teacher rollouts ----
+
+  def context_pass(self, tokens_BxN: jax.Array):
+    """Plain causal pass; returns hidden states and per-layer context (k, v) for window passes."""
+    return self.run_blocks(self.embed(tokens_BxN), _positions(tokens_BxN.shape),
+                           lambda i, q, k, v: attention.causal_attention(q, k, v))
+
+  def window_pass(self, ctx_kvs, x_BxNxWxD: jax.Array, valid_W: jax.Array | None = None):
+    """Hidden states (B, N, W, D) of the window tokens of every context position t (rotary
+    positions t+1..t+W), attending to the context's (k, v) with one joint softmax."""
+    b, n, w, d = x_BxNxWxD.shape
+    pos = (jnp.arange(n)[:, None] + 1 + jnp.arange(w)[None, :]).reshape(1, n * w)
+
+    def attend(i, q, k, v):
+      split = lambda a: a.reshape(b, a.shape[1], n, w, a.shape[-1])
+      kc, vc = ctx_kvs[i]
+      out = attention.window_attention(split(q), kc, vc, split(k), split(v), valid_W)
+      return out.reshape(q.shape)
+
+    h, _ = self.run_blocks(x_BxNxWxD.reshape(b, n * w, d).astype(self.cfg.dtype),
+                           jnp.broadcast_to(pos, (b, n * w)), attend)
+    return h.reshape(b, n, w, d)
+
+  def window_pass_dense(self, tokens_BxN, x_BxNxWxD, valid_W=None):
+    """Reference for `window_pass`: one sequence [context ; windows] under the dense
+    (N + N*W)^2 mask, as the paper's code does. Tests and benchmarks only."""
+    b, n, w, d = x_BxNxWxD.shape
+    x = jnp.concatenate([self.embed(tokens_BxN), x_BxNxWxD.reshape(b, n * w, d).astype(
+        self.cfg.dtype)], axis=1)
+    pos_w = (jnp.arange(n)[:, None] + 1 + jnp.arange(w)[None, :]).reshape(n * w)
+    pos = jnp.broadcast_to(jnp.concatenate([jnp.arange(n), pos_w]), (b, n + n * w))
+    mask = attention.two_stream_dense_mask(n, w, valid_W)
+    h, _ = self.run_blocks(x, pos, lambda i, q, k, v: attention.dense_attention(q, k, v, mask))
+    return h[:, n:].reshape(b, n, w, d)
 
   def forward_cached(self, x_BxLxD: jax.Array, cache: dict, n_keep: int):
     """Run L new positions after the cache's filled slots; store the first `n_keep` in the cache.
@@ -117,6 +149,10 @@ class Transformer(nnx.Module):
              "v": jax.lax.dynamic_update_slice(cache["v"], new_v, idx),
              "len": start + n_keep}
     return h, cache
+
+
+def _positions(shape) -> jax.Array:
+  return jnp.broadcast_to(jnp.arange(shape[1]), shape)
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

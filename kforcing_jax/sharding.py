@@ -23,6 +23,7 @@ def logical_rules(fsdp: bool) -> dict[str, str | None]:
   return {
       "vocab": None,
       "embed": DATA if fsdp else None,
+      "embed2": DATA if fsdp else None,  # the noise encoder's 2d-wide input
       "heads": MODEL,
       "mlp": MODEL,
       "head_dim": None,

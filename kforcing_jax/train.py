@@ -3,9 +3,6 @@
 Kept short on purpose: the logic lives in `trainer.py`, importable from notebooks and tests.
 """
 
-import logging
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -17,12 +14,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  import jax  # Imported after flags so XLA_FLAGS set by a launcher take effect.
-  from kforcing_jax import trainer
+  from kforcing_jax import trainer  # Imported after flag parsing (XLA_FLAGS from launchers).
 
-  level = logging.INFO if jax.process_index() == 0 else logging.WARNING
-  logging.basicConfig(level=level, stream=sys.stdout,
-                      format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
+  trainer.configure_logging()
   trainer.run(_CONFIG.value, _WORKDIR.value)
 
 

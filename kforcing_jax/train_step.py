@@ -1,7 +1,9 @@
 """Jitted train / eval steps with explicit in/out shardings and donation of the train state.
 
-`loss_fn(params, batch, key) -> (loss, aux_metrics)` is the only stage-specific piece; the AR
-teacher and every distillation stage share this step.
+`loss_fn(params, batch, key, frozen) -> (loss, aux_metrics)` is the only stage-specific piece;
+the AR teacher and every distillation stage share this step. `frozen` holds tensors that are read
+but never trained (the distillation teacher): an explicit jit argument, not a baked-in constant,
+with its own shardings, no gradient and no optimizer state.
 """
 
 from typing import Any, Callable
@@ -14,13 +16,14 @@ LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    ema_decay: float, seed: int, state_sh, batch_sh, metrics_sh):
-  """Returns step(state, batch) -> (state, metrics); the input state is donated."""
+                    ema_decay: float, seed: int, state_sh, batch_sh, metrics_sh, frozen_sh=()):
+  """Returns step(state, batch, frozen=()) -> (state, metrics); the input state is donated."""
   base_key = jax.random.key(seed)
 
-  def step(state, batch):
+  def step(state, batch, frozen):
     key = jax.random.fold_in(base_key, state["step"])  # rngs come from the step, not Python.
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key,
+                                                                   frozen)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
@@ -31,16 +34,20 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
                "lr": jnp.asarray(schedule(state["step"]), jnp.float32), **aux}
     return new, metrics
 
-  return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
-                 donate_argnums=0)
+  jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh),
+                   out_shardings=(state_sh, metrics_sh), donate_argnums=0)
+  return lambda state, batch, frozen=(): jitted(state, batch, frozen)
 
 
-def make_eval_step(loss_fn: LossFn, params_sh, batch_sh, metrics_sh):
-  """Returns eval(params, batch) -> (loss, aux) with a fixed key (evaluation is deterministic)."""
-  key = jax.random.key(0)
+def make_eval_step(loss_fn: LossFn, params_sh, batch_sh, metrics_sh, frozen_sh=()):
+  """Returns eval(params, batch, index, frozen=()) -> metrics. The key is folded from the batch
+  index only, so every evaluation pass sees the same noise."""
+  base_key = jax.random.key(12345)
 
-  def evaluate(params, batch):
-    loss, aux = loss_fn(params, batch, key)
+  def evaluate(params, batch, index, frozen):
+    loss, aux = loss_fn(params, batch, jax.random.fold_in(base_key, index), frozen)
     return {"loss": loss, **aux}
 
-  return jax.jit(evaluate, in_shardings=(params_sh, batch_sh), out_shardings=metrics_sh)
+  jitted = jax.jit(evaluate, in_shardings=(params_sh, batch_sh, metrics_sh, frozen_sh),
+                   out_shardings=metrics_sh)
+  return lambda params, batch, index, frozen=(): jitted(params, batch, index, frozen)

@@ -31,7 +31,7 @@ class Trainer:
     abstract = model_lib.abstract_model(CFG)
     graphdef, _ = model_lib.split_params(abstract)
     self.state_sh = train_state.state_shardings(abstract, self.tx, mesh, fsdp, ema=True)
-    loss_fn = lambda p, t, k: losses.next_token_loss(model_lib.merge(graphdef, p), t)
+    loss_fn = lambda p, t, k, frozen: losses.next_token_loss(model_lib.merge(graphdef, p), t)
     self.step = train_step.make_train_step(
         loss_fn, self.tx, optimizer.lr_schedule(o, 100), o.ema_decay, 0, self.state_sh,
         sharding.batch_sharding(mesh), sharding.replicated(mesh))

@@ -1,0 +1,138 @@
+"""Tokenizers: a byte-level BPE trained on the training split, or GPT-2 / BERT vocabularies.
+
+Whatever `data.tokenizer` says, the chosen tokenizer is saved as `<workdir>/tokenizer.json`
+(with `tokenizer_meta.json` naming the choice) and later runs load that file, so resuming needs
+no internet and never retrains. Two ids are reserved: `eos_id` separates packed documents and
+`mask_id` is the K-Forcing mask input; `encode` treats their spellings in raw text as plain
+text, so neither id can come from data.
+"""
+
+import hashlib
+import json
+import os
+import time
+
+from absl import logging
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from kforcing_jax.data import pipeline
+
+KINDS = ("bpe", "gpt2", "bert-base-uncased")
+MASK_TOKENS = ("[MASK]", "<mask>")
+EOS_TOKENS = ("<|endoftext|>", "[SEP]", "</s>")
+# BPE training reads at most this many characters of the training split (all of kjv).
+BPE_MAX_TRAIN_CHARS = 200_000_000
+
+
+class Tokenizer:
+  """A HF `tokenizers.Tokenizer` plus the two special ids the model relies on."""
+
+  def __init__(self, hf: tokenizers.Tokenizer):
+    self.hf = hf
+    self.hf.encode_special_tokens = True  # "[MASK]" typed in the text is just text.
+    vocab = hf.get_vocab(with_added_tokens=True)
+    self.mask_id = _first_id(vocab, MASK_TOKENS, "mask")
+    self.eos_id = _first_id(vocab, EOS_TOKENS, "end-of-document")
+    self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
+    self.fingerprint = hashlib.sha256(hf.to_str().encode("utf-8")).hexdigest()[:16]
+
+  def encode(self, text: str) -> list[int]:
+    return self.hf.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """Parallel (Rust threads) encode; used when tokenizing whole splits."""
+    return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def save(self, path: str) -> None:
+    _atomic_write(path, self.hf.to_str())
+
+  @classmethod
+  def load(cls, path: str) -> "Tokenizer":
+    return cls(tokenizers.Tokenizer.from_file(path))
+
+
+def build_tokenizer(data_cfg, workdir: str) -> Tokenizer:
+  """Loads `<workdir>/tokenizer.json`, or creates it as `data.tokenizer` asks (once)."""
+  kind = data_cfg.tokenizer
+  if kind not in KINDS:
+    raise ValueError(f"data.tokenizer must be one of {KINDS}, got {kind!r}")
+  meta = {"tokenizer": kind}
+  if kind == "bpe":
+    meta["bpe_vocab_size"] = int(data_cfg.bpe_vocab_size)
+  path = os.path.join(workdir, "tokenizer.json")
+  meta_path = os.path.join(workdir, "tokenizer_meta.json")
+  if os.path.exists(path):
+    saved = meta
+    if os.path.exists(meta_path):
+      with open(meta_path, encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved != meta:
+      raise ValueError(f"{path} was built for {saved} but the config asks for {meta} "
+                       "(data.tokenizer / data.bpe_vocab_size); use a fresh workdir.")
+    return Tokenizer.load(path)
+  tok = _train_bpe(data_cfg, workdir) if kind == "bpe" else _pretrained(kind)
+  os.makedirs(workdir, exist_ok=True)
+  tok.save(path)
+  _atomic_write(meta_path, json.dumps(meta))
+  return tok
+
+
+def _train_bpe(data_cfg, workdir: str) -> Tokenizer:
+  vocab_size = int(data_cfg.bpe_vocab_size)
+  if vocab_size < 259:
+    raise ValueError(
+        f"data.bpe_vocab_size must be >= 259 (256 bytes + eos + mask), got {vocab_size}")
+  start = time.time()
+  logging.info("Training a %d-id byte-level BPE on the %s train split...", vocab_size,
+               data_cfg.source)
+  hf = tokenizers.Tokenizer(models.BPE())
+  hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  hf.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=[EOS_TOKENS[0], MASK_TOKENS[0]],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  texts = pipeline.iter_texts(data_cfg, "train", workdir, max_chars=BPE_MAX_TRAIN_CHARS)
+  hf.train_from_iterator(texts, trainer=trainer)
+  tok = Tokenizer(hf)
+  if tok.vocab_size < vocab_size:
+    logging.warning("BPE stopped at %d ids (< data.bpe_vocab_size=%d): the corpus has no more "
+                    "merges.", tok.vocab_size, vocab_size)
+  logging.info("Trained BPE (%d ids) in %.1fs.", tok.vocab_size, time.time() - start)
+  return tok
+
+
+def _from_hub(name: str) -> tokenizers.Tokenizer:
+  """Downloads tokenizer.json from the Hugging Face hub (tests replace this)."""
+  return tokenizers.Tokenizer.from_pretrained(name)
+
+
+def _pretrained(name: str) -> Tokenizer:
+  try:
+    hf = _from_hub(name)
+  except Exception as e:  # The hub raises assorted errors offline.
+    raise RuntimeError(
+        f"Could not download the {name!r} tokenizer ({type(e).__name__}: {e}). It needs internet "
+        "once, after which it is saved in the workdir; offline, use data.tokenizer='bpe' or copy "
+        "a tokenizer.json into the workdir.") from e
+  if not any(hf.token_to_id(t) is not None for t in MASK_TOKENS):
+    hf.add_special_tokens([MASK_TOKENS[0]])  # GPT-2: new id 50257.
+  return Tokenizer(hf)
+
+
+def _first_id(vocab: dict[str, int], names: tuple[str, ...], what: str) -> int:
+  for name in names:
+    if name in vocab:
+      return vocab[name]
+  raise ValueError(f"Tokenizer has no {what} token (looked for {names}).")
+
+
+def _atomic_write(path: str, text: str) -> None:
+  """Write-then-rename, so concurrent processes never read a half-written file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)

@@ -1,0 +1,80 @@
+"""Distillation targets and the student loss (spec section 4), for one stage.
+
+A stage distils a frozen teacher (the AR model, or a PFLM(k_t)) into a PFLM(k_s) student:
+  AR teacher      -> k_s rounds of inverse-CDF sampling (k_s = 1 is the paper's stage 1);
+  PFLM(k_t)       -> R = k_s / k_t rounds of argmax rollout (R = 2: the paper's self-forcing);
+  noise_inversion -> real data tokens as targets, z drawn inside their CDF bins (PTP baseline).
+Targets are computed inside the jitted step under stop_gradient; the teacher gets no gradient
+and no optimizer state.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from kforcing_jax import losses, rollout, sampling
+from kforcing_jax import model as model_lib
+from kforcing_jax import pflm as pflm_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  student_k: int
+  teacher_k: int  # 0 = the AR teacher
+  target: str = "self_forcing"  # or "noise_inversion"
+  tau: float = 1.0
+
+
+def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.Array,
+                 u_BxNxK: jax.Array):
+  """(targets (B, N, k), weights (B, N, k), z the student sees (B, N, k))."""
+  b, n, k = z_BxNxK.shape
+  ones = jnp.ones((b, n, k), jnp.float32)
+  if spec.target == "noise_inversion":
+    # Window (t, j) targets the real token x_(t+1+j); its z lies in that token's CDF bin under
+    # q(. | x_<=t+j). Offsets running past the sequence end have no target (weight 0).
+    logits_BxNxV = teacher(tokens_BxN) / spec.tau
+    idx_NxK = jnp.arange(n)[:, None] + jnp.arange(k)[None, :]  # position of the predicting state
+    valid_NxK = idx_NxK + 1 < n
+    idx_NxK = jnp.minimum(idx_NxK, n - 2)
+    targets = tokens_BxN[:, idx_NxK + 1]
+    z = sampling.invert_noise(logits_BxNxV[:, idx_NxK], targets, u_BxNxK)
+    return targets, ones * valid_NxK, z
+  if spec.teacher_k == 0:
+    return rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, spec.tau), ones, z_BxNxK
+  return rollout.pflm_rollout(teacher, tokens_BxN, z_BxNxK, spec.teacher_k, spec.tau), ones, z_BxNxK
+
+
+def student_loss(student: pflm_lib.PFLM, tokens_BxN, z_BxNxK, targets_BxNxK, weights_BxNxK,
+                 tau: float = 1.0):
+  """Mean cross-entropy over positions and offsets; per-offset NLL_j / acc_j and acc_all."""
+  logits = student.noise_logits(tokens_BxN, z_BxNxK, tau)
+  nll = losses.token_nll(logits, targets_BxNxK)
+  hit = (logits.argmax(-1) == targets_BxNxK).astype(jnp.float32)
+  w = weights_BxNxK
+  per_offset = lambda x: (x * w).sum((0, 1)) / jnp.maximum(w.sum((0, 1)), 1.0)
+  loss = (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
+  full = (w.min(-1) > 0).astype(jnp.float32)
+  aux = {"acc_all": (hit.min(-1) * full).sum() / jnp.maximum(full.sum(), 1.0)}
+  nll_j, acc_j = per_offset(nll), per_offset(hit)
+  for j in range(targets_BxNxK.shape[-1]):
+    aux[f"nll_{j + 1}"] = nll_j[j]
+    aux[f"acc_{j + 1}"] = acc_j[j]
+  return loss, aux
+
+
+def make_loss_fn(spec: StageSpec, student_graphdef, teacher_graphdef):
+  """loss_fn(params, tokens, key, teacher_params) for `train_step.make_train_step`."""
+
+  def loss_fn(params, tokens_BxN, key, teacher_params):
+    b, n = tokens_BxN.shape
+    kz, ku = jax.random.split(key)
+    z = jax.random.uniform(kz, (b, n, spec.student_k), jnp.float32)
+    u = jax.random.uniform(ku, (b, n, spec.student_k), jnp.float32)
+    teacher = model_lib.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+    targets, weights, z = jax.lax.stop_gradient(make_targets(spec, teacher, tokens_BxN, z, u))
+    student = model_lib.merge(student_graphdef, params)
+    return student_loss(student, tokens_BxN, z, targets, weights, spec.tau)
+
+  return loss_fn

@@ -1,0 +1,53 @@
+"""The PFLM noise encoder (spec section 2): embeds a uniform z (and tau) as a "token".
+
+feat(s) = concat(cos(2 pi s f), sin(2 pi s f)), f_i = 10000^(-i / (d/2)), i = 0..d/2-1.
+h = Linear(2d -> d)(concat(feat(z), feat(tau))); h = h + MLP(LayerNorm_with_bias(h)),
+MLP = d -> 4d, exact (erf) GELU, 4d -> d.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kforcing_jax import layers
+
+
+def sinusoidal_features(s: jax.Array, d: int) -> jax.Array:
+  """(..., d) features of s in [0, 1], computed with care in float32.
+
+  The phase s*f is reduced modulo 1 before multiplying by 2*pi, so the argument of cos/sin is
+  always in [-pi, pi]: a z difference of 1e-7 changes the features by ~1e-7 * 2*pi*f, as in the
+  float64 reference (tested against float64 numpy to ~1e-6).
+  """
+  freqs = 10000.0 ** (-jnp.arange(d // 2, dtype=jnp.float32) / (d // 2))
+  phase = s.astype(jnp.float32)[..., None] * freqs
+  phase = phase - jnp.round(phase)
+  ang = (2.0 * jnp.pi) * phase
+  return jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)
+
+
+class NoiseEncoder(nnx.Module):
+
+  def __init__(self, d: int, rngs: nnx.Rngs):
+    normal = jax.nn.initializers.normal(layers.INIT_STD)
+    zeros = jax.nn.initializers.zeros
+    self.d = d
+    self.combined_proj = layers._param(normal, rngs.params(), (2 * d, d), ("embed2", "embed"))
+    self.combined_proj_bias = layers._param(zeros, rngs.params(), (d,), ("norm",))
+    self.norm_weight = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("norm",))
+    self.norm_bias = nnx.Param(jnp.zeros((d,), jnp.float32), out_sharding=("norm",))
+    self.mlp_in = layers._param(normal, rngs.params(), (d, 4 * d), ("embed", "mlp"))
+    self.mlp_in_bias = layers._param(zeros, rngs.params(), (4 * d,), ("mlp",))
+    self.mlp_out = layers._param(normal, rngs.params(), (4 * d, d), ("mlp", "embed"))
+    self.mlp_out_bias = layers._param(zeros, rngs.params(), (d,), ("norm",))
+
+  def __call__(self, z: jax.Array, tau: float | jax.Array = 1.0) -> jax.Array:
+    """z (...) in [0, 1) -> embeddings (..., d) in float32."""
+    fz = sinusoidal_features(z, self.d)
+    ft = jnp.broadcast_to(sinusoidal_features(jnp.asarray(tau, jnp.float32), self.d), fz.shape)
+    h = jnp.concatenate([fz, ft], axis=-1) @ self.combined_proj[...] + self.combined_proj_bias[...]
+    mean = h.mean(-1, keepdims=True)
+    var = jnp.square(h - mean).mean(-1, keepdims=True)
+    g = (h - mean) * jax.lax.rsqrt(var + layers.LN_EPS) * self.norm_weight[...] + self.norm_bias[...]
+    g = jax.nn.gelu(g @ self.mlp_in[...] + self.mlp_in_bias[...], approximate=False)
+    return h + g @ self.mlp_out[...] + self.mlp_out_bias[...]

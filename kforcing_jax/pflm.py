@@ -1,0 +1,47 @@
+"""The push-forward LM (PFLM): the backbone plus a noise encoder; k tokens per forward pass.
+
+Parameters are the teacher's plus `noise_encoder`, so a student starts as an exact copy of its
+teacher's backbone and head (`init_from`).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kforcing_jax import model as model_lib
+from kforcing_jax.noise_encoder import NoiseEncoder
+
+
+class PFLM(model_lib.Transformer):
+
+  def __init__(self, cfg: model_lib.ModelConfig, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs)
+    self.noise_encoder = NoiseEncoder(cfg.d_model, rngs)
+
+  def noise_logits(self, tokens_BxN: jax.Array, z_BxNxK: jax.Array, tau: float = 1.0,
+                   dense: bool = False) -> jax.Array:
+    """Training forward of window k = z.shape[-1]: logits (B, N, k, V); logits[:, t, j]
+    predicts the token at position t+1+j from the context x_<=t and z_1..z_(j+1)."""
+    noise_x = self.noise_encoder(z_BxNxK, tau)
+    if dense:
+      h = self.window_pass_dense(tokens_BxN, noise_x)
+    else:
+      _, kvs = self.context_pass(tokens_BxN)
+      h = self.window_pass(kvs, noise_x)
+    return self.logits(h)
+
+
+def abstract_pflm(cfg: model_lib.ModelConfig) -> PFLM:
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: PFLM(cfg, nnx.Rngs(0)))
+
+
+def init_from(teacher_params: dict, student_params: dict) -> dict:
+  """Student params = the teacher's tensors wherever the teacher has them (all of the backbone
+  and head; the noise encoder too when the teacher is itself a PFLM), else the fresh init."""
+  out = dict(student_params)
+  for key, value in teacher_params.items():
+    out[key] = value
+  return out

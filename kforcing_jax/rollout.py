@@ -1,0 +1,70 @@
+"""Teacher rollouts that make distillation targets: R rounds inside one `jax.lax.scan`.
+
+The context stream never sees window tokens, so its per-layer (k, v) are computed ONCE and
+reused by every round. Each round runs the window stream over a fixed buffer of W slots per
+context position (the tokens produced so far, then this round's noise), masking slots not yet
+in use, so one compiled body serves every round.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from kforcing_jax import model as model_lib
+from kforcing_jax import pflm as pflm_lib
+from kforcing_jax import sampling
+
+
+def pflm_rollout(teacher: pflm_lib.PFLM, tokens_BxN: jax.Array, z_BxNxRK: jax.Array, k: int,
+                 tau: float = 1.0) -> jax.Array:
+  """A PFLM(k) teacher rolled out R = z.shape[-1] / k rounds -> argmax targets (B, N, R*k).
+
+  Round r's noise tokens (slots r*k..r*k+k-1, positions t+r*k+1..) see the context (staircase),
+  every token produced in earlier rounds of their window, and earlier noise of their round;
+  produced tokens are fed back as real tokens at their positions. R=2 is the paper's
+  "double forward" self-forcing step.
+  """
+  b, n, w = z_BxNxRK.shape
+  if w % k:
+    raise ValueError(f"rollout window {w} is not a multiple of the teacher's k={k}")
+  _, ctx_kvs = teacher.context_pass(tokens_BxN)
+  noise_x = teacher.noise_encoder(z_BxNxRK, tau).astype(teacher.cfg.dtype)
+  slot_W = jnp.arange(w)
+
+  def one_round(produced_BxNxW, r):
+    x = jnp.where((slot_W < r * k)[:, None], teacher.embed(produced_BxNxW), noise_x)
+    h = teacher.window_pass(ctx_kvs, x, valid_W=slot_W < (r + 1) * k)
+    h_r = jax.lax.dynamic_slice_in_dim(h, r * k, k, axis=2)
+    y_BxNxK = teacher.logits(h_r).argmax(-1).astype(jnp.int32)
+    return jax.lax.dynamic_update_slice_in_dim(produced_BxNxW, y_BxNxK, r * k, axis=2), None
+
+  produced, _ = jax.lax.scan(one_round, jnp.zeros((b, n, w), jnp.int32), jnp.arange(w // k))
+  return produced
+
+
+def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: jax.Array,
+               tau: float = 1.0) -> jax.Array:
+  """An AR teacher as a k=1 inverse-CDF sampler, rolled out R rounds -> targets (B, N, R).
+
+  Round 0 samples from the context's own logits; round r >= 1 feeds y_0..y_(r-1) back as real
+  tokens at positions t+1..t+r and samples from the hidden state of y_(r-1). R = 1 gives the
+  stage-1 (AR -> PFLM(1)) targets; R = k distils AR -> PFLM(k) in one stage.
+  """
+  b, n, rounds = z_BxNxR.shape
+  h_ctx, ctx_kvs = teacher.context_pass(tokens_BxN)
+  y0 = sampling.inverse_cdf(teacher.logits(h_ctx) / tau, z_BxNxR[..., 0])
+  produced = jnp.zeros((b, n, rounds), jnp.int32).at[..., 0].set(y0)
+  if rounds == 1:
+    return produced
+  w = rounds - 1  # window slots hold y_0 .. y_(R-2)
+  slot_W = jnp.arange(w)
+
+  def one_round(produced_BxNxR, r):
+    x = teacher.embed(produced_BxNxR[..., :w])
+    h = teacher.window_pass(ctx_kvs, x, valid_W=slot_W < r)
+    h_r = jax.lax.dynamic_index_in_dim(h, r - 1, axis=2, keepdims=False)
+    z_r = jax.lax.dynamic_index_in_dim(z_BxNxR, r, axis=2, keepdims=False)
+    y = sampling.inverse_cdf(teacher.logits(h_r) / tau, z_r)
+    return jax.lax.dynamic_update_index_in_dim(produced_BxNxR, y, r, axis=2), None
+
+  produced, _ = jax.lax.scan(one_round, produced, jnp.arange(1, rounds))
+  return produced
