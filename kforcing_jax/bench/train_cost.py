@@ -1,0 +1,392 @@
+"""Training cost of distillation in AR-step units, and the two-stream forward vs a dense mask.
+
+  python -m kforcing_jax.bench.train_cost --out runs/bench_train_cost \
+      [--seq_lens 128,512] [--ks 1,2,4] [--batch 4] \
+      [--d_model 256 --n_layers 4 --n_heads 4 --vocab 8192] [--reps 5] [--dense_reps N]
+
+Everything runs in ONE process on ONE device (a 1x1 mesh over jax.devices()[:1]), with random
+parameters (the zero-initialised output head is randomised so argmax / inverse-CDF targets are not
+degenerate) and random tokens. Per sequence length L it measures:
+
+  ar_step            the AR teacher's train step (forward + backward + clip + AdamW), through
+                     train_step.make_train_step with trainer.ar_loss_fn: the real code path.
+  rollout            the frozen teacher's target computation alone (jit of distill.make_targets):
+                     k=1: the AR teacher, one inverse-CDF round; k>=2: a PFLM(k/2) teacher rolled
+                     out R=2 argmax rounds (the paper's AR -> 1 -> 2 -> 4 chain).
+  distill_step       the PFLM(k) student's train step INCLUDING that teacher rollout inside the
+                     same jitted step (distill.make_loss_fn(StageSpec(k, k/2 or 0)) +
+                     make_train_step, teacher params passed as `frozen`).
+  forward_efficient  PFLM.noise_logits(dense=False) under jit, forward only, logits summed to a
+                     scalar (context pass + window pass with window_attention).
+  forward_dense      PFLM.noise_logits(dense=True): the reference (N + N*k)^2 dense-mask forward.
+
+Method: the first call is timed on its own and its trace + lowering + XLA compile time (from
+jax.monitoring events) is reported as compile_s; then 1 warm-up call; then the median of --reps
+calls, each ended by jax.block_until_ready. Train steps keep feeding back their (donated) state.
+
+How to read the table:
+  distill/AR            distill_step seconds in AR-step units. The student sees N + N*k tokens,
+                        so ~(1 + k) AR steps of student work plus the teacher rollout is the
+                        natural cost.
+  budget 1.2(1+k)       the cost target, in AR steps; vs_budget = distill / (1.2*(1+k)*AR +
+                        rollout): <= 1 means within budget (the rollout is allowed on top).
+  vs_model              distill / ((1+k)*AR + rollout): ~1 means the distill step costs what its
+                        parts predict; > 1 is overhead (e.g. the k*V-wide logits and their loss).
+  speedup               forward_dense / forward_efficient at the same (L, k); the efficient form
+                        does O(k N^2) attention instead of O(k^2 N^2), so it should grow with k
+                        and L. MLP, projections and the head are the same work in both.
+
+Outputs: a table on stdout, DIR/train_cost.json ({"machine", "settings", "rows"}; each row has
+kind, seq_len, k, batch, seconds (median), compile_s, first_call_s, times, reps and the ratios
+above where meaningful) and DIR/train_cost.png (distill cost vs k with the budget; forward
+speedup vs k). Figures from a CPU are CPU figures: attention is a larger share of the time on an
+accelerator, where the efficient form matters more.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kforcing_jax import config_base, distill, optimizer, sharding, train_state, train_step, trainer
+from kforcing_jax import model as model_lib
+from kforcing_jax import pflm as pflm_lib
+
+BUDGET_FACTOR = 1.2  # The issue's budget: a PFLM(k) distill step <= 1.2 * (1 + k) AR steps.
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+# ---- timing ----
+
+class _CompileClock:
+  """Sums jax.monitoring's trace / lowering / compile durations while `on`."""
+
+  def __init__(self):
+    self.total, self.on = 0.0, False
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event: str, duration_secs: float, **kwargs) -> None:
+    del kwargs
+    if self.on and event in _COMPILE_EVENTS:
+      self.total += duration_secs
+
+  def close(self) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def _time(clock: _CompileClock, call, reps: int) -> dict:
+  """First call (compile), 1 warm-up, then `reps` timed calls; seconds = their median."""
+  clock.total, clock.on = 0.0, True
+  t0 = time.perf_counter()
+  jax.block_until_ready(call())
+  first = time.perf_counter() - t0
+  clock.on = False
+  jax.block_until_ready(call())
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - t0)
+  seconds = statistics.median(times)
+  compile_s = clock.total if clock.total > 0 else max(first - seconds, 0.0)
+  return {"seconds": seconds, "compile_s": compile_s, "first_call_s": first, "times": times,
+          "reps": reps}
+
+
+class _StepRunner:
+  """Calls a train step repeatedly, feeding back the donated state."""
+
+  def __init__(self, step_fn, state, batch, frozen):
+    self.step_fn, self.state, self.batch, self.frozen = step_fn, state, batch, frozen
+
+  def __call__(self):
+    self.state, metrics = self.step_fn(self.state, self.batch, self.frozen)
+    return self.state, metrics
+
+
+# ---- models and states ----
+
+def _copy(tree):
+  """Fresh buffers: train states are donated every step, the teacher params must survive."""
+  return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), tree)
+
+
+def _random_params(cls, cfg: model_lib.ModelConfig, mesh, seed: int):
+  """(graphdef, params) of a fresh model with a random (not zero) output head."""
+  abstract = (model_lib.abstract_model(cfg) if cls is model_lib.Transformer
+              else pflm_lib.abstract_pflm(cfg))
+  graphdef = model_lib.split_params(abstract)[0]
+  p_sh = sharding.param_shardings(abstract, mesh, fsdp=False)
+  head_std = 2.0 / cfg.d_model ** 0.5  # logits of std ~2 over the vocabulary
+
+  def init(key):
+    with nnx.use_eager_sharding(False):
+      _, params = model_lib.split_params(cls(cfg, nnx.Rngs(key)))
+    params["head"] = head_std * jax.random.normal(jax.random.fold_in(key, 1),
+                                                  params["head"].shape, jnp.float32)
+    return params
+
+  return graphdef, jax.jit(init, out_shardings=p_sh)(jax.random.key(seed))
+
+
+def _train_step(cls, cfg, mesh, loss_fn, params, frozen, seed: int):
+  """(step_fn, state) built exactly as trainer.train_loop does (EMA off, the default)."""
+  optim = config_base.base_config().optim
+  abstract = (model_lib.abstract_model(cfg) if cls is model_lib.Transformer
+              else pflm_lib.abstract_pflm(cfg))
+  factory = lambda rngs: cls(cfg, rngs)
+  tx = optimizer.make_optimizer(optim, 1000)
+  schedule = optimizer.lr_schedule(optim, 1000)
+  state_sh = train_state.state_shardings(abstract, tx, mesh, False, ema=False)
+  rep = sharding.replicated(mesh)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  step_fn = train_step.make_train_step(loss_fn, tx, schedule, optim.ema_decay, seed, state_sh,
+                                       sharding.batch_sharding(mesh), rep, frozen_sh)
+  state = train_state.init_state(factory, tx, state_sh, seed, ema=False)
+  state["params"] = pflm_lib.init_from(_copy(params), state["params"])
+  return step_fn, state
+
+
+def _spec(k: int) -> distill.StageSpec:
+  """The paper's chain: AR -> PFLM(1) (inverse-CDF), then PFLM(k/2) -> PFLM(k) with R=2."""
+  return distill.StageSpec(student_k=k, teacher_k=0 if k == 1 else k // 2)
+
+
+# ---- the benchmark ----
+
+def run(args) -> dict:
+  devices = jax.devices()[:1]
+  mesh = sharding.make_mesh(1, 1, devices)
+  cfg = model_lib.ModelConfig(vocab_size=args.vocab, mask_id=args.vocab - 1, d_model=args.d_model,
+                              n_layers=args.n_layers, n_heads=args.n_heads)
+  machine = {"device_kind": devices[0].device_kind, "platform": devices[0].platform,
+             "cpu_count": os.cpu_count(), "jax": jax.__version__,
+             "processor": platform.processor() or platform.machine(),
+             "python": platform.python_version()}
+  settings = {k: getattr(args, k) for k in ("seq_lens", "ks", "batch", "d_model", "n_layers",
+                                            "n_heads", "vocab", "reps", "dense_reps", "seed")}
+  settings.update(optimizer="AdamW + clip 1.0 (config_base defaults), EMA off",
+                  budget_factor=BUDGET_FACTOR, dtype=cfg.dtype)
+  print(f"device: {machine['device_kind']} ({machine['platform']}), {machine['cpu_count']} CPUs, "
+        f"jax {machine['jax']}", flush=True)
+  print(f"model: d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} V={cfg.vocab_size}; "
+        f"batch {args.batch}; reps {args.reps} (dense forward {args.dense_reps})", flush=True)
+
+  ar_graphdef, ar_params = _random_params(model_lib.Transformer, cfg, mesh, args.seed)
+  pflm_graphdef, pflm_params = _random_params(pflm_lib.PFLM, cfg, mesh, args.seed + 1)
+  batch_sh = sharding.batch_sharding(mesh)
+  clock = _CompileClock()
+  rows = []
+  total = len(args.seq_lens) * (1 + 4 * len(args.ks))
+  t_start = time.perf_counter()
+
+  def record(row: dict) -> dict:
+    rows.append(row)
+    extra = "".join(f", {key} {row[key]:.2f}" for key in ("ratio_to_ar", "speedup_vs_dense")
+                    if key in row)
+    print(f"[{len(rows):2d}/{total}] {row['kind']:<17s} L={row['seq_len']:<5d} k={row['k']}: "
+          f"median {row['seconds']:.4f} s over {row['reps']} reps (compile {row['compile_s']:.1f}"
+          f" s){extra}  [{time.perf_counter() - t_start:.0f} s elapsed]", flush=True)
+    return row
+
+  for li, n in enumerate(args.seq_lens):
+    key = jax.random.key(args.seed * 1000 + li)
+    tokens = jax.device_put(
+        jax.random.randint(key, (args.batch, n), 0, cfg.mask_id, jnp.int32), batch_sh)
+    base = {"seq_len": n, "batch": args.batch}
+
+    step_fn, state = _train_step(model_lib.Transformer, cfg, mesh,
+                                 trainer.ar_loss_fn(ar_graphdef), ar_params, (), args.seed)
+    ar = record({"kind": "ar_step", "k": 0, **base,
+                 **_time(clock, _StepRunner(step_fn, state, tokens, ()), args.reps)})
+    ar["tokens_per_s"] = args.batch * n / ar["seconds"]
+    del step_fn, state
+
+    for k in args.ks:
+      spec = _spec(k)
+      t_graphdef, t_params = ((ar_graphdef, ar_params) if spec.teacher_k == 0
+                              else (pflm_graphdef, pflm_params))
+      zkey, ukey = jax.random.split(jax.random.fold_in(key, k))
+      z = jax.random.uniform(zkey, (args.batch, n, k), jnp.float32)
+      u = jax.random.uniform(ukey, (args.batch, n, k), jnp.float32)
+      row_k = {**base, "k": k, "teacher_k": spec.teacher_k}
+
+      @jax.jit
+      def targets_fn(params, tokens_BxN, z_BxNxK, u_BxNxK, spec=spec, graphdef=t_graphdef):
+        teacher = model_lib.merge(graphdef, params)
+        return distill.make_targets(spec, teacher, tokens_BxN, z_BxNxK, u_BxNxK)[0]
+
+      roll = record({"kind": "rollout", **row_k, **_time(
+          clock, lambda: targets_fn(t_params, tokens, z, u), args.reps)})
+      roll["ratio_to_ar"] = roll["seconds"] / ar["seconds"]
+
+      loss_fn = distill.make_loss_fn(spec, pflm_graphdef, t_graphdef)
+      step_fn, state = _train_step(pflm_lib.PFLM, cfg, mesh, loss_fn, t_params, t_params,
+                                   args.seed)
+      dist = {"kind": "distill_step", **row_k,
+              **_time(clock, _StepRunner(step_fn, state, tokens, t_params), args.reps)}
+      del step_fn, state
+      dist["ratio_to_ar"] = dist["seconds"] / ar["seconds"]
+      dist["budget_ar_steps"] = BUDGET_FACTOR * (1 + k)
+      dist["ratio_to_budget"] = dist["seconds"] / (
+          BUDGET_FACTOR * (1 + k) * ar["seconds"] + roll["seconds"])
+      dist["ratio_to_model"] = dist["seconds"] / ((1 + k) * ar["seconds"] + roll["seconds"])
+      record(dist)
+
+      fwd = {}
+      for dense in (False, True):
+        @jax.jit
+        def forward(params, tokens_BxN, z_BxNxK, dense=dense):
+          student = model_lib.merge(pflm_graphdef, params)
+          return student.noise_logits(tokens_BxN, z_BxNxK, dense=dense).sum()
+
+        kind = "forward_dense" if dense else "forward_efficient"
+        reps = args.dense_reps if dense else args.reps
+        fwd[dense] = {"kind": kind, **base, "k": k,
+                      **_time(clock, lambda: forward(pflm_params, tokens, z), reps)}
+        if dense:
+          fwd[False]["speedup_vs_dense"] = fwd[True]["seconds"] / fwd[False]["seconds"]
+          fwd[True]["ratio_to_efficient"] = fwd[True]["seconds"] / fwd[False]["seconds"]
+        record(fwd[dense])
+  clock.close()
+  wall = time.perf_counter() - t_start
+  return {"machine": machine, "settings": settings, "rows": rows, "wall_s": wall}
+
+
+# ---- report ----
+
+def _find(rows, kind, n, k=None):
+  for r in rows:
+    if r["kind"] == kind and r["seq_len"] == n and (k is None or r["k"] == k):
+      return r
+  return None
+
+
+def format_table(result: dict) -> str:
+  rows, s = result["rows"], result["settings"]
+  out = [f"Train step cost (median seconds; batch {s['batch']}; AR step = forward + backward + "
+         f"AdamW; distill step includes the teacher rollout)"]
+  head = (f"{'L':>5} {'k':>2} {'teacher':>8} {'AR step':>9} {'rollout':>9} {'distill':>9} "
+          f"{'distill/AR':>10} {'budget':>7} {'vs_budget':>9} {'vs_model':>8} {'compile':>8}")
+  out += [head, "-" * len(head)]
+  for n in s["seq_lens"]:
+    ar = _find(rows, "ar_step", n)
+    out.append(f"{n:>5} {'-':>2} {'-':>8} {ar['seconds']:>9.4f} {'-':>9} {'-':>9} "
+               f"{1.0:>10.2f} {'-':>7} {'-':>9} {'-':>8} {ar['compile_s']:>7.1f}s")
+    for k in s["ks"]:
+      d, r = _find(rows, "distill_step", n, k), _find(rows, "rollout", n, k)
+      teacher = "AR" if d["teacher_k"] == 0 else f"PFLM({d['teacher_k']})"
+      out.append(f"{n:>5} {k:>2} {teacher:>8} {ar['seconds']:>9.4f} {r['seconds']:>9.4f} "
+                 f"{d['seconds']:>9.4f} {d['ratio_to_ar']:>10.2f} {d['budget_ar_steps']:>7.1f} "
+                 f"{d['ratio_to_budget']:>9.2f} {d['ratio_to_model']:>8.2f} "
+                 f"{d['compile_s']:>7.1f}s")
+  out += ["  budget = 1.2*(1+k) AR steps; vs_budget = distill / (budget*AR + rollout) (<= 1: "
+          "within budget);", "  vs_model = distill / ((1+k)*AR + rollout)", ""]
+  out.append("Student forward (PFLM.noise_logits, forward only; median seconds)")
+  head = (f"{'L':>5} {'k':>2} {'efficient':>10} {'dense':>10} {'speedup':>8} "
+          f"{'compile eff/dense':>18}")
+  out += [head, "-" * len(head)]
+  for n in s["seq_lens"]:
+    for k in s["ks"]:
+      e, d = _find(rows, "forward_efficient", n, k), _find(rows, "forward_dense", n, k)
+      out.append(f"{n:>5} {k:>2} {e['seconds']:>10.4f} {d['seconds']:>10.4f} "
+                 f"{e['speedup_vs_dense']:>7.2f}x {e['compile_s']:>8.1f}s/{d['compile_s']:.1f}s")
+  return "\n".join(out)
+
+
+def plot(result: dict, out_png: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows, s = result["rows"], result["settings"]
+  ks = s["ks"]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+  for i, n in enumerate(s["seq_lens"]):
+    color = f"C{i}"
+    ar = _find(rows, "ar_step", n)["seconds"]
+    dist = [_find(rows, "distill_step", n, k)["seconds"] / ar for k in ks]
+    roll = [_find(rows, "rollout", n, k)["seconds"] / ar for k in ks]
+    ax1.plot(ks, dist, "o-", color=color, label=f"distill step, L={n}")
+    ax1.plot(ks, [BUDGET_FACTOR * (1 + k) + r for k, r in zip(ks, roll)], ":", color=color,
+             label=f"budget + rollout, L={n}")
+    ax2.plot(ks, [_find(rows, "forward_efficient", n, k)["speedup_vs_dense"] for k in ks], "o-",
+             color=color, label=f"L={n}")
+  ax1.plot(ks, [BUDGET_FACTOR * (1 + k) for k in ks], "k--", label="budget 1.2(1+k)")
+  ax1.set_xlabel("student window k")
+  ax1.set_ylabel("seconds / AR train step")
+  ax1.set_title("PFLM(k) distillation step cost")
+  ax2.axhline(1.0, color="gray", lw=1)
+  ax2.axhline(2.0, color="gray", lw=1, ls="--", label="2x target")
+  ax2.set_xlabel("student window k")
+  ax2.set_ylabel("dense / efficient forward time")
+  ax2.set_title("Two-stream forward: efficient vs dense mask")
+  for ax in (ax1, ax2):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  m = result["machine"]
+  fig.suptitle(f"{m['device_kind']} ({m['platform']}, {m['cpu_count']} CPUs); batch {s['batch']},"
+               f" d={s['d_model']}, layers={s['n_layers']}, V={s['vocab']}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=120)
+  plt.close(fig)
+
+
+def _int_list(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(prog="python -m kforcing_jax.bench.train_cost",
+                              description=__doc__.split("\n")[0])
+  p.add_argument("--out", required=True, help="Directory for train_cost.json / train_cost.png.")
+  p.add_argument("--seq_lens", type=_int_list, default=[128, 512])
+  p.add_argument("--ks", type=_int_list, default=[1, 2, 4],
+                 help="Student windows: 1 (AR teacher) or even k (PFLM(k/2) teacher, R=2).")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--d_model", type=int, default=256)
+  p.add_argument("--n_layers", type=int, default=4)
+  p.add_argument("--n_heads", type=int, default=4)
+  p.add_argument("--vocab", type=int, default=8192)
+  p.add_argument("--reps", type=int, default=5, help="Timed runs per measurement (median).")
+  p.add_argument("--dense_reps", type=int, default=None,
+                 help="Timed runs of the dense-mask forward (default: --reps).")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  bad = [k for k in args.ks if k < 1 or (k > 1 and k % 2)]
+  if bad:
+    p.error(f"--ks: {bad} not supported; use 1 or even k (the teacher is PFLM(k/2) with R=2)")
+  if args.reps < 1:
+    p.error("--reps must be >= 1")
+  if args.dense_reps is None:
+    args.dense_reps = args.reps
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  result = run(args)
+  print("\n" + format_table(result))
+  json_path = os.path.join(args.out, "train_cost.json")
+  png_path = os.path.join(args.out, "train_cost.png")
+  with open(json_path, "w") as f:
+    json.dump(result, f, indent=1)
+  plot(result, png_path)
+  print(f"\nwall time {result['wall_s']:.0f} s; wrote {json_path} and {png_path}", flush=True)
+  return result
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,122 @@
+"""End to end through `trainer.run`: the real data pipeline, checkpoints, resume, NaN stop."""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from kforcing_jax import checkpoint, config_base, metrics_log, sharding, trainer
+
+
+def tiny_config(data_dir: str, stages="teacher", steps=8):
+  c = config_base.base_config()
+  c.stages = stages
+  c.model.d_model, c.model.n_layers, c.model.n_heads = 64, 2, 2
+  c.data.bpe_vocab_size = 512
+  c.data.tfds_data_dir = data_dir  # one prepared KJV copy for every test
+  c.seq_len, c.batch_size = 32, 8
+  c.mesh.data, c.mesh.model = 4, 2
+  c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 3e-3, 2, "cosine"
+  c.optim.ema_decay = 0.9
+  c.train.num_steps = steps
+  c.train.log_every, c.train.eval_every, c.train.ckpt_every = 2, 4, 4
+  c.train.eval_batches = 1
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds_data"))
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _train_losses(workdir, stage):
+  rows = metrics_log.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return {r["step"]: r["loss"] for r in rows if r["stage"] == stage and "loss" in r}
+
+
+class Interrupt(Exception):
+  pass
+
+
+def _interrupt_after(monkeypatch, n_batches):
+  """Simulate a kill: the (n_batches + 1)-th batch fetch raises."""
+  real = sharding.global_batch
+  calls = {"n": 0}
+
+  def flaky(local, mesh):
+    calls["n"] += 1
+    if calls["n"] > n_batches:
+      raise Interrupt()
+    return real(local, mesh)
+
+  monkeypatch.setattr(sharding, "global_batch", flaky)
+
+
+def test_teacher_then_k2_end_to_end_and_resume_bit_exact(tmp_path, data_dir, monkeypatch):
+  """An interrupted run resumed from its checkpoints equals an uninterrupted one bit for bit
+  (params, EMA, optimizer state and every later loss), through a teacher and a k2 stage."""
+  cfg = tiny_config(data_dir, stages="teacher,k2", steps=8)
+  ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+  ref = trainer.run(cfg, ref_dir)
+  for name in ("metrics.jsonl", "loss_curve.png", "tokenizer.json",
+               "checkpoints/teacher/model_config.json", "checkpoints/k2/model_config.json"):
+    assert os.path.exists(os.path.join(ref_dir, name)), name
+  teacher_losses = _train_losses(ref_dir, "teacher")
+  assert teacher_losses[8] < teacher_losses[1]
+  assert set(ref["k2"]["val"]) >= {"val_nll_1", "val_nll_2", "val_acc_1", "val_acc_2",
+                                   "val_acc_all", "val_teacher_data_nll"}
+
+  # Killed during the teacher (after its step-4 checkpoint), then during k2, then finished.
+  # The eval batches are fetched once per stage (1 batch), so the counts include them.
+  _interrupt_after(monkeypatch, 1 + 6)
+  with pytest.raises(Interrupt):
+    trainer.run(cfg, cut_dir)
+  assert checkpoint.Checkpointer(os.path.join(cut_dir, "checkpoints", "teacher")).latest_step() == 4
+  monkeypatch.undo()
+  _interrupt_after(monkeypatch, (1 + 4) + (1 + 6))
+  with pytest.raises(Interrupt):
+    trainer.run(cfg, cut_dir)
+  assert checkpoint.Checkpointer(os.path.join(cut_dir, "checkpoints", "k2")).latest_step() == 4
+  monkeypatch.undo()
+  resumed = trainer.run(cfg, cut_dir)
+
+  for stage in ("teacher", "k2"):
+    a, b = _host(ref[stage]["state"]), _host(resumed[stage]["state"])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(x, y)
+    ref_losses, cut_losses = _train_losses(ref_dir, stage), _train_losses(cut_dir, stage)
+    assert ref_losses == {s: cut_losses[s] for s in ref_losses}  # resume also logs its 1st step
+  assert ref["k2"]["val"] == resumed["k2"]["val"]
+
+
+def test_restored_run_is_complete_noop(tmp_path, data_dir):
+  cfg = tiny_config(data_dir, steps=4)
+  first = trainer.run(cfg, str(tmp_path / "w"))
+  again = trainer.run(cfg, str(tmp_path / "w"))  # resumes at step 4 == num_steps: nothing to do
+  for x, y in zip(jax.tree.leaves(_host(first["teacher"]["state"])),
+                  jax.tree.leaves(_host(again["teacher"]["state"]))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+  cfg = tiny_config(data_dir, steps=6)
+  cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule = 1e30, 0, "constant"
+  cfg.train.ckpt_every = 1
+  workdir = str(tmp_path / "w")
+  with pytest.raises(FloatingPointError, match=r"\[teacher\] non-finite .* at step \d"):
+    trainer.run(cfg, workdir)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", "teacher"))
+  step = ckpt.latest_step()
+  assert step is not None and step >= 1
+  meta = ckpt.read_meta(step)
+  assert meta["stage"] == "teacher"
+  # Every saved step had a finite loss in metrics.jsonl.
+  losses = _train_losses(workdir, "teacher")
+  assert all(math.isfinite(v) for s, v in losses.items() if s <= step)
