@@ -42,10 +42,14 @@ def _df_mul_f(x, f):
   return hi, e - (hi - p)
 
 
+def _unnormalised_probs(logits_xV: jax.Array) -> jax.Array:
+  logits = logits_xV.astype(jnp.float32)
+  return jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+
+
 def unnormalised_cdf(logits_xV: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Prefix sums of exp(logits - max) along the last axis, as (hi, lo) float32 pairs."""
-  logits = logits_xV.astype(jnp.float32)
-  e = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+  e = _unnormalised_probs(logits_xV)
   return jax.lax.associative_scan(_df_add, (e, jnp.zeros_like(e)), axis=-1)
 
 
@@ -54,6 +58,9 @@ def inverse_cdf(logits_xV: jax.Array, z_x: jax.Array) -> jax.Array:
   c_hi, c_lo = unnormalised_cdf(logits_xV)
   t_hi, t_lo = _df_mul_f((c_hi[..., -1:], c_lo[..., -1:]), z_x.astype(jnp.float32)[..., None])
   ge = (c_hi > t_hi) | ((c_hi == t_hi) & (c_lo >= t_lo))
+  # Ids of probability 0 (the masked id, logits of -inf) have empty bins, but at z = 0 a leading
+  # one still has cdf >= z: exclude them (for z > 0 the first id reaching z is never one).
+  ge = ge & (_unnormalised_probs(logits_xV) > 0)
   first = jnp.argmax(ge, axis=-1)
   return jnp.where(ge.any(axis=-1), first, logits_xV.shape[-1] - 1).astype(jnp.int32)
 

@@ -23,7 +23,9 @@ def logical_rules(fsdp: bool) -> dict[str, str | None]:
   return {
       "vocab": None,
       "embed": DATA if fsdp else None,
-      "embed2": DATA if fsdp else None,  # the noise encoder's 2d-wide input
+      # The noise encoder's 2d-wide input axis. Its combined_proj is ('embed2', 'embed'), whose
+      # 'embed' axis already takes 'data' under FSDP; a mesh axis may shard only one dimension.
+      "embed2": None,
       "heads": MODEL,
       "mlp": MODEL,
       "head_dim": None,

@@ -9,8 +9,8 @@ import os
 from kforcing_jax.bench import train_cost
 
 KINDS = {"ar_step", "rollout", "distill_step", "forward_efficient", "forward_dense"}
-ROW_KEYS = {"kind", "seq_len", "k", "batch", "seconds", "compile_s", "first_call_s", "times",
-            "reps"}
+ROW_KEYS = {"kind", "seq_len", "k", "batch", "seconds", "min_seconds", "compile_s", "first_call_s",
+            "times", "reps", "loadavg_1m"}
 
 
 def test_train_cost_main_writes_json_and_png(tmp_path, capsys):

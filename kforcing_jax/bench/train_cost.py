@@ -37,10 +37,11 @@ How to read the table:
                         and L. MLP, projections and the head are the same work in both.
 
 Outputs: a table on stdout, DIR/train_cost.json ({"machine", "settings", "rows"}; each row has
-kind, seq_len, k, batch, seconds (median), compile_s, first_call_s, times, reps and the ratios
-above where meaningful) and DIR/train_cost.png (distill cost vs k with the budget; forward
-speedup vs k). Figures from a CPU are CPU figures: attention is a larger share of the time on an
-accelerator, where the efficient form matters more.
+kind, seq_len, k, batch, seconds (median), min_seconds, compile_s, first_call_s, times, reps,
+loadavg_1m and the ratios above where meaningful) and DIR/train_cost.png (distill cost vs k with
+the budget; forward speedup vs k). Figures from a CPU are CPU figures, and on a shared machine
+they are only as good as its load: a warning is printed when the load average exceeded the CPU
+count during the run.
 """
 
 import argparse
@@ -98,8 +99,9 @@ def _time(clock: _CompileClock, call, reps: int) -> dict:
     times.append(time.perf_counter() - t0)
   seconds = statistics.median(times)
   compile_s = clock.total if clock.total > 0 else max(first - seconds, 0.0)
-  return {"seconds": seconds, "compile_s": compile_s, "first_call_s": first, "times": times,
-          "reps": reps}
+  return {"seconds": seconds, "min_seconds": min(times), "compile_s": compile_s,
+          "first_call_s": first, "times": times, "reps": reps,
+          "loadavg_1m": os.getloadavg()[0]}
 
 
 class _StepRunner:
@@ -171,7 +173,9 @@ def run(args) -> dict:
   machine = {"device_kind": devices[0].device_kind, "platform": devices[0].platform,
              "cpu_count": os.cpu_count(), "jax": jax.__version__,
              "processor": platform.processor() or platform.machine(),
-             "python": platform.python_version()}
+             "python": platform.python_version(),
+             # Other processes on the machine skew CPU timings; compare with cpu_count.
+             "loadavg_1m_at_start": os.getloadavg()[0]}
   settings = {k: getattr(args, k) for k in ("seq_lens", "ks", "batch", "d_model", "n_layers",
                                             "n_heads", "vocab", "reps", "dense_reps", "seed")}
   settings.update(optimizer="AdamW + clip 1.0 (config_base defaults), EMA off",
@@ -258,6 +262,7 @@ def run(args) -> dict:
           fwd[True]["ratio_to_efficient"] = fwd[True]["seconds"] / fwd[False]["seconds"]
         record(fwd[dense])
   clock.close()
+  machine["loadavg_1m_at_end"] = os.getloadavg()[0]
   wall = time.perf_counter() - t_start
   return {"machine": machine, "settings": settings, "rows": rows, "wall_s": wall}
 
@@ -379,6 +384,11 @@ def main(argv=None) -> dict:
   os.makedirs(args.out, exist_ok=True)
   result = run(args)
   print("\n" + format_table(result))
+  busiest = max(r["loadavg_1m"] for r in result["rows"])
+  if busiest > result["machine"]["cpu_count"] + 1:
+    print(f"\nWARNING: 1-minute load average reached {busiest:.1f} on "
+          f"{result['machine']['cpu_count']} CPUs: other processes competed for the CPU, so "
+          f"these timings are inflated and noisy (see rows[].times / loadavg_1m in the JSON).")
   json_path = os.path.join(args.out, "train_cost.json")
   png_path = os.path.join(args.out, "train_cost.png")
   with open(json_path, "w") as f:
