@@ -1,0 +1,57 @@
+"""Convert the authors' PyTorch checkpoints to a work dir, and a work dir's stage back.
+
+  python -m kforcing_jax.convert --from_torch CKPT.pt --workdir DIR [--n_heads 12]
+      [--tokenizer gpt2|bert-base-uncased] [--tokenizer_file tokenizer.json] [--mask_id N]
+      [--k 4] [--nouse_ema] [--dtype bfloat16] [--ignore_extra] [--unsafe_pickle]
+  python -m kforcing_jax.convert --to_torch OUT.pt --workdir DIR [--stage k4] [--nouse_ema]
+
+Needs torch (pip install torch==2.13.0, CPU build). The logic lives in `torch_checkpoint.py`
+(files, EMA, tokenizer) and `torch_format.py` (names, shapes, the qkv layout assumption).
+"""
+
+from absl import app, flags
+
+_FROM = flags.DEFINE_string("from_torch", None, "PyTorch checkpoint to import into --workdir.")
+_TO = flags.DEFINE_string("to_torch", None, "Write --workdir's --stage here as a reference .pt.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "kforcing_jax work dir (written or read).")
+_N_HEADS = flags.DEFINE_integer("n_heads", None, "Attention heads (not in the weights); "
+                                "default: the sidecar's value, else 12 (the paper's models).")
+_TOKENIZER = flags.DEFINE_enum("tokenizer", None, ["gpt2", "bert-base-uncased"],
+                               "Tokenizer the checkpoint was trained with (OWT: gpt2, LM1B: "
+                               "bert-base-uncased); downloaded unless --tokenizer_file is given.")
+_TOKENIZER_FILE = flags.DEFINE_string("tokenizer_file", None,
+                                      "A local tokenizer.json to copy into the work dir.")
+_MASK_ID = flags.DEFINE_integer("mask_id", None, "Reserved mask token id; default: the "
+                                "tokenizer's, else 103 for V=30522 (BERT), else V-1 (GPT-2).")
+_K = flags.DEFINE_integer("k", None, "Window of a PFLM checkpoint (not in the weights); "
+                          "default 4, the authors' PFLMs.")
+_STAGE = flags.DEFINE_string("stage", None, "--to_torch: stage to export (default: the last).")
+_USE_EMA = flags.DEFINE_bool("use_ema", True, "Use EMA weights when the checkpoint has them.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype recorded in the model config (weights stay float32).")
+_IGNORE_EXTRA = flags.DEFINE_bool("ignore_extra", False,
+                                  "Drop tensors outside the reference layout instead of failing.")
+_UNSAFE_PICKLE = flags.DEFINE_bool("unsafe_pickle", False, "torch.load with weights_only=False "
+                                   "(trusted files only, e.g. Lightning checkpoints).")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  del argv
+  if (_FROM.value is None) == (_TO.value is None):
+    raise app.UsageError("give exactly one of --from_torch and --to_torch")
+  from kforcing_jax import torch_checkpoint  # pylint: disable=import-outside-toplevel
+
+  if _FROM.value:
+    torch_checkpoint.from_torch(
+        _FROM.value, _WORKDIR.value, n_heads=_N_HEADS.value, tokenizer=_TOKENIZER.value,
+        tokenizer_file=_TOKENIZER_FILE.value, mask_id=_MASK_ID.value, k=_K.value,
+        use_ema=_USE_EMA.value, dtype=_DTYPE.value, ignore_extra=_IGNORE_EXTRA.value,
+        unsafe_pickle=_UNSAFE_PICKLE.value)
+  else:
+    torch_checkpoint.to_torch(_WORKDIR.value, _TO.value, stage=_STAGE.value,
+                              use_ema=_USE_EMA.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

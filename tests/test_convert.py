@@ -1,0 +1,265 @@
+"""PyTorch <-> kforcing_jax conversion: bit-exact round trips, logit parity with an independent
+PyTorch forward written from the spec (tests/torch_reference.py), and the error messages."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_reference  # noqa: E402  (tests/ is not a package; see platform-notes)
+
+from kforcing_jax import sharding, stage_io, torch_checkpoint, torch_format  # noqa: E402
+from kforcing_jax import model as model_lib  # noqa: E402
+from kforcing_jax import pflm as pflm_lib  # noqa: E402
+
+V, D, LAYERS, HEADS, MASK = 61, 64, 2, 2, 60  # head_dim 32: the converter is not tied to 64.
+CFG = model_lib.ModelConfig(vocab_size=V, mask_id=MASK, d_model=D, n_layers=LAYERS,
+                            n_heads=HEADS)
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _ref_model(pflm: bool, seed: int):
+  cls = torch_reference.RefPFLM if pflm else torch_reference.RefAR
+  m = cls(V, D, LAYERS, HEADS, MASK)
+  torch_reference.randomize_(m, seed)
+  return m.eval()
+
+
+def _save_lightning(path, state, ema=None):
+  """Lightning-style file: {"state_dict": {"backbone.<name>": ...}, "ema": ...}."""
+  obj = {"state_dict": {"backbone." + k: v for k, v in state.items()}, "epoch": 3}
+  if ema is not None:
+    obj["ema"] = ema
+  torch.save(obj, path)
+
+
+def _our_random_params(pflm: bool, seed: int) -> dict:
+  """A random model in our format; every leaf perturbed so no tensor is a constant."""
+  with nnx.use_eager_sharding(False):
+    module = (pflm_lib.PFLM if pflm else model_lib.Transformer)(CFG, nnx.Rngs(seed))
+  _, params = model_lib.split_params(module)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(key, x.shape)
+                                      for x, key in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("pflm", [False, True])
+def test_round_trip_ours_to_torch_and_back_is_bit_identical(tmp_path, pflm):
+  params = _our_random_params(pflm, seed=1)
+  stage = "k2" if pflm else "teacher"
+  stage_io.save_params_stage(str(tmp_path / "a"), stage, params, CFG)
+  pt = str(tmp_path / "export.pt")
+  torch_checkpoint.to_torch(str(tmp_path / "a"), pt)
+
+  exported = torch.load(pt, weights_only=True)
+  # Names and shapes are exactly those of the independent reference module.
+  ref = _ref_model(pflm, 0).state_dict()
+  assert list(exported) == list(ref)
+  assert {k: tuple(v.shape) for k, v in exported.items()} == {
+      k: tuple(v.shape) for k, v in ref.items()}
+  side = json.load(open(torch_checkpoint.sidecar_path(pt)))
+  assert side["stage"] == stage and side["model_config"]["n_heads"] == HEADS
+
+  # Back, with no flags: n_heads, mask_id and k come from the sidecar.
+  torch_checkpoint.from_torch(pt, str(tmp_path / "b"))
+  got = stage_io.load_stage(str(tmp_path / "b"), stage, load_tokenizer=False)
+  jax.tree.map(np.testing.assert_array_equal, _host(got.params), _host(params))
+  assert got.model_cfg == CFG and got.k == (2 if pflm else 0)
+
+
+def test_round_trip_torch_to_ours_and_back_is_bit_identical(tmp_path):
+  state = _ref_model(True, seed=2).state_dict()
+  _save_lightning(tmp_path / "ref.ckpt", state)
+  torch_checkpoint.from_torch(str(tmp_path / "ref.ckpt"), str(tmp_path / "w"), n_heads=HEADS,
+                              mask_id=MASK, k=2)
+  torch_checkpoint.to_torch(str(tmp_path / "w"), str(tmp_path / "back.pt"))
+  back = torch.load(tmp_path / "back.pt", weights_only=True)
+  assert list(back) == list(state)
+  for name, tensor in state.items():
+    assert torch.equal(back[name], tensor), name
+
+
+def _tokens(seed, b, n):
+  return np.random.default_rng(seed).integers(0, V, (b, n)).astype(np.int32)
+
+
+def test_parity_ar_logits_match_independent_torch_forward(tmp_path):
+  ref = _ref_model(False, seed=3)
+  _save_lightning(tmp_path / "ar.ckpt", ref.state_dict())
+  torch_checkpoint.from_torch(str(tmp_path / "ar.ckpt"), str(tmp_path / "w"), n_heads=HEADS)
+  loaded = stage_io.load_stage(str(tmp_path / "w"), "teacher", load_tokenizer=False)
+  assert loaded.model_cfg.mask_id == V - 1 and loaded.k == 0
+  model = loaded.model()
+  tokens = _tokens(0, 4, 12)
+  got = np.asarray(model(jnp.asarray(tokens)))
+  with torch.no_grad():
+    want = ref(torch.from_numpy(tokens).long()).numpy()
+  assert np.abs(want).max() > 1.0  # Non-trivial logits.
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_parity_pflm_two_stream_and_decode_prefill(tmp_path):
+  ref = _ref_model(True, seed=4)
+  _save_lightning(tmp_path / "pflm.ckpt", ref.state_dict())
+  torch_checkpoint.from_torch(str(tmp_path / "pflm.ckpt"), str(tmp_path / "w"), n_heads=HEADS)
+  loaded = stage_io.load_stage(str(tmp_path / "w"), "k4", load_tokenizer=False)
+  assert loaded.k == 4 and loaded.meta["weights"] == "raw"
+  model = loaded.model()
+  b, n, k = 4, 8, 4
+  tokens = _tokens(1, b, n)
+  for draw in range(2):
+    z = np.random.default_rng(10 + draw).random((b, n, k)).astype(np.float32)
+    with torch.no_grad():
+      want = ref(torch.from_numpy(tokens).long(), torch.from_numpy(z)).numpy()
+    assert np.abs(want).max() > 1.0
+    for dense in (False, True):
+      got = np.asarray(model.noise_logits(jnp.asarray(tokens), jnp.asarray(z), dense=dense))
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"dense={dense}")
+    # Decode prefill [prompt ; k noise] through the KV-cache path = the window of the last t.
+    cache = model_lib.init_cache(loaded.model_cfg, b, n + k)
+    x = jnp.concatenate([model.embed(jnp.asarray(tokens)),
+                         model.noise_encoder(jnp.asarray(z[:, -1]))], axis=1)
+    h, cache = model.forward_cached(x, cache, n_keep=n)
+    np.testing.assert_allclose(np.asarray(model.logits(h[:, n:])), want[:, -1], rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_ema_weights_chosen_by_flag(tmp_path):
+  ref = _ref_model(False, seed=5)
+  state = ref.state_dict()
+  shadow = [v + 1.0 for v in state.values()]  # Parameter order = state-dict order.
+  _save_lightning(tmp_path / "ema.ckpt", state, ema={"shadow_params": shadow, "decay": 0.999})
+  for use_ema, offset in ((True, 1.0), (False, 0.0)):
+    workdir = str(tmp_path / f"w{use_ema}")
+    torch_checkpoint.from_torch(str(tmp_path / "ema.ckpt"), workdir, n_heads=HEADS,
+                                use_ema=use_ema)
+    got = stage_io.load_stage(workdir, "teacher", load_tokenizer=False)
+    np.testing.assert_array_equal(np.asarray(got.params["vocab_embed"]),
+                                  state["vocab_embed.embedding"].numpy() + offset)
+    assert got.meta["weights"] == ("ema" if use_ema else "raw")
+  # A name -> tensor EMA dict works too; shadow params in the wrong order fail by name.
+  torch.save({"state_dict": state, "ema": {k: v * 2 for k, v in state.items()}},
+             tmp_path / "ema_dict.ckpt")
+  torch_checkpoint.from_torch(str(tmp_path / "ema_dict.ckpt"), str(tmp_path / "wd"),
+                              n_heads=HEADS)
+  got = stage_io.load_stage(str(tmp_path / "wd"), "teacher", load_tokenizer=False)
+  np.testing.assert_array_equal(np.asarray(got.params["head_bias"]),
+                                state["output_layer.linear.bias"].numpy() * 2)
+  _save_lightning(tmp_path / "bad.ckpt", state, ema={"shadow_params": shadow[::-1]})
+  with pytest.raises(torch_format.LayoutError, match="vocab_embed.embedding has shape"):
+    torch_checkpoint.from_torch(str(tmp_path / "bad.ckpt"), str(tmp_path / "wb"),
+                                n_heads=HEADS)
+
+
+def _convert_state(tmp_path, state, name="x.pt", **kw):
+  torch.save(state, tmp_path / name)
+  kw.setdefault("n_heads", HEADS)
+  return torch_checkpoint.from_torch(str(tmp_path / name), str(tmp_path / ("w_" + name)), **kw)
+
+
+def test_errors_name_the_tensor(tmp_path):
+  state = _ref_model(True, seed=6).state_dict()
+  missing = {k: v for k, v in state.items() if k != "blocks.1.attn_out.weight"}
+  with pytest.raises(torch_format.LayoutError, match=r"missing 1: blocks\.1\.attn_out\.weight"):
+    _convert_state(tmp_path, missing, "missing.pt")
+  wrong = dict(state, **{"noise_encoder.norm.bias": torch.zeros(D + 1)})
+  with pytest.raises(torch_format.LayoutError,
+                     match=r"noise_encoder\.norm\.bias: expected \(64,\), got \(65,\)"):
+    _convert_state(tmp_path, wrong, "wrong.pt")
+  extra = dict(state, **{"blocks.0.rotary.inv_freq": torch.zeros(16)})
+  with pytest.raises(torch_format.LayoutError, match=r"unexpected 1: blocks\.0\.rotary"):
+    _convert_state(tmp_path, extra, "extra.pt")
+  _convert_state(tmp_path, extra, "extra_ok.pt", ignore_extra=True)  # Opt-in: dropped.
+  gpt2_like = {"transformer.wte.weight": torch.zeros(V, D), "lm_head.weight": torch.zeros(V, D)}
+  with pytest.raises(torch_format.LayoutError,
+                     match=r"unknown layout: no tensor named 'vocab_embed\.embedding'.*wte"):
+    _convert_state(tmp_path, gpt2_like, "gpt2.pt")
+  with pytest.raises(torch_format.LayoutError, match="--n_heads=3 must divide d_model=64"):
+    _convert_state(tmp_path, state, "heads.pt", n_heads=3)
+  ar_state = {k: v for k, v in state.items() if not k.startswith("noise_encoder.")}
+  with pytest.raises(ValueError, match="--k=2 was given but .* AR model"):
+    _convert_state(tmp_path, ar_state, "ar.pt", k=2)
+  _convert_state(tmp_path, ar_state, "twice.pt")
+  with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+    _convert_state(tmp_path, ar_state, "twice.pt")
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    torch_checkpoint.from_torch(str(tmp_path / "nope.pt"), str(tmp_path / "w"))
+
+
+def test_missing_torch_says_how_to_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)
+  with pytest.raises(ImportError, match=r"pip install torch==2\.13\.0"):
+    torch_checkpoint.import_torch()
+
+
+def test_mask_id_defaults():
+  emb = lambda v: {"vocab_embed.embedding": np.zeros((v, 8), np.float32),
+                   "blocks.0.mlp.0.weight": np.zeros((32, 8), np.float32)}
+  assert torch_format.infer_config(emb(30522), 2)[0].mask_id == 103  # bert-base-uncased
+  assert torch_format.infer_config(emb(50258), 2)[0].mask_id == 50257  # GPT-2 + mask
+  assert torch_format.infer_config(emb(50258), 2, tokenizer="gpt2")[0].mask_id == 50257
+  cfg, has_noise = torch_format.infer_config(emb(100), 4, mask_id=7)
+  assert (cfg.mask_id, cfg.n_heads, cfg.mlp_ratio, cfg.n_layers, has_noise) == (7, 4, 4, 1, False)
+  with pytest.raises(torch_format.LayoutError, match="mask_id=100 is outside the vocabulary"):
+    torch_format.infer_config(emb(100), 4, mask_id=100)
+
+
+def _tiny_tokenizer_file(path, with_mask: bool):
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  hf = tokenizers.Tokenizer(models.BPE())
+  hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  hf.decoder = decoders.ByteLevel()
+  special = ["<|endoftext|>"] + (["[MASK]"] if with_mask else [])
+  trainer = trainers.BpeTrainer(vocab_size=40, special_tokens=special, show_progress=False)
+  hf.train_from_iterator(["in the beginning god created the heaven and the earth"] * 4,
+                         trainer=trainer)
+  hf.save(str(path))
+  return hf.get_vocab_size()
+
+
+def test_tokenizer_file_is_installed_and_generate_can_load_it(tmp_path):
+  # Like GPT-2's tokenizer.json: no mask token, so [MASK] is appended as the last id.
+  n_ids = _tiny_tokenizer_file(tmp_path / "tok.json", with_mask=False)
+  assert n_ids + 1 <= V
+  state = _ref_model(False, seed=7).state_dict()
+  state = {k: (v[:n_ids + 1] if v.shape[:1] == (V,) else v) for k, v in state.items()}
+  _convert_state(tmp_path, state, "tok.pt", tokenizer_file=str(tmp_path / "tok.json"))
+  loaded = stage_io.load_stage(str(tmp_path / "w_tok.pt"), "teacher")
+  assert loaded.tokenizer.mask_id == loaded.model_cfg.mask_id == n_ids
+  assert loaded.tokenizer.decode(loaded.tokenizer.encode("the earth")) == "the earth"
+  meta = json.load(open(tmp_path / "w_tok.pt" / "tokenizer_meta.json"))
+  assert meta["tokenizer"] == "file"
+  with pytest.raises(ValueError, match="mask token has id .* model's mask_id is 3"):
+    _convert_state(tmp_path, state, "tok_bad.pt", tokenizer_file=str(tmp_path / "tok.json"),
+                   mask_id=3)
+
+
+def test_cli_from_torch_then_to_torch(tmp_path):
+  state = _ref_model(True, seed=8).state_dict()
+  _save_lightning(tmp_path / "cli.ckpt", state)
+  workdir, out = str(tmp_path / "w"), str(tmp_path / "out.pt")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for args in (["--from_torch", str(tmp_path / "cli.ckpt"), "--n_heads", str(HEADS)],
+               ["--to_torch", out]):
+    proc = subprocess.run([sys.executable, "-m", "kforcing_jax.convert", "--workdir", workdir,
+                           *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Wrote stage 'k4'" in proc.stderr or os.path.isdir(os.path.join(workdir, "checkpoints",
+                                                                         "k4"))
+  back = torch.load(out, weights_only=True)
+  for name, tensor in state.items():
+    assert torch.equal(back[name], tensor), name
