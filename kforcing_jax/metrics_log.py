@@ -31,13 +31,20 @@ def configure_logging() -> None:
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to <workdir>/metrics.jsonl."""
+  """Appends one JSON object per line to <workdir>/metrics.jsonl, and mirrors every numeric
+  field as a TensorBoard scalar "<stage>/<field>" under <workdir>/tensorboard/ (tensorboardX:
+  no TensorFlow needed). `tensorboard --logdir <workdir>/tensorboard` shows the curves."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, tensorboard: bool = True):
     self.path = path
     self.enabled = jax.process_index() == 0
+    self._tb = None
     if self.enabled:
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                              "tensorboard"))
 
   def drop_after(self, stage: str, step: int) -> None:
     """On resume, forget lines of `stage` newer than the restored step (they will be redone)."""
@@ -51,9 +58,20 @@ class MetricsWriter:
     os.replace(self.path + ".tmp", self.path)
 
   def write(self, record: dict) -> None:
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None and "step" in record:
+      stage = record.get("stage", "run")
+      for key, value in record.items():
+        if key not in ("step", "stage") and isinstance(value, (int, float)):
+          self._tb.add_scalar(f"{stage}/{key}", value, record["step"])
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
 
 
 def read_jsonl(path: str) -> list[dict]:

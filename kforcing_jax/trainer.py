@@ -78,6 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     png = os.path.join(workdir, "loss_curve.png")
     plots.plot_loss_curves(s.writer.path, png)
     log.info("wrote %s and %s", s.writer.path, png)
+  s.writer.close()
   log.info("all stages done in %.1f s", time.perf_counter() - t0)
   return results
 
