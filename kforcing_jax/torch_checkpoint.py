@@ -1,8 +1,8 @@
 """PyTorch checkpoints <-> kforcing_jax work dirs (the logic behind `python -m
 kforcing_jax.convert`). torch is imported lazily: the package itself never needs it.
 
-Import (`from_torch`): a plain state dict, or a Lightning-style dict holding "state_dict" (keys
-may carry a "backbone." / "model." / "module." prefix) and optionally EMA weights ("ema" as a
+Import (`from_torch`): a plain state dict, or a dict holding it under "state_dict" (Lightning)
+or "model" (tensor names may carry a "backbone." / "model." / "module." prefix) and optionally EMA weights ("ema" as a
 name -> tensor dict, or as {"shadow_params": [...]} listed in the model's parameter order, the
 usual torch EMA helper format). The architecture is read from the shapes (torch_format.py); the
 result is a params-only stage (`stage_io.save_params_stage`) that generate / benchmark /
