@@ -13,6 +13,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 MODEL_CONFIG_FILE = "model_config.json"
 
@@ -46,9 +47,9 @@ class Checkpointer:
     """Restore into `abstract_state` (ShapeDtypeStructs with target shardings); the data
     iterator, if given, is restored in place."""
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-    if data_iter is not None:
-      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iter is not None:
+      restore_iterator(epath.Path(self.directory) / str(step) / "data_iter", data_iter)
     return out["state"], out["meta"]
 
   def read_meta(self, step: int | None = None) -> dict:
@@ -60,3 +61,18 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def restore_iterator(directory: epath.Path, data_iter) -> None:
+  """Restore a grain iterator saved by any number of processes.
+
+  grain writes one `process_<i>-of-<n>.json` per process and its own restore reads only the
+  file of the current (i, n), so a 2-process checkpoint could not resume in 1 process. Every
+  process's state is the same (pipeline.py: all processes walk one global batch stream), so
+  this process's own file is used when present, else the first one.
+  """
+  own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  found = [own] if own.exists() else sorted(directory.glob("process_*-of-*.json"))
+  if not found:
+    raise FileNotFoundError(f"no data-iterator state (process_*-of-*.json) in {directory}")
+  data_iter.set_state(json.loads(found[0].read_text()))
