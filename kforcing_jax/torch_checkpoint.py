@@ -17,13 +17,15 @@ import collections
 import json
 import os
 
-from absl import logging
+import time
+
 import ml_collections
 import numpy as np
 
 from kforcing_jax import config_check, stage_io, torch_format
 from kforcing_jax import model as model_lib
 from kforcing_jax.data import tokenizer as tokenizer_lib
+from kforcing_jax.metrics_log import log
 
 TORCH_PIN = "torch==2.13.0"
 SIDECAR_FORMAT = "kforcing-reference-state-dict-v1"
@@ -77,10 +79,10 @@ def read_state_dict(path: str, use_ema: bool = True, unsafe_pickle: bool = False
   raw = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
   raw, prefix = torch_format.strip_prefix(raw)
   if prefix:
-    logging.info("Stripped the prefix %r from the tensor names.", prefix)
+    log.info("Stripped the prefix %r from the tensor names.", prefix)
   ema = _ema_tensors(obj, raw) if use_ema and holder else None
   if use_ema and ema is None:
-    logging.info("No EMA weights in %s; using the raw weights.", path)
+    log.info("No EMA weights in %s; using the raw weights.", path)
   state = ema if ema is not None else raw
   return {k: _to_numpy(v) for k, v in state.items()}, ("ema" if ema is not None else "raw")
 
@@ -126,14 +128,17 @@ def from_torch(ckpt_path: str, workdir: str, n_heads: int | None = None,
   if os.path.exists(sidecar_path(ckpt_path)):
     with open(sidecar_path(ckpt_path), encoding="utf-8") as f:
       side = json.load(f)
-    logging.info("Read defaults from the sidecar %s.", sidecar_path(ckpt_path))
+    log.info("Read defaults from the sidecar %s.", sidecar_path(ckpt_path))
   side_cfg = side.get("model_config", {})
   n_heads = n_heads or side_cfg.get("n_heads", 12)
   mask_id = side_cfg.get("mask_id") if mask_id is None else mask_id
+  fetch = tokenizer  # Download only when asked on the command line, never from the sidecar.
   tokenizer = tokenizer or side.get("tokenizer")
   if dtype not in config_check.DTYPES:
     raise ValueError(f"--dtype must be one of {config_check.DTYPES}, got {dtype!r}")
 
+  start = time.perf_counter()
+  log.info("Reading %s ...", ckpt_path)
   state, weights = read_state_dict(ckpt_path, use_ema, unsafe_pickle)
   tok = _read_tokenizer(tokenizer_file) if tokenizer_file else None
   if mask_id is None and tok is not None:
@@ -153,8 +158,8 @@ def from_torch(ckpt_path: str, workdir: str, n_heads: int | None = None,
     expected = torch_format.reference_shapes(cfg, has_noise)
     dropped = [name for name in state if name not in expected]
     if dropped:
-      logging.warning("Ignoring %d tensors not in the reference layout: %s", len(dropped),
-                      ", ".join(dropped))
+      log.warning("Ignoring %d tensors not in the reference layout: %s", len(dropped),
+                  ", ".join(dropped))
     state = {name: v for name, v in state.items() if name in expected}
   params = torch_format.from_reference(state, cfg, has_noise)
   n_params = sum(int(v.size) for v in state.values())
@@ -165,14 +170,17 @@ def from_torch(ckpt_path: str, workdir: str, n_heads: int | None = None,
                           "--workdir (or delete that stage)")
   if tok is not None:
     _install_tokenizer(tok, cfg, workdir, tokenizer or "file", tokenizer_file)
-  elif tokenizer:
-    _fetch_tokenizer(tokenizer, cfg, workdir)
+  elif fetch:
+    _fetch_tokenizer(fetch, cfg, workdir)
+  log.info("Read %d tensors (%.1fs); writing the Orbax checkpoint ...", len(state),
+           time.perf_counter() - start)
   meta = {"converted_from": os.path.abspath(ckpt_path), "weights": weights,
           "tokenizer": tokenizer, "qkv_layout": QKV_LAYOUT, "n_params": n_params}
   out = stage_io.save_params_stage(workdir, stage, params, cfg, step=0, extra_meta=meta)
-  logging.info("Wrote stage %r (%s weights, %.1fM params, %d layers, d=%d, %d heads, V=%d, "
-               "mask_id=%d) to %s", stage, weights, n_params / 1e6, cfg.n_layers, cfg.d_model,
-               cfg.n_heads, cfg.vocab_size, cfg.mask_id, out)
+  log.info("Wrote stage %r (%s weights, %.1fM params, %d layers, d=%d, %d heads, V=%d, "
+           "mask_id=%d) to %s in %.1fs", stage, weights, n_params / 1e6, cfg.n_layers,
+           cfg.d_model, cfg.n_heads, cfg.vocab_size, cfg.mask_id, out,
+           time.perf_counter() - start)
   return out
 
 
@@ -212,7 +220,7 @@ def _fetch_tokenizer(name: str, cfg, workdir: str) -> None:
   try:
     tok = tokenizer_lib.build_tokenizer(ml_collections.ConfigDict({"tokenizer": name}), workdir)
   except RuntimeError as e:
-    logging.warning("%s\nThe weights are converted, but generate needs <workdir>/tokenizer.json: "
+    log.warning("%s\nThe weights are converted, but generate needs <workdir>/tokenizer.json: "
                     "rerun with --tokenizer_file=PATH/tokenizer.json (e.g. from the HF hub "
                     "%s repo) into a fresh workdir, or copy it there.", e, name)
     return
@@ -227,6 +235,8 @@ def to_torch(workdir: str, out_path: str, stage: str | None = None,
   if not stages:
     raise FileNotFoundError(f"no stage checkpoints under {stage_io.stages_dir(workdir)}")
   stage = stage or stages[-1]
+  start = time.perf_counter()
+  log.info("Loading stage %r of %s ...", stage, workdir)
   import jax  # pylint: disable=import-outside-toplevel
   from kforcing_jax import sharding  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
@@ -248,6 +258,6 @@ def to_torch(workdir: str, out_path: str, stage: str | None = None,
           "n_params": sum(int(v.size) for v in ref.values())}
   with open(sidecar_path(out_path), "w", encoding="utf-8") as f:
     json.dump(side, f, indent=2, sort_keys=True)
-  logging.info("Wrote %s (%d tensors, stage %s) and %s", out_path, len(tensors), stage,
-               sidecar_path(out_path))
+  log.info("Wrote %s (%d tensors, stage %s) and %s in %.1fs", out_path, len(tensors), stage,
+           sidecar_path(out_path), time.perf_counter() - start)
   return out_path

@@ -273,7 +273,7 @@ def test_cli_from_torch_then_to_torch(tmp_path):
                         capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "Wrote stage 'k4'" in proc.stderr
+  assert "Wrote stage 'k4'" in proc.stdout
   # ...and the flag wiring of --to_torch in-process (same main()).
   from absl import flags
   from kforcing_jax import convert
