@@ -27,9 +27,9 @@ def get_config():
   c.optim.warmup_steps = 50
   c.train.num_steps = 300
   # Distillation steps cost more (the student sees N*k noise tokens, the teacher rolls out).
-  c.train.stage_steps = "teacher=300,k1=100,k2=80,k4=60"
+  c.train.stage_steps = "teacher=300,k1=80,k2=40,k4=25"
   c.train.log_every = 10
-  c.train.eval_every = 100
+  c.train.eval_every = 50
   c.train.eval_batches = 4
   c.train.ckpt_every = 100
   return c
