@@ -338,10 +338,13 @@ class Engine:
 
   def device_inputs(self, prompts: Sequence[Sequence[int]], seed: int = 0,
                     row_ids: Sequence[int] | None = None, prompt_len: int | None = None,
-                    fill_id: int = 0):
-    """(prompt_BxP, pad_B, keys_Bx2) on the mesh, batch padded to the data-axis multiple."""
+                    fill_id: int = 0, batch_size: int | None = None):
+    """(prompt_BxP, pad_B, keys_Bx2) on the mesh; the batch is padded to `batch_size` (if
+    given: one program for every batch of a file) rounded up to the data-axis multiple."""
     n = len(prompts)
-    batch = self.padded_batch(n)
+    if batch_size is not None and batch_size < n:
+      raise ValueError(f"batch_size={batch_size} < {n} prompts")
+    batch = self.padded_batch(max(n, batch_size or 0))
     plen = prompt_len or bucket_len(max(len(p) for p in prompts))
     x, pad = pad_prompts(prompts, batch, plen, fill_id)
     ids = list(range(n)) if row_ids is None else list(row_ids)
@@ -359,9 +362,10 @@ class Engine:
     return fn(self.params, prompt_BxP, pad_B, keys_Bx2)
 
   def generate(self, prompts: Sequence[Sequence[int]], spec: DecodeSpec, seed: int = 0,
-               row_ids: Sequence[int] | None = None) -> list[Completion]:
+               row_ids: Sequence[int] | None = None, batch_size: int | None = None,
+               prompt_len: int | None = None) -> list[Completion]:
     """Decode a batch of token-id prompts; row r's uniforms come from (seed, row_ids[r])."""
-    inputs = self.device_inputs(prompts, seed, row_ids, fill_id=spec.fill_id)
+    inputs = self.device_inputs(prompts, seed, row_ids, prompt_len, spec.fill_id, batch_size)
     tokens, lengths = jax.device_get(self.generate_arrays(spec, *inputs))
     return _completions(spec, tokens[:len(prompts)], lengths[:len(prompts)])
 
