@@ -2,11 +2,11 @@
 kforcing_jax.convert`). torch is imported lazily: the package itself never needs it.
 
 Import (`from_torch`): a plain state dict, or a dict holding it under "state_dict" (Lightning)
-or "model" (tensor names may carry a "backbone." / "model." / "module." prefix) and optionally EMA weights ("ema" as a
-name -> tensor dict, or as {"shadow_params": [...]} listed in the model's parameter order, the
-usual torch EMA helper format). The architecture is read from the shapes (torch_format.py); the
-result is a params-only stage (`stage_io.save_params_stage`) that generate / benchmark /
-evaluate load like a trained one.
+or "model" (tensor names may carry a "backbone." / "model." / "module." prefix), and optionally
+EMA weights ("ema" as a name -> tensor dict, or as {"shadow_params": [...]} listed in the
+model's parameter order, the usual torch EMA helper format). The architecture is read from the
+shapes (torch_format.py); the result is a params-only stage (`stage_io.save_params_stage`) that
+generate / benchmark / evaluate load like a trained one.
 
 Export (`to_torch`): a stage's params (EMA when saved) as a plain `.pt` state dict with the
 reference names, plus a `.json` sidecar (model config, stage, window k, tokenizer, layouts) that
@@ -16,7 +16,6 @@ reference names, plus a `.json` sidecar (model config, stage, window k, tokenize
 import collections
 import json
 import os
-
 import time
 
 import ml_collections
@@ -243,7 +242,8 @@ def to_torch(workdir: str, out_path: str, stage: str | None = None,
   loaded = stage_io.load_stage(workdir, stage, mesh=mesh, use_ema=use_ema, load_tokenizer=False)
   host = jax.tree.map(np.asarray, jax.device_get(loaded.params))
   ref = torch_format.to_reference(host, loaded.model_cfg)
-  tensors = collections.OrderedDict((name, torch.from_numpy(np.array(v))) for name, v in ref.items())
+  tensors = collections.OrderedDict(
+      (name, torch.from_numpy(np.array(v))) for name, v in ref.items())
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   torch.save(tensors, out_path)
   tok_meta = os.path.join(workdir, "tokenizer_meta.json")
