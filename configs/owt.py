@@ -1,10 +1,17 @@
-"""The paper's OpenWebText setting: 12 layers, d=768, 12 heads, L=1024, GPT-2 vocabulary.
+"""The paper's OpenWebText setting: 12 layers, d=768, 12 heads, L=1024, GPT-2 vocabulary,
+and its distillation schedule AR teacher -> PFLM k=1 -> k=2 -> k=4, 500K steps per stage.
 
-Needs internet once (TFDS openwebtext download, GPT-2 tokenizer download) and accelerators:
-  python -m kforcing_jax.train --config configs/owt.py --workdir gs://BUCKET/owt \
-      --config.data.tfds_data_dir=gs://BUCKET/tfds
-Expect (paper, 500K steps at batch 512 on 8 H100): a GPT-2-small-class teacher (Gen-PPL ~43
-for AR samples). Recipe as configs/lm1b.py; the vocabulary is GPT-2's 50257 ids + 1 mask id.
+Check it compiles for a 32-device mesh without the hardware (fake CPU devices, no data):
+  python -m kforcing_jax.train --config configs/owt.py --workdir /tmp/owt_dry --dry_run
+Run it (needs internet once: TFDS openwebtext download, GPT-2 tokenizer download; see
+launch/README.md; the work dir must be shared by all hosts, e.g. a gcsfuse mount):
+  python -m kforcing_jax.train --config configs/owt.py --workdir /mnt/bucket/runs/owt \
+      --config.data.tfds_data_dir=/mnt/bucket/tfds
+Expect (paper, 500K steps per stage at batch 512 on 8 H100): a GPT-2-small-class teacher
+(Gen-PPL ~43 for AR samples); k=4 Gen-PPL 25.0 (less diverse text: report entropy too). Recipe
+as configs/lm1b.py; the vocabulary is GPT-2's 50257 ids + 1 added mask id (50257).
+Parameters: 85.0M in the blocks, 38.6M token embedding, 38.6M output layer (untied), + 5.9M
+noise encoder in the PFLM stages.
 """
 
 from kforcing_jax.config_base import base_config
@@ -12,10 +19,11 @@ from kforcing_jax.config_base import base_config
 
 def get_config():
   c = base_config()
-  c.stages = "teacher"
+  c.stages = "teacher,k1,k2,k4"
   c.model.d_model = 768
   c.model.n_layers = 12
   c.model.n_heads = 12
+  c.model.vocab_size = 50258  # GPT-2 + [MASK] (fixed so the dry run needs no download)
   c.model.dtype = "bfloat16"
   c.data.source = "tfds"
   c.data.tfds_name = "openwebtext"
@@ -26,7 +34,7 @@ def get_config():
   c.optim.lr = 1e-4
   c.optim.schedule = "constant"
   c.optim.ema_decay = 0.999
-  c.train.num_steps = 500_000
+  c.train.num_steps = 500_000  # Per stage.
   c.train.log_every = 100
   c.train.eval_every = 5_000
   c.train.eval_batches = 16

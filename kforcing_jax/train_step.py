@@ -36,7 +36,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
 
   jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, frozen_sh),
                    out_shardings=(state_sh, metrics_sh), donate_argnums=0)
-  return lambda state, batch, frozen=(): jitted(state, batch, frozen)
+  step_fn = lambda state, batch, frozen=(): jitted(state, batch, frozen)
+  step_fn.jitted = jitted  # aot.py lowers and compiles this same function ahead of time.
+  return step_fn
 
 
 def make_eval_step(loss_fn: LossFn, params_sh, batch_sh, metrics_sh, frozen_sh=()):
