@@ -15,11 +15,12 @@
 #   KF_BUCKET        GCS bucket mounted on every worker (gcsfuse) (mount only)
 #   KF_MOUNT         where the bucket is mounted                  (default /mnt/kf)
 #   KF_LOG           training log on every worker                 (default kforcing_train.log)
+#   KF_WORKER        host index for `ssh` (default all)
 #   KF_DRY_RUN=1     print the gcloud commands instead of running them
 #
 # Usage: launch/tpu.sh COMMAND [ARGS]
 #   create | copy | setup | mount | run CONFIG WORKDIR [FLAGS...] | tail [WORKER] | status |
-#   stop | ssh 'COMMAND' | delete
+#   stop | ssh 'COMMAND' (on KF_WORKER, default all) | delete
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -169,7 +170,7 @@ main() {
     tail) cmd_tail "$@" ;;
     status) cmd_status ;;
     stop) cmd_stop ;;
-    ssh) on all "$*" ;;
+    ssh) on "${KF_WORKER:-all}" "$*" ;;
     delete) cmd_delete ;;
     *) die "unknown command $cmd" ;;
   esac
