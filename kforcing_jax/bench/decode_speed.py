@@ -1,0 +1,171 @@
+"""Decode speed of PFLM(k) vs the AR baseline on the same backbone, cache code and inputs.
+
+Per batch size B (prompts of --prompt_len random ids, --max_new_tokens fixed-length completions,
+no EOS) it times, after a compile call and one warm-up call, the median of `reps` calls, each
+ended by jax.block_until_ready:
+  ar           the AR baseline: one jitted while_loop (prefill + max_new-1 one-token steps,
+               inverse-CDF sampling at tau=1).
+  ar_stepwise  the straightforward alternative: the same jitted prefill, then one jitted
+               (donated) step per token called from Python. `ar` should match or beat it.
+  pflm         PFLM decoding with k tokens per step (prefill + ceil(max_new/k)-1 steps of 2k
+               positions), one jitted while_loop.
+tokens/s = B * max_new_tokens / seconds (prefill included, as in the paper); ttft_s = time to
+first token = the jitted prefill alone; step_s = one decode step, timed as a fori_loop of all
+the steps of a generation (from a prefilled state) divided by their number. The measured
+roofline bound of PFLM(k) is k * step_s(AR) / step_s(PFLM k): the speedup decoding would reach
+if generation were nothing but steps; frac_of_bound = speedup_vs_ar / roofline_bound.
+"""
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from kforcing_jax import decode
+
+METHODS = ("ar", "ar_stepwise", "pflm")
+
+
+def _median_time(run: Callable[[], object], reps: int, prepare: Callable[[], object] | None = None
+                 ) -> tuple[float, list[float]]:
+  """Median seconds of `reps` calls of run(prepared) after a compile and a warm-up call."""
+  times = []
+  for i in range(reps + 2):
+    arg = prepare() if prepare else None
+    if arg is not None:
+      jax.block_until_ready(arg)
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(arg) if prepare else run())
+    if i >= 2:
+      times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+def _method_times(engine: decode.Engine, spec: decode.DecodeSpec, inputs, reps: int,
+                  stepwise: bool = False) -> dict:
+  """Whole-generation, prefill (TTFT) and per-step seconds of one engine/spec on `inputs`."""
+  b, plen = inputs[0].shape
+  pre = engine._program("prefill", spec, b, plen)
+  prefilled = lambda: pre(engine.params, *inputs)
+  if stepwise:
+    step = engine._program("step", spec, b, plen)
+
+    def whole():
+      state = prefilled()
+      for _ in range(spec.n_blocks - 1):
+        state = step(engine.params, state)
+      return state.tokens_BxT
+  else:
+    whole = lambda: engine.generate_arrays(spec, *inputs)
+  seconds, times = _median_time(whole, reps)
+  ttft, _ = _median_time(prefilled, reps)
+  n_steps = spec.n_blocks - 1
+  step_s = float("nan")
+  if n_steps and not stepwise:
+    steps = engine._program("steps", spec, b, plen, n_steps)
+    total, _ = _median_time(lambda s: steps(engine.params, s).tokens_BxT, reps, prefilled)
+    step_s = total / n_steps
+  return {"seconds": seconds, "times": times, "ttft_s": ttft, "step_s": step_s}
+
+
+def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_sizes, ks,
+            prompt_len: int = 32, max_new_tokens: int = 128, reps: int = 5, seed: int = 0,
+            stepwise: bool = True, progress: Callable[[str], None] = print) -> list[dict]:
+  """Rows (one per method, k, batch size) with tokens/s, speedup and roofline bound."""
+  if reps < 1:
+    raise ValueError(f"reps must be >= 1, got {reps}")
+  if ks and pflm_engine is None:
+    raise ValueError("PFLM k values were requested but no PFLM stage was given")
+  vocab = ar_engine.cfg.mask_id  # random prompt ids below the mask id (it is never an input)
+  rng = np.random.RandomState(seed)
+  rows = []
+  n_jobs, done, t_start = len(batch_sizes) * (1 + int(stepwise) + len(ks)), 0, time.time()
+
+  def note(what):
+    nonlocal done
+    done += 1
+    el = time.time() - t_start
+    progress(f"[{done}/{n_jobs}] {what} | elapsed {el:.0f}s, ETA {el / done * (n_jobs - done):.0f}s")
+
+  for b in batch_sizes:
+    prompts = rng.randint(0, vocab, size=(b, prompt_len)).tolist()
+    ar_spec = decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True)
+    ar_in = ar_engine.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
+    ar = _method_times(ar_engine, ar_spec, ar_in, reps)
+    runs = [("ar", 1, ar)]
+    note(f"B={b} ar {b * max_new_tokens / ar['seconds']:.0f} tok/s")
+    if stepwise:
+      runs.append(("ar_stepwise", 1, _method_times(ar_engine, ar_spec, ar_in, reps, True)))
+      note(f"B={b} ar_stepwise {b * max_new_tokens / runs[-1][2]['seconds']:.0f} tok/s")
+    for k in ks:
+      spec = decode.DecodeSpec(k=k, max_new_tokens=max_new_tokens)
+      pflm_engine.check(spec)
+      inputs = pflm_engine.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
+      runs.append(("pflm", k, _method_times(pflm_engine, spec, inputs, reps)))
+      note(f"B={b} pflm k={k} {b * max_new_tokens / runs[-1][2]['seconds']:.0f} tok/s")
+    for method, k, r in runs:
+      bound = k * ar["step_s"] / r["step_s"] if method == "pflm" else 1.0
+      speedup = ar["seconds"] / r["seconds"]
+      rows.append({"method": method, "k": k, "batch_size": b, "prompt_len": prompt_len,
+                   "max_new_tokens": max_new_tokens,
+                   "tokens_per_s": b * max_new_tokens / r["seconds"], "seconds": r["seconds"],
+                   "ttft_s": r["ttft_s"], "step_s": r["step_s"], "speedup_vs_ar": speedup,
+                   "roofline_bound": bound, "frac_of_bound": speedup / bound,
+                   "times": r["times"], "reps": reps})
+  return rows
+
+
+def machine() -> dict:
+  dev = jax.devices()[0]
+  return {"platform": dev.platform, "device_kind": dev.device_kind,
+          "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+          "python": platform.python_version(), "jax": jax.__version__,
+          "loadavg_1m_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def table(rows: list[dict]) -> str:
+  head = (f"{'method':<12}{'k':>3}{'batch':>7}{'tokens/s':>11}{'speedup':>9}{'bound':>7}"
+          f"{'of bound':>9}{'TTFT ms':>9}{'step ms':>9}")
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    step = "" if r["step_s"] != r["step_s"] else f"{1e3 * r['step_s']:.2f}"
+    lines.append(f"{r['method']:<12}{r['k']:>3}{r['batch_size']:>7}{r['tokens_per_s']:>11.0f}"
+                 f"{r['speedup_vs_ar']:>8.2f}x{r['roofline_bound']:>7.2f}"
+                 f"{100 * r['frac_of_bound']:>8.0f}%{1e3 * r['ttft_s']:>9.1f}{step:>9}")
+  return "\n".join(lines)
+
+
+def plot(rows: list[dict], out_png: str, title: str = "") -> None:
+  """Speedup over AR vs batch size per k (solid), with the measured roofline bound (dashed)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  ks = sorted({r["k"] for r in rows if r["method"] == "pflm"})
+  for i, k in enumerate(ks):
+    rs = sorted((r for r in rows if r["method"] == "pflm" and r["k"] == k),
+                key=lambda r: r["batch_size"])
+    xs = [r["batch_size"] for r in rs]
+    color = f"C{i}"
+    ax.plot(xs, [r["speedup_vs_ar"] for r in rs], "o-", color=color, label=f"PFLM k={k}")
+    ax.plot(xs, [r["roofline_bound"] for r in rs], "--", color=color, alpha=0.6,
+            label=f"bound k={k}")
+  rs = sorted((r for r in rows if r["method"] == "ar_stepwise"), key=lambda r: r["batch_size"])
+  if rs:
+    ax.plot([r["batch_size"] for r in rs], [r["speedup_vs_ar"] for r in rs], "x:", color="gray",
+            label="AR, per-step Python loop")
+  ax.axhline(1.0, color="black", linewidth=0.8)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("batch size")
+  ax.set_ylabel("throughput speedup over AR (x)")
+  ax.set_title(title or "PFLM decode speedup (dashed: k * t(1-token step) / t(2k step))")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, ncol=2)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=120)
+  plt.close(fig)

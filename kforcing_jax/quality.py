@@ -1,0 +1,208 @@
+"""Sample quality of the AR teacher and every PFLM stage at k = 1..k_max, on held-out prompts.
+
+Per (stage, k), on validation prompts (the first `prompt_len` tokens of validation rows) with
+fixed-length completions (no EOS stop) from per-row uniform streams (seed, row):
+  gen_ppl        exp(mean NLL of the completion tokens) under the AR teacher (and, optionally,
+                 under any other AR checkpoint: `eval_ppl`, re-tokenising the text if its
+                 tokenizer differs). Low Gen-PPL alone can mean dull text: read it next to
+  entropy        the mean unigram entropy (nats) of each sample's tokens, and
+  rep_n          the fraction of a sample's n-grams that already occurred earlier in it (n=2, 4).
+  agree          the fraction of completion tokens equal to the AR teacher's own inverse-CDF
+                 rollout from the SAME uniforms (a perfect PFLM gives 1.0), and `prefix`, the
+                 mean fraction of the completion before the first disagreement.
+  nll_j, acc_j,  per-offset NLL / accuracy (and all k right) of the PFLM's one-pass window
+  acc_all        against the AR teacher's k-round inverse-CDF rollout targets on validation
+                 contexts (distill.student_loss on rollout.ar_rollout targets). The teacher row
+                 reports its data NLL instead.
+"""
+
+import collections
+import math
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kforcing_jax import decode, distill, rollout
+from kforcing_jax import model as model_lib
+
+
+# ---- scoring and text statistics ----
+
+
+_NLL_FNS: dict = {}
+
+
+def _nll_fn(graphdef):
+  """One jitted scorer per model structure (reused across calls: no recompiles)."""
+  if graphdef in _NLL_FNS:
+    return _NLL_FNS[graphdef]
+
+  @jax.jit
+  def nll(params, tokens_BxL, mask_BxL):
+    """Summed NLL of the tokens where mask (positions >= 1) under the causal model."""
+    logits = model_lib.merge(graphdef, params)(tokens_BxL[:, :-1])
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    tok_nll = -jnp.take_along_axis(lp, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
+    m = mask_BxL[:, 1:].astype(jnp.float32)
+    return (tok_nll * m).sum(), m.sum()
+  _NLL_FNS[graphdef] = nll
+  return nll
+
+
+def continuation_nll(graphdef, params, pairs: Sequence[tuple[list[int], list[int]]],
+                     batch_size: int = 32) -> tuple[float, int]:
+  """(summed NLL, token count) of each continuation given its context, under an AR model."""
+  fn = _nll_fn(graphdef)
+  length = decode.bucket_len(max(len(c) + len(t) for c, t in pairs))
+  total, count = 0.0, 0
+  for lo in range(0, len(pairs), batch_size):
+    chunk = list(pairs[lo:lo + batch_size])
+    chunk += [([0], [])] * (batch_size - len(chunk))  # fixed shape: empty rows count nothing
+    toks = np.zeros((batch_size, length), np.int32)
+    mask = np.zeros((batch_size, length), bool)
+    for r, (ctx, cont) in enumerate(chunk):
+      toks[r, :len(ctx) + len(cont)] = ctx + cont
+      mask[r, len(ctx):len(ctx) + len(cont)] = True
+    s, n = fn(params, toks, mask)
+    total, count = total + float(s), count + int(n)
+  return total, count
+
+
+def text_stats(samples: Sequence[Sequence[int]]) -> dict:
+  """Mean per-sample unigram entropy (nats) and repeated 2-/4-gram rates."""
+  ent, reps = [], {2: [], 4: []}
+  for s in samples:
+    if not s:
+      continue
+    c = np.array(list(collections.Counter(s).values()), np.float64)
+    p = c / c.sum()
+    ent.append(float(-(p * np.log(p)).sum()))
+    for n in reps:
+      grams = [tuple(s[i:i + n]) for i in range(len(s) - n + 1)]
+      if grams:
+        reps[n].append(1.0 - len(set(grams)) / len(grams))
+  mean = lambda x: float(np.mean(x)) if x else float("nan")
+  return {"entropy": mean(ent), "rep_2": mean(reps[2]), "rep_4": mean(reps[4])}
+
+
+def agreement(samples: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> dict:
+  """Token-wise agreement with a reference rollout, and the mean agreeing-prefix fraction."""
+  same, total, prefix = 0, 0, []
+  for a, b in zip(samples, reference):
+    n = min(len(a), len(b))
+    eq = np.asarray(a[:n]) == np.asarray(b[:n])
+    same, total = same + int(eq.sum()), total + n
+    prefix.append((int(np.argmin(eq)) if not eq.all() else n) / max(n, 1))
+  return {"agree": same / max(total, 1), "prefix": float(np.mean(prefix))}
+
+
+# ---- per-offset metrics against the AR teacher's rollout ----
+
+
+def offset_metrics(student_graphdef, student_params, teacher_graphdef, teacher_params,
+                   tokens_BxN: np.ndarray, k: int, seed: int = 0) -> dict:
+  """NLL_j / acc_j / acc_all of a PFLM window of k against AR inverse-CDF rollout targets."""
+
+  @jax.jit
+  def run(sp, tp, tokens, key):
+    b, n = tokens.shape
+    z = jax.random.uniform(key, (b, n, k), jnp.float32)
+    teacher = model_lib.merge(teacher_graphdef, tp)
+    targets = rollout.ar_rollout(teacher, tokens, z)
+    student = model_lib.merge(student_graphdef, sp)
+    loss, aux = distill.student_loss(student, tokens, z, targets, jnp.ones(targets.shape))
+    return {"nll": loss, **aux}
+
+  out = run(student_params, teacher_params, jnp.asarray(tokens_BxN), jax.random.key(seed))
+  return {name: float(v) for name, v in out.items()}
+
+
+def data_nll(graphdef, params, tokens_BxN: np.ndarray) -> float:
+  pairs = [([int(r[0])], [int(t) for t in r[1:]]) for r in tokens_BxN]
+  s, n = continuation_nll(graphdef, params, pairs, batch_size=len(pairs))
+  return s / n
+
+
+# ---- the whole evaluation ----
+
+
+def _generate(engine: decode.Engine, spec: decode.DecodeSpec, prompts, seed, batch_size):
+  out = []
+  for lo in range(0, len(prompts), batch_size):
+    batch = prompts[lo:lo + batch_size]
+    out += [c.tokens for c in engine.generate(batch, spec, seed, range(lo, lo + len(batch)),
+                                              batch_size=batch_size)]
+  return out
+
+
+def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np.ndarray,
+             max_new_tokens: int = 64, batch_size: int = 32, seed: int = 0, evaluator=None,
+             progress: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+  """Rows per (stage, k) as described above; also returns the samples per (stage, k).
+
+  `teacher` and each of `stages` are stage_io.LoadedStage; `evaluator` an optional AR
+  LoadedStage (with its tokenizer when it differs from the teacher's).
+  """
+  tok = teacher.tokenizer
+  ar_engine = decode.Engine.from_stage(teacher)
+  ar_spec = decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True)
+  jobs = [(teacher, ar_engine, ar_spec)]
+  for st in stages:
+    engine = decode.Engine.from_stage(st)
+    jobs += [(st, engine, decode.DecodeSpec(k=k, max_new_tokens=max_new_tokens))
+             for k in range(1, st.k + 1)]
+  rows, samples, t_start = [], {}, time.time()
+  reference = None
+  for i, (st, engine, spec) in enumerate(jobs):
+    t0 = time.perf_counter()
+    outs = _generate(engine, spec, prompts, seed, batch_size)
+    gen_s = time.perf_counter() - t0
+    if reference is None:
+      reference = outs  # the AR teacher's own rollout: the first job
+    s, n = continuation_nll(teacher.graphdef, teacher.params, list(zip(prompts, outs)))
+    row = {"stage": st.stage, "k": spec.k, "method": "ar" if spec.ar else "pflm",
+           "gen_ppl": math.exp(s / n), **text_stats(outs), **agreement(outs, reference),
+           "n_samples": len(outs), "gen_seconds": gen_s}
+    if evaluator is not None:
+      row["eval_ppl"] = _evaluator_ppl(evaluator, tok, prompts, outs)
+    if spec.ar:
+      row["data_nll"] = data_nll(teacher.graphdef, teacher.params, val_tokens)
+    else:
+      row.update(offset_metrics(st.graphdef, st.params, teacher.graphdef, teacher.params,
+                                val_tokens, spec.k, seed))
+    rows.append(row)
+    samples[f"{st.stage}@k{spec.k}"] = outs
+    el = time.time() - t_start
+    progress(f"[{i + 1}/{len(jobs)}] {st.stage} k={spec.k}: gen_ppl {row['gen_ppl']:.1f}, "
+             f"agree {row['agree']:.3f} | elapsed {el:.0f}s, ETA "
+             f"{el / (i + 1) * (len(jobs) - i - 1):.0f}s")
+  return rows, samples
+
+
+def _evaluator_ppl(evaluator, tok, prompts, outs) -> float:
+  etok = evaluator.tokenizer
+  if etok is None or etok.fingerprint == tok.fingerprint:
+    pairs = list(zip(prompts, outs))
+  else:  # another vocabulary: score the same text re-tokenised
+    strip = lambda ids: [t for t in ids if t != tok.eos_id]
+    pairs = [([etok.eos_id] + etok.encode(tok.decode(strip(p))), etok.encode(tok.decode(
+        strip(o)))) for p, o in zip(prompts, outs)]
+    pairs = [(c, t) for c, t in pairs if t]
+  s, n = continuation_nll(evaluator.graphdef, evaluator.params, pairs)
+  return math.exp(s / n)
+
+
+def table(rows: list[dict]) -> str:
+  kmax = max([r["k"] for r in rows if r["method"] == "pflm"] or [0])
+  cols = ["gen_ppl"] + (["eval_ppl"] if any("eval_ppl" in r for r in rows) else []) + [
+      "entropy", "rep_2", "rep_4", "agree", "prefix"] + [f"nll_{j}" for j in range(1, kmax + 1)] + [
+          f"acc_{j}" for j in range(1, kmax + 1)] + ["acc_all", "data_nll"]
+  head = f"{'stage':<9}{'k':>3}" + "".join(f"{c:>9}" for c in cols)
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    cells = "".join(f"{r[c]:>9.3f}" if c in r else f"{'-':>9}" for c in cols)
+    lines.append(f"{r['stage']:<9}{r['k']:>3}" + cells)
+  return "\n".join(lines)

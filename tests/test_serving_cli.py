@@ -1,0 +1,116 @@
+"""generate / benchmark / evaluate end to end, as subprocesses, on a small work dir: a BPE
+tokenizer trained on a local text corpus and params-only "teacher" and "k2" checkpoints (random
+weights; the PFLM starts from the teacher's, as distillation does) written by stage_io."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from kforcing_jax import config_base, stage_io, trainer
+from kforcing_jax import model as model_lib
+from kforcing_jax import pflm as pflm_lib
+from kforcing_jax.data import tokenizer as tokenizer_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ("and the lord said unto moses of israel in that day he shall come thou art my "
+         "people land house king children behold went out spake").split()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("serve")
+  rng = np.random.RandomState(0)
+  corpus = root / "corpus.txt"
+  corpus.write_text("\n\n".join(" ".join(rng.choice(WORDS, rng.randint(8, 30)))
+                                for _ in range(400)))
+  cfg = config_base.base_config()
+  cfg.stages = "teacher,k2"
+  cfg.data.source, cfg.data.text_files = "text_files", str(corpus)
+  cfg.data.tfds_data_dir = str(root / "tfds")
+  cfg.data.bpe_vocab_size = 300
+  cfg.data.val_fraction = 0.2
+  cfg.seq_len = 32
+  cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads = 32, 2, 2
+  wd = str(root / "w")
+  tok = tokenizer_lib.build_tokenizer(cfg.data, wd)
+  model_cfg = trainer.resolve_model_config(cfg, tok)
+  with nnx.use_eager_sharding(False):
+    _, t_params = model_lib.split_params(model_lib.Transformer(model_cfg, nnx.Rngs(0)))
+    _, s_params = model_lib.split_params(pflm_lib.PFLM(model_cfg, nnx.Rngs(1)))
+  t_params["head"] = 0.3 * jax.random.normal(jax.random.key(2), t_params["head"].shape)
+  meta = {"config": cfg.to_dict()}
+  stage_io.save_params_stage(wd, "teacher", t_params, model_cfg, step=5, extra_meta=meta)
+  stage_io.save_params_stage(wd, "k2", pflm_lib.init_from(t_params, s_params), model_cfg,
+                             step=3, extra_meta=meta)
+  return wd
+
+
+def _run(module, *args):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-m", f"kforcing_jax.{module}", *args], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return out.stdout
+
+
+def test_generate_cli_pflm_and_teacher(workdir, tmp_path):
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"prompt": "and the lord"}\n"behold"\n{"text": "he shall come unto"}\n')
+  out = tmp_path / "samples.jsonl"
+  _run("generate", f"--workdir={workdir}", f"--prompts={prompts}", "--k=2", "--batch_size=2",
+       "--max_new_tokens=7", f"--out={out}", "--nostop_at_eos")
+  recs = [json.loads(x) for x in out.read_text().splitlines()]
+  assert [r["index"] for r in recs] == [0, 1, 2]
+  assert all(r["stage"] == "k2" and r["k"] == 2 and len(r["completion_ids"]) == 7 for r in recs)
+  assert recs[1]["prompt"] == "behold" and isinstance(recs[1]["completion"], str)
+  # Samples do not depend on the batch size (per-row uniform streams) ...
+  out1 = tmp_path / "samples1.jsonl"
+  _run("generate", f"--workdir={workdir}", f"--prompts={prompts}", "--k=2", "--batch_size=3",
+       "--max_new_tokens=7", f"--out={out1}", "--nostop_at_eos")
+  assert [json.loads(x)["completion_ids"] for x in out1.read_text().splitlines()] == [
+      r["completion_ids"] for r in recs]
+  # ... and the teacher decodes as the AR baseline.
+  out2 = tmp_path / "ar.jsonl"
+  _run("generate", f"--workdir={workdir}", "--stage=teacher", f"--prompts={prompts}",
+       "--max_new_tokens=5", f"--out={out2}")
+  ar = [json.loads(x) for x in out2.read_text().splitlines()]
+  assert all(r["method"] == "ar" and 1 <= len(r["completion_ids"]) <= 5 for r in ar)
+
+
+def test_benchmark_cli(workdir, tmp_path):
+  out = tmp_path / "bench.json"
+  stdout = _run("benchmark", f"--workdir={workdir}", "--batch_sizes=1,8", "--k=1,2", "--reps=1",
+                "--prompt_len=8", "--max_new_tokens=8", f"--out={out}")
+  assert "speedup" in stdout and "ar_stepwise" in stdout
+  data = json.loads(out.read_text())
+  rows = data["rows"]
+  assert {(r["method"], r["k"], r["batch_size"]) for r in rows} == {
+      (m, k, b) for b in (1, 8) for m, k in (("ar", 1), ("ar_stepwise", 1), ("pflm", 1),
+                                            ("pflm", 2))}
+  for r in rows:
+    assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["roofline_bound"] > 0
+    assert set(r) >= {"method", "k", "batch_size", "tokens_per_s", "speedup_vs_ar",
+                      "roofline_bound"}
+  assert os.path.getsize(tmp_path / "bench.png") > 1000
+
+
+def test_evaluate_cli(workdir, tmp_path):
+  out = tmp_path / "eval.json"
+  stdout = _run("evaluate", f"--workdir={workdir}", f"--out={out}", "--num_prompts=6",
+                "--prompt_len=6", "--max_new_tokens=6", "--batch_size=8", "--val_seqs=4",
+                f"--evaluator_workdir={workdir}")
+  assert "gen_ppl" in stdout
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["stage"], r["k"]) for r in rows] == [("teacher", 1), ("k2", 1), ("k2", 2)]
+  teacher = rows[0]
+  assert teacher["agree"] == 1.0 and teacher["data_nll"] > 0
+  assert teacher["eval_ppl"] == pytest.approx(teacher["gen_ppl"])  # same model as evaluator
+  for r in rows[1:]:
+    assert r["gen_ppl"] > 1 and 0 <= r["agree"] <= 1 and 0 <= r["acc_all"] <= 1
+    assert all(f"nll_{j}" in r for j in range(1, r["k"] + 1))
