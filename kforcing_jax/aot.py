@@ -14,6 +14,7 @@ the shardings), temporaries and FLOPs are indicative of what a TPU/GPU compile w
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -90,8 +91,7 @@ def _per_device_bytes(abstract_tree) -> int:
   """Bytes one device holds of ShapeDtypeStructs carrying NamedShardings."""
   total = 0
   for x in jax.tree.leaves(abstract_tree):
-    shard = x.sharding.shard_shape(x.shape)
-    total += int(jnp.dtype(x.dtype).itemsize) * int(jnp.prod(jnp.array(shard or (1,))))
+    total += jnp.dtype(x.dtype).itemsize * math.prod(x.sharding.shard_shape(x.shape))
   return total
 
 
