@@ -69,13 +69,7 @@ def test_generate_cli_pflm_and_teacher(workdir, tmp_path):
   assert [r["index"] for r in recs] == [0, 1, 2]
   assert all(r["stage"] == "k2" and r["k"] == 2 and len(r["completion_ids"]) == 7 for r in recs)
   assert recs[1]["prompt"] == "behold" and isinstance(recs[1]["completion"], str)
-  # Samples do not depend on the batch size (per-row uniform streams) ...
-  out1 = tmp_path / "samples1.jsonl"
-  _run("generate", f"--workdir={workdir}", f"--prompts={prompts}", "--k=2", "--batch_size=3",
-       "--max_new_tokens=7", f"--out={out1}", "--nostop_at_eos")
-  assert [json.loads(x)["completion_ids"] for x in out1.read_text().splitlines()] == [
-      r["completion_ids"] for r in recs]
-  # ... and the teacher decodes as the AR baseline.
+  # The teacher decodes as the AR baseline.
   out2 = tmp_path / "ar.jsonl"
   _run("generate", f"--workdir={workdir}", "--stage=teacher", f"--prompts={prompts}",
        "--max_new_tokens=5", f"--out={out2}")
@@ -85,13 +79,13 @@ def test_generate_cli_pflm_and_teacher(workdir, tmp_path):
 
 def test_benchmark_cli(workdir, tmp_path):
   out = tmp_path / "bench.json"
-  stdout = _run("benchmark", f"--workdir={workdir}", "--batch_sizes=1,8", "--k=1,2", "--reps=1",
+  stdout = _run("benchmark", f"--workdir={workdir}", "--batch_sizes=2", "--k=1,2", "--reps=1",
                 "--prompt_len=8", "--max_new_tokens=8", f"--out={out}")
   assert "speedup" in stdout and "ar_stepwise" in stdout
   data = json.loads(out.read_text())
   rows = data["rows"]
   assert {(r["method"], r["k"], r["batch_size"]) for r in rows} == {
-      (m, k, b) for b in (1, 8) for m, k in (("ar", 1), ("ar_stepwise", 1), ("pflm", 1),
+      (m, k, b) for b in (2,) for m, k in (("ar", 1), ("ar_stepwise", 1), ("pflm", 1),
                                             ("pflm", 2))}
   for r in rows:
     assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["roofline_bound"] > 0
