@@ -7,9 +7,10 @@ Loads the AR teacher and a PFLM stage (default: the largest trained window; ever
 <= it), then measures tokens/s, speedup over AR, time to first token and the measured roofline
 bound k * t(1-token step) / t(2k-position step) per k and batch size (see
 kforcing_jax/bench/decode_speed.py for the method). Prints a table; writes the JSON
-({"machine", "settings", "rows"}) and a PNG of speedup vs batch size next to it (same name,
-.png). Speed does not depend on the weights: --untrained_pflm measures a PFLM made of the
-teacher's weights plus a fresh noise encoder when no PFLM stage exists yet.
+({"machine", "settings", "complete", "rows"}; rewritten after each batch size) and a PNG of
+speedup vs batch size next to it (same name, .png). Speed does not depend on the weights:
+--untrained_pflm measures a PFLM made of the teacher's weights plus a fresh noise encoder when
+no PFLM stage exists yet.
 """
 
 import json
@@ -90,17 +91,26 @@ def main(argv):
               "mesh": dict(teacher.mesh.shape)}
   log.info("benchmark: AR teacher vs %s, batch sizes %s, k %s, %d+%d tokens, %d reps",
            pflm_stage, batch_sizes, ks, _PROMPT_LEN.value, _MAX_NEW.value, _REPS.value)
+  out = os.path.abspath(_OUT.value)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+
+  def save(rows, complete):
+    """Rewritten after every batch size, so a long run that is stopped keeps what it measured."""
+    tmp = out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({"machine": decode_speed.machine(), "settings": settings, "complete": complete,
+                 "rows": rows}, f, indent=1)
+    os.replace(tmp, out)
+
   rows = decode_speed.measure(ar, pflm, batch_sizes, ks, _PROMPT_LEN.value, _MAX_NEW.value,
-                              _REPS.value, _SEED.value, _STEPWISE.value, progress=log.info)
+                              _REPS.value, _SEED.value, _STEPWISE.value, progress=log.info,
+                              on_batch=lambda rows: save(rows, False))
+  save(rows, True)
   machine = decode_speed.machine()
   print(decode_speed.table(rows))
   if machine["loadavg_1m_end"] and machine["loadavg_1m_end"] > (machine["cpu_count"] or 1):
     log.warning("load average %.1f > %d CPUs during the run: timings are noisy",
                 machine["loadavg_1m_end"], machine["cpu_count"])
-  out = os.path.abspath(_OUT.value)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump({"machine": machine, "settings": settings, "rows": rows}, f, indent=1)
   png = os.path.splitext(out)[0] + ".png"
   decode_speed.plot(rows, png, f"{machine['device_kind']}: PFLM vs AR decode "
                     f"({_PROMPT_LEN.value}+{_MAX_NEW.value} tokens)")

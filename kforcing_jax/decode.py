@@ -113,8 +113,9 @@ def uniforms(keys_Bx2: jax.Array, first: jax.Array | int, n: int) -> jax.Array:
 
 
 def _forward(m: model_lib.Transformer, x_BxWxD: jax.Array, cache_k, cache_v, start: jax.Array,
-             pad_B: jax.Array, prefill: bool):
-  """Hidden states of W new positions at slots start..start+W-1, and the caches with their
+             pad_B: jax.Array, prefill: bool, n_out: int):
+  """Hidden states of the last `n_out` of W new positions at slots start..start+W-1 (only those
+  feed the head, so the last block computes nothing else), and the caches with all W positions'
   keys/values written there. The prefill (start = 0) attends among its own positions only."""
   b, w, _ = x_BxWxD.shape
   slot_W = start + jnp.arange(w, dtype=jnp.int32)
@@ -130,11 +131,12 @@ def _forward(m: model_lib.Transformer, x_BxWxD: jax.Array, cache_k, cache_v, sta
     at = (0, 0, start, 0)
     new_k[i] = jax.lax.dynamic_update_slice(cache_k[i], k.astype(cache_k[i].dtype), at)
     new_v[i] = jax.lax.dynamic_update_slice(cache_v[i], v.astype(cache_v[i].dtype), at)
+    q_mask = mask[:, :, -q.shape[2]:]  # the last block's queries are the last n_out rows
     if prefill:
-      return attention.dense_attention(q, k, v, mask)
-    return attention.dense_attention(q, new_k[i], new_v[i], mask)
+      return attention.dense_attention(q, k, v, q_mask)
+    return attention.dense_attention(q, new_k[i], new_v[i], q_mask)
 
-  h, _ = m.run_blocks(x_BxWxD.astype(m.cfg.dtype), pos_BxW, attend)
+  h, _ = m.run_blocks(x_BxWxD.astype(m.cfg.dtype), pos_BxW, attend, keep_last=n_out)
   return h, tuple(new_k), tuple(new_v)
 
 
@@ -183,8 +185,9 @@ def prefill(m: model_lib.Transformer, spec: DecodeSpec, prompt_BxP: jax.Array, p
   if not spec.ar:
     x = jnp.concatenate([x, _noise(m, spec, keys_Bx2, 0)], axis=1)
   zero = jnp.zeros((), jnp.int32)
-  h, cache_k, cache_v = _forward(m, x, cache_k, cache_v, zero, pad_B, prefill=True)
-  logits = m.logits(h[:, -spec.k:])
+  h, cache_k, cache_v = _forward(m, x, cache_k, cache_v, zero, pad_B, prefill=True,
+                                 n_out=spec.k)
+  logits = m.logits(h)
   counts = jnp.zeros((b, cfg.vocab_size if spec.frequency_penalty else 0), jnp.int32)
   y_BxK, done, length, counts = _choose(spec, logits, keys_Bx2, 0, jnp.zeros((b,), bool),
                                         jnp.zeros((b,), jnp.int32), counts)
@@ -206,8 +209,8 @@ def decode_step(m: model_lib.Transformer, spec: DecodeSpec, state: DecodeState):
   if not spec.ar:
     x = jnp.concatenate([x, _noise(m, spec, state.keys_Bx2, first)], axis=1)
   h, cache_k, cache_v = _forward(m, x, state.cache_k, state.cache_v, state.cache_len,
-                                 state.pad_B, prefill=False)
-  logits = m.logits(h[:, -k:])
+                                 state.pad_B, prefill=False, n_out=k)
+  logits = m.logits(h)
   y_BxK, done, length, counts = _choose(spec, logits, state.keys_Bx2, first, state.done_B,
                                         state.length_B, state.counts_BxV)
   tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens_BxT, y_BxK, first, axis=1)
@@ -235,6 +238,18 @@ def run_steps(m: model_lib.Transformer, spec: DecodeSpec, state: DecodeState, n:
 
 
 # ---- batching: padding, shardings, compiled programs ----
+
+# XLA:CPU hands matmuls to YNNPACK by default. Inside the decode loop its kernels were ~15% slower
+# than XLA's own dot emitter for matmuls of <= 64 rows (PFLM k=4 step at batch 1: 4.1 vs 3.5 ms,
+# interleaved A/B on the 2-core dev machine) and faster for larger ones (prefill, batch >= 16),
+# so small programs are compiled without it. Other platforms ignore this.
+SMALL_MATMUL_ROWS = 64
+_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options(platform: str, matmul_rows: int) -> dict | None:
+  """Per-program XLA options for a program whose matmuls have `matmul_rows` rows."""
+  return dict(_NO_YNN) if platform == "cpu" and matmul_rows <= SMALL_MATMUL_ROWS else None
 
 
 def bucket_len(n: int, minimum: int = 8) -> int:
@@ -318,19 +333,25 @@ class Engine:
     d1, d2 = NamedSharding(mesh, P(sharding.DATA)), NamedSharding(mesh, P(sharding.DATA, None))
     merge = lambda p: model_lib.merge(gd, p)
     ins = (self._param_sh, d2, d1, d2)
+    # Matmul rows per device: the prefill's, or one step's (the steps dominate `generate`).
+    width = plen + (0 if spec.ar else spec.k) if kind == "prefill" else (
+        1 if spec.ar else 2 * spec.k)
+    opts = compiler_options(mesh.devices.flat[0].platform, batch // self.data_size * width)
     if kind == "generate":
       fn = jax.jit(lambda p, x, pad, keys: generate(merge(p), spec, x, pad, keys, st_sh.cache_k[0]),
-                   in_shardings=ins, out_shardings=(d2, d1))
+                   in_shardings=ins, out_shardings=(d2, d1), compiler_options=opts)
     elif kind == "prefill":
       fn = jax.jit(
           lambda p, x, pad, keys: prefill(merge(p), spec, x, pad, keys, st_sh.cache_k[0])[0],
-          in_shardings=ins, out_shardings=st_sh)
+          in_shardings=ins, out_shardings=st_sh, compiler_options=opts)
     elif kind == "step":
       fn = jax.jit(lambda p, s: decode_step(merge(p), spec, s)[0],
-                   in_shardings=(self._param_sh, st_sh), out_shardings=st_sh, donate_argnums=1)
+                   in_shardings=(self._param_sh, st_sh), out_shardings=st_sh, donate_argnums=1,
+                   compiler_options=opts)
     elif kind == "steps":
       fn = jax.jit(lambda p, s: run_steps(merge(p), spec, s, n_steps),
-                   in_shardings=(self._param_sh, st_sh), out_shardings=st_sh, donate_argnums=1)
+                   in_shardings=(self._param_sh, st_sh), out_shardings=st_sh, donate_argnums=1,
+                   compiler_options=opts)
     else:
       raise ValueError(kind)
     self._programs[key] = fn

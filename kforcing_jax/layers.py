@@ -4,17 +4,12 @@ Parameters carry LOGICAL axis names (`out_sharding` metadata); `sharding.py` map
 axes. Kernels are stored (in, out) and head-structured where that keeps tensor parallelism local.
 """
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 LN_EPS = 1e-5
 INIT_STD = 0.02
-
-# attend(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK) -> out_BxHxLxK; q/k already rotated.
-AttendFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def _param(init, key, shape, names, dtype=jnp.float32) -> nnx.Param:
@@ -51,7 +46,10 @@ def apply_rotary(x_BxHxLxK: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Ar
 
 
 class Block(nnx.Module):
-  """Pre-norm block: x += attn_out(attend(rope(qkv(norm1 x)))); x += mlp(norm2 x)."""
+  """Pre-norm block: x += attn_out(attend(rope(qkv(norm1 x)))); x += mlp(norm2 x).
+
+  Split into `qkv` and `finish` so the caller (`Transformer.run_blocks`) picks the attention
+  and which query rows to finish."""
 
   def __init__(self, d: int, n_heads: int, mlp_ratio: int, n_layers: int, rngs: nnx.Rngs,
                dtype=jnp.float32):
@@ -91,6 +89,3 @@ class Block(nnx.Module):
     h = h @ self.mlp_out[...].astype(self.dtype) + self.mlp_out_bias[...].astype(self.dtype)
     return x + h.astype(x.dtype)
 
-  def __call__(self, x_BxLxD, cos, sin, attend: AttendFn):
-    q, k, v = self.qkv(x_BxLxD, cos, sin)
-    return self.finish(x_BxLxD, attend(q, k, v)), (k, v)

@@ -78,13 +78,22 @@ class Transformer(nnx.Module):
     out = h @ self.head[...] + self.head_bias[...]
     return out.at[..., self.cfg.mask_id].set(MASKED_LOGIT)
 
-  def run_blocks(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, attend: LayerAttendFn):
-    """All blocks with a caller-chosen attention; returns hidden states and per-layer (k, v)."""
+  def run_blocks(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, attend: LayerAttendFn,
+                 keep_last: int | None = None):
+    """All blocks with a caller-chosen attention; returns hidden states and per-layer (k, v).
+
+    keep_last=n: only the last n positions' outputs are wanted (decoding), so the last block
+    runs its attention queries, output projection and MLP on those rows alone; its keys/values
+    (and every earlier block) still cover all L positions. Returns hidden states (B, n, D).
+    """
     cos, sin = layers.rotary_tables(pos_BxL, self.cfg.head_dim, self.cfg.rope_base)
     kvs = []
     for i, block in enumerate(self.blocks):
-      x_BxLxD, kv = block(x_BxLxD, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
-      kvs.append(kv)
+      q, k, v = block.qkv(x_BxLxD, cos, sin)
+      if keep_last is not None and i == len(self.blocks) - 1:
+        q, x_BxLxD = q[:, :, -keep_last:], x_BxLxD[:, -keep_last:]
+      x_BxLxD = block.finish(x_BxLxD, attend(i, q, k, v))
+      kvs.append((k, v))
     return x_BxLxD, kvs
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:

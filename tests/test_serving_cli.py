@@ -87,8 +87,10 @@ def test_benchmark_cli(workdir, tmp_path):
   assert {(r["method"], r["k"], r["batch_size"]) for r in rows} == {
       (m, k, b) for b in (2,) for m, k in (("ar", 1), ("ar_stepwise", 1), ("pflm", 1),
                                             ("pflm", 2))}
+  assert data["complete"] is True
   for r in rows:
     assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["roofline_bound"] > 0
+    assert r["matmul_bound"] > 0 and (r["method"] == "pflm" or r["matmul_bound"] == 1.0)
     assert set(r) >= {"method", "k", "batch_size", "tokens_per_s", "speedup_vs_ar",
                       "roofline_bound"}
   assert os.path.getsize(tmp_path / "bench.png") > 1000

@@ -14,6 +14,11 @@ first token = the jitted prefill alone; step_s = one decode step, timed as a for
 the steps of a generation (from a prefilled state) divided by their number. The measured
 roofline bound of PFLM(k) is k * step_s(AR) / step_s(PFLM k): the speedup decoding would reach
 if generation were nothing but steps; frac_of_bound = speedup_vs_ar / roofline_bound.
+matmul_bound = k * t(B rows) / t(2kB rows) for the chain of the model's weight matmuls alone
+(qkv, out, MLP per layer, then the head on B resp. kB rows; random weights of the same shapes,
+same compiler options as the decode programs): the ceiling the machine's matmul kernels put on
+the roofline bound. It is near k where a step is memory-bound (GPUs, TPUs) and far below k on
+CPUs whose small-M GEMM costs several times a 1-row GEMV.
 """
 
 import os
@@ -23,6 +28,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kforcing_jax import decode
@@ -72,10 +78,38 @@ def _method_times(engine: decode.Engine, spec: decode.DecodeSpec, inputs, reps: 
   return {"seconds": seconds, "times": times, "ttft_s": ttft, "step_s": step_s}
 
 
+def _matmul_chain_s(cfg, rows: int, head_rows: int, reps: int, platform: str) -> float:
+  """Median seconds of the model's weight matmuls over `rows` rows (head: `head_rows`)."""
+  d, hidden = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+  rng = np.random.RandomState(0)
+  normal = lambda *shape: jnp.asarray(0.02 * rng.randn(*shape).astype(np.float32))
+  layers = [(normal(d, 3 * d), normal(d, d), normal(d, hidden), normal(hidden, d))
+            for _ in range(cfg.n_layers)]
+  head = normal(d, cfg.vocab_size)
+
+  def chain(x, layers, head):
+    for w_qkv, w_out, w_in, w_mlp_out in layers:
+      x = (((x @ w_qkv)[:, :d] @ w_out) @ w_in) @ w_mlp_out
+    return x[-head_rows:] @ head
+
+  fn = jax.jit(chain, compiler_options=decode.compiler_options(platform, rows))
+  x = normal(rows, d)
+  return _median_time(lambda: fn(x, layers, head), reps)[0]
+
+
+def matmul_bound(cfg, batch: int, k: int, reps: int = 20) -> float:
+  """k * t(matmuls over B rows) / t(over 2kB rows): the kernels' ceiling on the bound."""
+  platform = jax.devices()[0].platform
+  t_ar = _matmul_chain_s(cfg, batch, batch, reps, platform)
+  return k * t_ar / _matmul_chain_s(cfg, 2 * k * batch, k * batch, reps, platform)
+
+
 def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_sizes, ks,
             prompt_len: int = 32, max_new_tokens: int = 128, reps: int = 5, seed: int = 0,
-            stepwise: bool = True, progress: Callable[[str], None] = print) -> list[dict]:
-  """Rows (one per method, k, batch size) with tokens/s, speedup and roofline bound."""
+            stepwise: bool = True, progress: Callable[[str], None] = print,
+            on_batch: Callable[[list[dict]], None] | None = None) -> list[dict]:
+  """Rows (one per method, k, batch size) with tokens/s, speedup and roofline bound.
+  `on_batch(rows so far)` runs after each batch size (the CLI saves partial results)."""
   if reps < 1:
     raise ValueError(f"reps must be >= 1, got {reps}")
   if ks and pflm_engine is None:
@@ -110,12 +144,15 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
     for method, k, r in runs:
       bound = k * ar["step_s"] / r["step_s"] if method == "pflm" else 1.0
       speedup = ar["seconds"] / r["seconds"]
+      mm_bound = matmul_bound(ar_engine.cfg, b, k, max(reps, 20)) if method == "pflm" else 1.0
       rows.append({"method": method, "k": k, "batch_size": b, "prompt_len": prompt_len,
                    "max_new_tokens": max_new_tokens,
                    "tokens_per_s": b * max_new_tokens / r["seconds"], "seconds": r["seconds"],
                    "ttft_s": r["ttft_s"], "step_s": r["step_s"], "speedup_vs_ar": speedup,
                    "roofline_bound": bound, "frac_of_bound": speedup / bound,
-                   "times": r["times"], "reps": reps})
+                   "matmul_bound": mm_bound, "times": r["times"], "reps": reps})
+    if on_batch is not None:
+      on_batch(rows)
   return rows
 
 
@@ -129,13 +166,14 @@ def machine() -> dict:
 
 def table(rows: list[dict]) -> str:
   head = (f"{'method':<12}{'k':>3}{'batch':>7}{'tokens/s':>11}{'speedup':>9}{'bound':>7}"
-          f"{'of bound':>9}{'TTFT ms':>9}{'step ms':>9}")
+          f"{'of bound':>9}{'mm bound':>9}{'TTFT ms':>9}{'step ms':>9}")
   lines = [head, "-" * len(head)]
   for r in rows:
     step = "" if r["step_s"] != r["step_s"] else f"{1e3 * r['step_s']:.2f}"
     lines.append(f"{r['method']:<12}{r['k']:>3}{r['batch_size']:>7}{r['tokens_per_s']:>11.0f}"
                  f"{r['speedup_vs_ar']:>8.2f}x{r['roofline_bound']:>7.2f}"
-                 f"{100 * r['frac_of_bound']:>8.0f}%{1e3 * r['ttft_s']:>9.1f}{step:>9}")
+                 f"{100 * r['frac_of_bound']:>8.0f}%{r.get('matmul_bound', 1.0):>9.2f}"
+                 f"{1e3 * r['ttft_s']:>9.1f}{step:>9}")
   return "\n".join(lines)
 
 
