@@ -2,7 +2,8 @@
 
 Per batch size B (prompts of --prompt_len random ids, --max_new_tokens fixed-length completions,
 no EOS) it times, after a compile call and one warm-up call, the median of `reps` calls, each
-ended by jax.block_until_ready:
+ended by jax.block_until_ready. The methods take turns within each repetition (round-robin), so
+drifting load on a shared machine cannot favour one of them:
   ar           the AR baseline: one jitted while_loop (prefill + max_new-1 one-token steps,
                inverse-CDF sampling at tau=1).
   ar_stepwise  the straightforward alternative: the same jitted prefill, then one jitted
@@ -51,9 +52,10 @@ def _median_time(run: Callable[[], object], reps: int, prepare: Callable[[], obj
   return statistics.median(times), times
 
 
-def _method_times(engine: decode.Engine, spec: decode.DecodeSpec, inputs, reps: int,
-                  stepwise: bool = False) -> dict:
-  """Whole-generation, prefill (TTFT) and per-step seconds of one engine/spec on `inputs`."""
+def _method_timers(engine: decode.Engine, spec: decode.DecodeSpec, inputs,
+                   stepwise: bool = False) -> dict[str, tuple[Callable, Callable | None]]:
+  """Timed callables of one engine/spec: whole generation, prefill (TTFT) and the decode steps
+  (a fori_loop over all steps, run on a prefilled state made untimed beforehand)."""
   b, plen = inputs[0].shape
   pre = engine._program("prefill", spec, b, plen)
   prefilled = lambda: pre(engine.params, *inputs)
@@ -67,15 +69,31 @@ def _method_times(engine: decode.Engine, spec: decode.DecodeSpec, inputs, reps: 
       return state.tokens_BxT
   else:
     whole = lambda: engine.generate_arrays(spec, *inputs)
-  seconds, times = _median_time(whole, reps)
-  ttft, _ = _median_time(prefilled, reps)
+  timers = {"seconds": (whole, None), "ttft_s": (prefilled, None)}
   n_steps = spec.n_blocks - 1
-  step_s = float("nan")
   if n_steps and not stepwise:
     steps = engine._program("steps", spec, b, plen, n_steps)
-    total, _ = _median_time(lambda s: steps(engine.params, s).tokens_BxT, reps, prefilled)
-    step_s = total / n_steps
-  return {"seconds": seconds, "times": times, "ttft_s": ttft, "step_s": step_s}
+    timers["steps_s"] = (lambda s: steps(engine.params, s).tokens_BxT, prefilled)
+  return timers
+
+
+def _time_round_robin(methods: dict[str, dict], reps: int) -> dict[str, dict]:
+  """Median seconds per (method, timer) after a compile and a warm-up call of each. Each
+  repetition runs every method once in turn, so a slow spell of a shared machine hits all
+  methods alike instead of biasing whichever one it overlaps."""
+  times = {m: {t: [] for t in timers} for m, timers in methods.items()}
+  for i in range(reps + 2):
+    for m, timers in methods.items():
+      for t, (run, prepare) in timers.items():
+        arg = prepare() if prepare else None
+        if arg is not None:
+          jax.block_until_ready(arg)
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(arg) if prepare else run())
+        if i >= 2:
+          times[m][t].append(time.perf_counter() - t0)
+  return {m: {**{t: statistics.median(v) for t, v in ts.items()}, "times": ts["seconds"]}
+          for m, ts in times.items()}
 
 
 def _matmul_chain_s(cfg, rows: int, head_rows: int, reps: int, platform: str) -> float:
@@ -129,18 +147,22 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
     prompts = rng.randint(0, vocab, size=(b, prompt_len)).tolist()
     ar_spec = decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True)
     ar_in = ar_engine.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
-    ar = _method_times(ar_engine, ar_spec, ar_in, reps)
-    runs = [("ar", 1, ar)]
-    note(f"B={b} ar {b * max_new_tokens / ar['seconds']:.0f} tok/s")
+    methods = {("ar", 1): _method_timers(ar_engine, ar_spec, ar_in)}
     if stepwise:
-      runs.append(("ar_stepwise", 1, _method_times(ar_engine, ar_spec, ar_in, reps, True)))
-      note(f"B={b} ar_stepwise {b * max_new_tokens / runs[-1][2]['seconds']:.0f} tok/s")
+      methods[("ar_stepwise", 1)] = _method_timers(ar_engine, ar_spec, ar_in, stepwise=True)
     for k in ks:
       spec = decode.DecodeSpec(k=k, max_new_tokens=max_new_tokens)
       pflm_engine.check(spec)
       inputs = pflm_engine.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
-      runs.append(("pflm", k, _method_times(pflm_engine, spec, inputs, reps)))
-      note(f"B={b} pflm k={k} {b * max_new_tokens / runs[-1][2]['seconds']:.0f} tok/s")
+      methods[("pflm", k)] = _method_timers(pflm_engine, spec, inputs)
+    timed = _time_round_robin(methods, reps)
+    runs = []
+    for (method, k), r in timed.items():
+      n_steps = -(-max_new_tokens // k) - 1
+      r["step_s"] = r["steps_s"] / n_steps if "steps_s" in r else float("nan")
+      runs.append((method, k, r))
+      note(f"B={b} {method} k={k} {b * max_new_tokens / r['seconds']:.0f} tok/s")
+    ar = timed[("ar", 1)]
     for method, k, r in runs:
       bound = k * ar["step_s"] / r["step_s"] if method == "pflm" else 1.0
       speedup = ar["seconds"] / r["seconds"]
