@@ -15,7 +15,7 @@ ROW_KEYS = {"kind", "seq_len", "k", "batch", "seconds", "min_seconds", "compile_
 
 def test_train_cost_main_writes_json_and_png(tmp_path, capsys):
   out = str(tmp_path / "bench")
-  train_cost.main(["--out", out, "--seq_lens", "16", "--ks", "1,2", "--batch", "2",
+  train_cost.main(["--out", out, "--seq_lens", "16", "--ks", "2", "--batch", "2",
                    "--d_model", "32", "--n_layers", "1", "--n_heads", "2", "--vocab", "64",
                    "--reps", "1"])
   printed = capsys.readouterr().out
@@ -25,10 +25,10 @@ def test_train_cost_main_writes_json_and_png(tmp_path, capsys):
     result = json.load(f)
   assert {"machine", "settings", "rows"} <= set(result)
   assert {"device_kind", "platform", "cpu_count"} <= set(result["machine"])
-  assert result["settings"]["seq_lens"] == [16] and result["settings"]["ks"] == [1, 2]
+  assert result["settings"]["seq_lens"] == [16] and result["settings"]["ks"] == [2]
   rows = result["rows"]
   assert {r["kind"] for r in rows} == KINDS
-  assert len(rows) == 1 + 4 * 2  # one AR step, then per k: rollout, distill, 2 forwards
+  assert len(rows) == 1 + 4  # one AR step, then for k=2: rollout, distill, 2 forwards
   for r in rows:
     assert ROW_KEYS <= set(r), r["kind"]
     assert r["seq_len"] == 16 and r["batch"] == 2 and r["seconds"] > 0

@@ -37,21 +37,6 @@ from kforcing_jax import decode
 METHODS = ("ar", "ar_stepwise", "pflm")
 
 
-def _median_time(run: Callable[[], object], reps: int, prepare: Callable[[], object] | None = None
-                 ) -> tuple[float, list[float]]:
-  """Median seconds of `reps` calls of run(prepared) after a compile and a warm-up call."""
-  times = []
-  for i in range(reps + 2):
-    arg = prepare() if prepare else None
-    if arg is not None:
-      jax.block_until_ready(arg)
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(arg) if prepare else run())
-    if i >= 2:
-      times.append(time.perf_counter() - t0)
-  return statistics.median(times), times
-
-
 def _method_timers(engine: decode.Engine, spec: decode.DecodeSpec, inputs,
                    stepwise: bool = False) -> dict[str, tuple[Callable, Callable | None]]:
   """Timed callables of one engine/spec: whole generation, prefill (TTFT) and the decode steps
@@ -96,8 +81,8 @@ def _time_round_robin(methods: dict[str, dict], reps: int) -> dict[str, dict]:
           for m, ts in times.items()}
 
 
-def _matmul_chain_s(cfg, rows: int, head_rows: int, reps: int, platform: str) -> float:
-  """Median seconds of the model's weight matmuls over `rows` rows (head: `head_rows`)."""
+def _matmul_chain(cfg, rows: int, head_rows: int, platform: str) -> Callable[[], jax.Array]:
+  """The model's weight matmuls over `rows` rows (head: the last `head_rows`), ready to call."""
   d, hidden = cfg.d_model, cfg.mlp_ratio * cfg.d_model
   rng = np.random.RandomState(0)
   normal = lambda *shape: jnp.asarray(0.02 * rng.randn(*shape).astype(np.float32))
@@ -112,14 +97,16 @@ def _matmul_chain_s(cfg, rows: int, head_rows: int, reps: int, platform: str) ->
 
   fn = jax.jit(chain, compiler_options=decode.compiler_options(platform, rows))
   x = normal(rows, d)
-  return _median_time(lambda: fn(x, layers, head), reps)[0]
+  return lambda: fn(x, layers, head)
 
 
 def matmul_bound(cfg, batch: int, k: int, reps: int = 20) -> float:
   """k * t(matmuls over B rows) / t(over 2kB rows): the kernels' ceiling on the bound."""
   platform = jax.devices()[0].platform
-  t_ar = _matmul_chain_s(cfg, batch, batch, reps, platform)
-  return k * t_ar / _matmul_chain_s(cfg, 2 * k * batch, k * batch, reps, platform)
+  timed = _time_round_robin({
+      "ar": {"seconds": (_matmul_chain(cfg, batch, batch, platform), None)},
+      "pflm": {"seconds": (_matmul_chain(cfg, 2 * k * batch, k * batch, platform), None)}}, reps)
+  return k * timed["ar"]["seconds"] / timed["pflm"]["seconds"]
 
 
 def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_sizes, ks,
