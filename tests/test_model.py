@@ -116,3 +116,24 @@ def test_bfloat16_compute_close_to_float32():
   assert l16.dtype == jnp.float32  # logits stay float32
   p32, p16 = jax.nn.softmax(l32), jax.nn.softmax(l16)
   assert float(jnp.abs(p32 - p16).sum(-1).max()) < 0.1
+
+
+def test_run_blocks_keep_last_equals_the_full_pass_sliced():
+  """Decoding finishes only the rows that feed the head in the last block; those rows and every
+  layer's keys/values must equal the full pass."""
+  graphdef, params = _model_and_params()
+  m = model_lib.merge(graphdef, params)
+  tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, CFG.mask_id)
+  x, pos = m.embed(tokens), jnp.broadcast_to(jnp.arange(9), (2, 9))
+
+  def attend(i, q, k, v):
+    mask = attention.causal_mask(9, 9)[-q.shape[2]:]  # the queries are the last rows
+    return attention.dense_attention(q, k, v, mask)
+
+  h_full, kv_full = m.run_blocks(x, pos, attend)
+  h_last, kv_last = m.run_blocks(x, pos, attend, keep_last=3)
+  assert h_last.shape == (2, 3, CFG.d_model)
+  np.testing.assert_allclose(h_last, h_full[:, -3:], atol=1e-5, rtol=1e-5)
+  for (k1, v1), (k2, v2) in zip(kv_full, kv_last):
+    np.testing.assert_array_equal(k1, k2)
+    np.testing.assert_array_equal(v1, v2)
