@@ -62,7 +62,8 @@ def _method_timers(engine: decode.Engine, spec: decode.DecodeSpec, inputs,
   return timers
 
 
-def _time_round_robin(methods: dict[str, dict], reps: int) -> dict[str, dict]:
+def _time_round_robin(methods: dict, reps: int,
+                      progress: Callable[[str], None] | None = None) -> dict:
   """Median seconds per (method, timer) after a compile and a warm-up call of each. Each
   repetition runs every method once in turn, so a slow spell of a shared machine hits all
   methods alike instead of biasing whichever one it overlaps."""
@@ -77,6 +78,9 @@ def _time_round_robin(methods: dict[str, dict], reps: int) -> dict[str, dict]:
         jax.block_until_ready(run(arg) if prepare else run())
         if i >= 2:
           times[m][t].append(time.perf_counter() - t0)
+    if progress is not None:
+      kind = "compile" if i == 0 else "warm-up" if i == 1 else "timed"
+      progress(f"round {i + 1}/{reps + 2} ({kind})")
   return {m: {**{t: statistics.median(v) for t, v in ts.items()}, "times": ts["seconds"]}
           for m, ts in times.items()}
 
@@ -142,7 +146,9 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
       pflm_engine.check(spec)
       inputs = pflm_engine.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
       methods[("pflm", k)] = _method_timers(pflm_engine, spec, inputs)
-    timed = _time_round_robin(methods, reps)
+    t_batch = time.time()
+    timed = _time_round_robin(
+        methods, reps, lambda msg: progress(f"B={b}: {msg}, {time.time() - t_batch:.0f}s"))
     runs = []
     for (method, k), r in timed.items():
       n_steps = -(-max_new_tokens // k) - 1
