@@ -34,9 +34,6 @@ import numpy as np
 
 from kforcing_jax import decode
 
-METHODS = ("ar", "ar_stepwise", "pflm")
-
-
 def _method_timers(engine: decode.Engine, spec: decode.DecodeSpec, inputs,
                    stepwise: bool = False) -> dict[str, tuple[Callable, Callable | None]]:
   """Timed callables of one engine/spec: whole generation, prefill (TTFT) and the decode steps
@@ -104,13 +101,14 @@ def _matmul_chain(cfg, rows: int, head_rows: int, platform: str) -> Callable[[],
   return lambda: fn(x, layers, head)
 
 
-def matmul_bound(cfg, batch: int, k: int, reps: int = 20) -> float:
-  """k * t(matmuls over B rows) / t(over 2kB rows): the kernels' ceiling on the bound."""
+def matmul_bounds(cfg, batch: int, ks, reps: int = 20) -> dict[int, float]:
+  """Per k: k * t(matmuls over B rows) / t(over 2kB rows), the kernels' ceiling on the bound.
+  One round-robin over the B-row chain and every k's chain, so all k share one AR timing."""
   platform = jax.devices()[0].platform
-  timed = _time_round_robin({
-      "ar": {"seconds": (_matmul_chain(cfg, batch, batch, platform), None)},
-      "pflm": {"seconds": (_matmul_chain(cfg, 2 * k * batch, k * batch, platform), None)}}, reps)
-  return k * timed["ar"]["seconds"] / timed["pflm"]["seconds"]
+  chains = {0: _matmul_chain(cfg, batch, batch, platform)}
+  chains.update({k: _matmul_chain(cfg, 2 * k * batch, k * batch, platform) for k in ks})
+  timed = _time_round_robin({k: {"seconds": (fn, None)} for k, fn in chains.items()}, reps)
+  return {k: k * timed[0]["seconds"] / timed[k]["seconds"] for k in ks}
 
 
 def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_sizes, ks,
@@ -156,10 +154,11 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
       runs.append((method, k, r))
       note(f"B={b} {method} k={k} {b * max_new_tokens / r['seconds']:.0f} tok/s")
     ar = timed[("ar", 1)]
+    mm_bounds = matmul_bounds(ar_engine.cfg, b, ks, max(reps, 20))
     for method, k, r in runs:
       bound = k * ar["step_s"] / r["step_s"] if method == "pflm" else 1.0
       speedup = ar["seconds"] / r["seconds"]
-      mm_bound = matmul_bound(ar_engine.cfg, b, k, max(reps, 20)) if method == "pflm" else 1.0
+      mm_bound = mm_bounds[k] if method == "pflm" else 1.0
       rows.append({"method": method, "k": k, "batch_size": b, "prompt_len": prompt_len,
                    "max_new_tokens": max_new_tokens,
                    "tokens_per_s": b * max_new_tokens / r["seconds"], "seconds": r["seconds"],
