@@ -29,7 +29,11 @@ def get_config():
   c.optim.warmup_steps = 50
   c.train.num_steps = 300
   # Distillation steps cost more (the student sees N*k noise tokens, the teacher rolls out).
-  c.train.stage_steps = "teacher=300,k1=80,k2=40,k4=25"
+  # Each stage has its own steps and schedule.
+  c.stage_overrides.teacher = dict(train=dict(num_steps=300))
+  c.stage_overrides.k1 = dict(train=dict(num_steps=80), optim=dict(warmup_steps=10))
+  c.stage_overrides.k2 = dict(train=dict(num_steps=40), optim=dict(warmup_steps=5))
+  c.stage_overrides.k4 = dict(train=dict(num_steps=25), optim=dict(warmup_steps=5))
   c.train.log_every = 10
   c.train.eval_every = 50
   c.train.eval_batches = 4

@@ -117,13 +117,11 @@ def compile_stage(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelC
   if prev is None:
     loss_fn, frozen = trainer.ar_loss_fn(graphdef), ()
   else:
-    _, teacher_abstract = stage_model(model_cfg, prev)
+    spec, source = distill.stage_spec(stage, prev, cfg.distill.target, cfg.distill.tau)
+    _, teacher_abstract = stage_model(model_cfg, source)
     teacher_graphdef, teacher_shapes = model_lib.split_params(teacher_abstract)
     frozen = _abstract(teacher_shapes, sharding.param_shardings(teacher_abstract, mesh,
                                                                 cfg.mesh.fsdp))
-    spec = distill.StageSpec(student_k=config_check.stage_k(stage),
-                             teacher_k=config_check.stage_k(prev), target=cfg.distill.target,
-                             tau=cfg.distill.tau)
     loss_fn = distill.make_loss_fn(spec, graphdef, teacher_graphdef)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
   step_fn = train_step.make_train_step(loss_fn, tx, schedule, cfg.optim.ema_decay, cfg.seed,

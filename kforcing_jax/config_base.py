@@ -22,7 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill = ml_collections.ConfigDict()
   # "self_forcing": targets from the frozen previous stage rolled out (the paper's method);
   # "noise_inversion": real data tokens as targets, z inverted from the AR teacher's CDF (the
-  # PTP baseline of the paper's ablation; only directly after the "teacher" stage).
+  # PTP baseline of the paper's ablation; only directly after the "teacher" stage);
+  # "ar_rollout": every stage's targets come from the AR teacher's k-round inverse-CDF rollout,
+  # the previous stage only initialises the student (a curriculum with no drift along the chain).
   c.distill.target = "self_forcing"
   c.distill.tau = 1.0  # Sampling temperature (fed to the noise encoder too); the paper uses 1.
   # Teacher weights and student init come from the previous stage's EMA when EMA is on.
@@ -85,12 +87,31 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- training loop ----
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 1000  # Optimizer steps per stage.
-  # Per-stage overrides of num_steps, e.g. "teacher=2000,k1=500"; "" = num_steps everywhere.
-  c.train.stage_steps = ""
+  c.train.num_steps = 1000  # Optimizer steps per stage (see stage_overrides).
   c.train.log_every = 20  # Steps between progress lines / JSON metric lines.
   c.train.eval_every = 200  # Steps between validation passes (and at the end).
   c.train.eval_batches = 4  # Validation batches per pass (each of batch_size sequences).
   c.train.ckpt_every = 200  # Steps between checkpoints (a final one is always written).
   c.train.keep_checkpoints = 2  # Checkpoints kept per stage (older ones are deleted).
+
+  # ---- per-stage settings ----
+  # stage_overrides.<stage> holds fields that differ for that stage, as nested dicts mirroring
+  # this config: any optim.* field, train.{num_steps, log_every, eval_every, eval_batches,
+  # ckpt_every} and batch_size. E.g. in a config file:
+  #   c.stage_overrides.k4 = dict(train=dict(num_steps=200), optim=dict(lr=3e-4, warmup_steps=20))
+  # and then on the command line: --config.stage_overrides.k4.optim.lr=1e-4.
+  # Each stage gets its own optimizer and lr schedule; a stage's warm-up must be shorter than
+  # its steps. Overrides for a stage not in `stages` are ignored (so one config file can serve
+  # several chains); a malformed stage name or an unknown field is an error.
+  c.stage_overrides = ml_collections.ConfigDict()
   return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """get_config() of a config file (configs/*.py), unlocked, for notebooks and studies."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("kforcing_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return ml_collections.ConfigDict(module.get_config().to_dict())

@@ -8,6 +8,7 @@ TEACHER = "teacher"
 SOURCES = ("kjv", "text_files", "tfds")
 TOKENIZERS = ("bpe", "gpt2", "bert-base-uncased")
 DTYPES = ("float32", "bfloat16")
+TARGETS = ("self_forcing", "ar_rollout", "noise_inversion")  # config.distill.target
 
 
 class ConfigError(ValueError):
@@ -44,16 +45,60 @@ def parse_stages(stages: str) -> list[str]:
   return names
 
 
+# What a stage may override (config.stage_overrides.<stage>): anything that changes how long and
+# how fast a stage trains, nothing that changes the model or the data.
+OVERRIDABLE = {"optim": None,  # every optim field
+               "train": ("num_steps", "log_every", "eval_every", "eval_batches", "ckpt_every"),
+               "batch_size": ()}
+
+
+def _is_stage_name(name: str) -> bool:
+  return name == TEACHER or bool(re.fullmatch(r"k[1-9]\d*", name))
+
+
+def _check_override(config: ml_collections.ConfigDict, stage: str, over) -> None:
+  """Every field of stage_overrides.<stage> exists, may be overridden, and has the base type."""
+  where = f"stage_overrides.{stage}"
+  _require(isinstance(over, (dict, ml_collections.ConfigDict)), where,
+           f"must be a dict of fields, got {type(over).__name__}")
+  for group, value in over.items():
+    _require(group in OVERRIDABLE, f"{where}.{group}",
+             f"cannot be set per stage; allowed: {sorted(OVERRIDABLE)}")
+    if group == "batch_size":
+      _require(isinstance(value, int), f"{where}.batch_size", f"must be an int, got {value!r}")
+      continue
+    _require(isinstance(value, (dict, ml_collections.ConfigDict)), f"{where}.{group}",
+             f"must be a dict of {group} fields, got {value!r}")
+    allowed = OVERRIDABLE[group] or tuple(config[group].keys())
+    for name, v in value.items():
+      _require(name in allowed, f"{where}.{group}.{name}",
+               f"is not a {group} field that a stage can override; allowed: {sorted(allowed)}")
+      base = config[group][name]
+      ok = isinstance(v, type(base)) or (isinstance(base, float) and isinstance(v, int))
+      _require(ok and not (isinstance(v, bool) and not isinstance(base, bool)),
+               f"{where}.{group}.{name}", f"must be a {type(base).__name__} like the base "
+               f"config.{group}.{name}, got {v!r}")
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """The config as `stage` sees it: config.stage_overrides.<stage> merged over the base."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  over = config.get("stage_overrides", {}).get(stage)
+  if over is None:
+    return out
+  _check_override(config, stage, over)
+  for group, value in over.items():
+    if group == "batch_size":
+      out.batch_size = value
+    else:
+      for name, v in value.items():
+        out[group][name] = type(config[group][name])(v)
+  return out
+
+
 def stage_steps(config: ml_collections.ConfigDict, stage: str) -> int:
-  """Optimizer steps of `stage` (train.stage_steps overrides train.num_steps)."""
-  steps = config.train.num_steps
-  for item in filter(None, (x.strip() for x in config.train.stage_steps.split(","))):
-    name, _, value = item.partition("=")
-    _require(bool(value) and value.strip().isdigit() and int(value) >= 1, "train.stage_steps",
-             f"entry {item!r} must look like 'k1=500'")
-    if name.strip() == stage:
-      steps = int(value)
-  return steps
+  """Optimizer steps of `stage`."""
+  return stage_config(config, stage).train.num_steps
 
 
 def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int]:
@@ -73,14 +118,12 @@ def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> tuple[int, 
 def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: int = 1) -> None:
   """Raise ConfigError for the first invalid field. Cheap: touches no device."""
   stages = parse_stages(config.stages)
-  for name in filter(None, (x.strip().partition("=")[0].strip()
-                            for x in config.train.stage_steps.split(","))):
-    _require(name in stages, "train.stage_steps", f"names stage {name!r}, not in {stages}")
-  for name in stages:
-    stage_steps(config, name)
+  for name, over in config.get("stage_overrides", {}).items():
+    _require(_is_stage_name(name), f"stage_overrides.{name}",
+             f"{name!r} is not a stage name ('teacher' or 'k<n>'); stages here: {stages}")
+    _check_override(config, name, over)
   dc = config.distill
-  _require(dc.target in ("self_forcing", "noise_inversion"), "distill.target",
-           f"must be 'self_forcing' or 'noise_inversion', got {dc.target!r}")
+  _require(dc.target in TARGETS, "distill.target", f"must be one of {TARGETS}, got {dc.target!r}")
   _require(dc.target != "noise_inversion" or len(stages) <= 2, "distill.target",
            "noise_inversion distils the AR teacher directly: use stages='teacher,k<n>'")
   _require(dc.tau > 0, "distill.tau", f"must be > 0, got {dc.tau}")
@@ -112,35 +155,48 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
   _require(config.seq_len >= 2, "seq_len", f"must be >= 2, got {config.seq_len}")
 
   data, model = mesh_shape(config, n_devices)
-  _require(config.batch_size >= 1, "batch_size", f"must be >= 1, got {config.batch_size}")
-  _require(config.batch_size % data == 0, "batch_size",
-           f"global batch {config.batch_size} is not divisible by the data axis "
-           f"(mesh.data={data}); use a multiple of {data}")
-  _require(config.batch_size % process_count == 0, "batch_size",
-           f"global batch {config.batch_size} is not divisible by the {process_count} processes")
   _require(m.n_heads % model == 0, "model.n_heads",
            f"{m.n_heads} heads are not divisible by the model axis (mesh.model={model})")
   _require((m.mlp_ratio * m.d_model) % model == 0, "model.mlp_ratio",
            f"MLP width {m.mlp_ratio * m.d_model} is not divisible by mesh.model={model}")
   _require(not config.mesh.fsdp or m.d_model % data == 0, "mesh.fsdp",
            f"FSDP shards d_model={m.d_model} over the data axis ({data}), which does not divide it")
+  _validate_schedule(config, "", data, process_count)
+  for name in stages:
+    if name in config.get("stage_overrides", {}):
+      _validate_schedule(stage_config(config, name), f"stage_overrides.{name}.", data,
+                         process_count)
 
+
+def _validate_schedule(config: ml_collections.ConfigDict, prefix: str, data: int,
+                       process_count: int) -> None:
+  """Batch, optimizer and loop fields of the base config, or of one stage's merged config
+  (prefix 'stage_overrides.<stage>.' names the field the user set)."""
+  _require(config.batch_size >= 1, prefix + "batch_size", f"must be >= 1, got {config.batch_size}")
+  _require(config.batch_size % data == 0, prefix + "batch_size",
+           f"global batch {config.batch_size} is not divisible by the data axis "
+           f"(mesh.data={data}); use a multiple of {data}")
+  _require(config.batch_size % process_count == 0, prefix + "batch_size",
+           f"global batch {config.batch_size} is not divisible by the {process_count} processes")
   o = config.optim
-  _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-  _require(o.schedule in ("constant", "cosine"), "optim.schedule",
+  _require(o.lr > 0, prefix + "optim.lr", f"must be > 0, got {o.lr}")
+  _require(o.schedule in ("constant", "cosine"), prefix + "optim.schedule",
            f"must be 'constant' or 'cosine', got {o.schedule!r}")
-  _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-  _require(0.0 <= o.final_lr_frac <= 1.0, "optim.final_lr_frac",
+  _require(o.warmup_steps >= 0, prefix + "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+  _require(0.0 <= o.final_lr_frac <= 1.0, prefix + "optim.final_lr_frac",
            f"must be in [0, 1], got {o.final_lr_frac}")
   for name in ("b1", "b2"):
-    _require(0.0 <= o[name] < 1.0, f"optim.{name}", f"must be in [0, 1), got {o[name]}")
-  _require(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
-  _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-  _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
-  _require(0.0 <= o.ema_decay < 1.0, "optim.ema_decay",
+    _require(0.0 <= o[name] < 1.0, prefix + f"optim.{name}", f"must be in [0, 1), got {o[name]}")
+  _require(o.eps > 0, prefix + "optim.eps", f"must be > 0, got {o.eps}")
+  _require(o.weight_decay >= 0, prefix + "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+  _require(o.grad_clip >= 0, prefix + "optim.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
+  _require(0.0 <= o.ema_decay < 1.0, prefix + "optim.ema_decay",
            f"must be in [0, 1) (0 = off), got {o.ema_decay}")
 
   t = config.train
   for name in ("num_steps", "log_every", "eval_every", "eval_batches", "ckpt_every",
                "keep_checkpoints"):
-    _require(t[name] >= 1, f"train.{name}", f"must be >= 1, got {t[name]}")
+    _require(t[name] >= 1, prefix + f"train.{name}", f"must be >= 1, got {t[name]}")
+  _require(o.warmup_steps < t.num_steps, prefix + "optim.warmup_steps",
+           f"{o.warmup_steps} warm-up steps do not fit in the stage's {t.num_steps} steps "
+           f"(train.num_steps); the lr would never reach its peak")

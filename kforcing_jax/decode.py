@@ -136,13 +136,13 @@ def _forward(m: model_lib.Transformer, x_BxWxD: jax.Array, cache_k, cache_v, sta
       return attention.dense_attention(q, k, v, q_mask)
     return attention.dense_attention(q, new_k[i], new_v[i], q_mask)
 
-  h, _ = m.run_blocks(x_BxWxD.astype(m.cfg.dtype), pos_BxW, attend, keep_last=n_out)
+  h, _ = m.run_blocks(x_BxWxD.astype(model_lib.RESIDUAL_DTYPE), pos_BxW, attend, keep_last=n_out)
   return h, tuple(new_k), tuple(new_v)
 
 
 def _noise(m, spec: DecodeSpec, keys_Bx2, first) -> jax.Array:
   z_BxK = uniforms(keys_Bx2, first, spec.k)
-  return m.noise_encoder(z_BxK, spec.tau).astype(m.cfg.dtype)
+  return m.noise_encoder(z_BxK, spec.tau).astype(model_lib.RESIDUAL_DTYPE)
 
 
 def _choose(spec: DecodeSpec, logits_BxKxV, keys_Bx2, first, done_B, length_B, counts_BxV):

@@ -22,8 +22,25 @@ from kforcing_jax import pflm as pflm_lib
 class StageSpec:
   student_k: int
   teacher_k: int  # 0 = the AR teacher
-  target: str = "self_forcing"  # or "noise_inversion"
+  target: str = "self_forcing"  # or "noise_inversion" (see stage_spec for "ar_rollout")
   tau: float = 1.0
+
+
+def stage_spec(stage: str, prev: str, target: str, tau: float) -> tuple[StageSpec, str]:
+  """(spec, the stage whose frozen weights make the targets) of distillation stage `stage`.
+
+  self_forcing: the previous stage makes the targets (the paper's chain); ar_rollout: the AR
+  teacher makes them by k-round inverse-CDF rollout whatever the previous stage is, which then
+  only initialises the student (a curriculum without drift along the chain); noise_inversion:
+  real tokens, z from the AR teacher's CDF.
+  """
+  from kforcing_jax import config_check
+
+  k = config_check.stage_k(stage)
+  if target == "ar_rollout":
+    spec = StageSpec(student_k=k, teacher_k=0, target="self_forcing", tau=tau)
+    return spec, config_check.TEACHER
+  return StageSpec(student_k=k, teacher_k=config_check.stage_k(prev), target=target, tau=tau), prev
 
 
 def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.Array,

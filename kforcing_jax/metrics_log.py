@@ -85,6 +85,7 @@ class Progress:
   def __init__(self, stage: str, start_step: int, total_steps: int, tokens_per_step: int):
     self.stage, self.total, self.tokens_per_step = stage, total_steps, tokens_per_step
     self.last_step, self.last_time = start_step, time.perf_counter()
+    self.start_time = self.last_time
 
   def tick(self, step: int) -> dict:
     now = time.perf_counter()
@@ -93,7 +94,7 @@ class Progress:
     self.last_step, self.last_time = step, now
     rate = steps / dt
     return {"tokens_per_s": rate * self.tokens_per_step, "steps_per_s": rate,
-            "eta_s": (self.total - step) / rate}
+            "eta_s": (self.total - step) / rate, "elapsed_s": now - self.start_time}
 
   def line(self, step: int, metrics: dict) -> str:
     eta = metrics.get("eta_s", 0.0)

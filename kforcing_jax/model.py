@@ -15,6 +15,10 @@ from flax import nnx
 from kforcing_jax import attention, layers
 
 MASKED_LOGIT = -1000.0  # The reserved mask token is never produced.
+# The residual stream (embeddings, noise embeddings, block outputs) and the norms stay float32
+# whatever cfg.dtype is; cfg.dtype only sets the matmul inputs (MaxText-style mixed precision).
+# A bfloat16 residual would round away the small changes of z that move the inverse-CDF targets.
+RESIDUAL_DTYPE = jnp.float32
 
 # Per-layer attention: (layer_index, q, k, v) -> out, all (B, H, L, head_dim).
 LayerAttendFn = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -70,7 +74,7 @@ class Transformer(nnx.Module):
                                out_sharding=("vocab",))
 
   def embed(self, tokens_BxL: jax.Array) -> jax.Array:
-    return jnp.take(self.vocab_embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
+    return jnp.take(self.vocab_embed[...], tokens_BxL, axis=0).astype(RESIDUAL_DTYPE)
 
   def logits(self, h_BxLxD: jax.Array) -> jax.Array:
     """Float32 logits with the mask token's logit forced to MASKED_LOGIT."""
@@ -120,7 +124,7 @@ class Transformer(nnx.Module):
       out = attention.window_attention(split(q), kc, vc, split(k), split(v), valid_W)
       return out.reshape(q.shape)
 
-    h, _ = self.run_blocks(x_BxNxWxD.reshape(b, n * w, d).astype(self.cfg.dtype),
+    h, _ = self.run_blocks(x_BxNxWxD.reshape(b, n * w, d).astype(RESIDUAL_DTYPE),
                            jnp.broadcast_to(pos, (b, n * w)), attend)
     return h.reshape(b, n, w, d)
 
@@ -129,7 +133,7 @@ class Transformer(nnx.Module):
     (N + N*W)^2 mask, as the paper's code does. Tests and benchmarks only."""
     b, n, w, d = x_BxNxWxD.shape
     x = jnp.concatenate([self.embed(tokens_BxN), x_BxNxWxD.reshape(b, n * w, d).astype(
-        self.cfg.dtype)], axis=1)
+        RESIDUAL_DTYPE)], axis=1)
     pos_w = (jnp.arange(n)[:, None] + 1 + jnp.arange(w)[None, :]).reshape(n * w)
     pos = jnp.broadcast_to(jnp.concatenate([jnp.arange(n), pos_w]), (b, n + n * w))
     mask = attention.two_stream_dense_mask(n, w, valid_W)

@@ -140,11 +140,13 @@ def _generate(engine: decode.Engine, spec: decode.DecodeSpec, prompts, seed, bat
 
 def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np.ndarray,
              max_new_tokens: int = 64, batch_size: int = 32, seed: int = 0, evaluator=None,
-             progress: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+             progress: Callable[[str], None] = print,
+             windows: Sequence[int] | None = None) -> tuple[list[dict], dict]:
   """Rows per (stage, k) as described above; also returns the samples per (stage, k).
 
   `teacher` and each of `stages` are stage_io.LoadedStage; `evaluator` an optional AR
-  LoadedStage (with its tokenizer when it differs from the teacher's).
+  LoadedStage (with its tokenizer when it differs from the teacher's). `windows`: decode each
+  PFLM only at these k (those <= its window); default every k = 1..window.
   """
   tok = teacher.tokenizer
   ar_engine = decode.Engine.from_stage(teacher)
@@ -153,7 +155,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
   for st in stages:
     engine = decode.Engine.from_stage(st)
     jobs += [(st, engine, decode.DecodeSpec(k=k, max_new_tokens=max_new_tokens))
-             for k in range(1, st.k + 1)]
+             for k in range(1, st.k + 1) if windows is None or k in windows]
   rows, samples, t_start = [], {}, time.time()
   reference = None
   for i, (st, engine, spec) in enumerate(jobs):

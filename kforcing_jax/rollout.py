@@ -27,7 +27,7 @@ def pflm_rollout(teacher: pflm_lib.PFLM, tokens_BxN: jax.Array, z_BxNxRK: jax.Ar
   if w % k:
     raise ValueError(f"rollout window {w} is not a multiple of the teacher's k={k}")
   _, ctx_kvs = teacher.context_pass(tokens_BxN)
-  noise_x = teacher.noise_encoder(z_BxNxRK, tau).astype(teacher.cfg.dtype)
+  noise_x = teacher.noise_encoder(z_BxNxRK, tau).astype(model_lib.RESIDUAL_DTYPE)
   slot_W = jnp.arange(w)
 
   def one_round(produced_BxNxW, r):

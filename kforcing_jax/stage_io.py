@@ -76,11 +76,13 @@ def default_mesh() -> Mesh:
 
 
 def _manager(directory: str) -> ocp.CheckpointManager:
-  # PyTreeCheckpointHandler reads the StandardSave format and supports partial restores.
+  # PyTreeCheckpointHandler reads the StandardSave format and supports partial restores. The
+  # data-iterator item is never read here; an ignore-handler keeps Orbax from warning about it.
   return ocp.CheckpointManager(
-      directory, item_names=("state", "meta"),
+      directory, item_names=("state", "meta", "data_iter"),
       item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
+                     "meta": ocp.JsonCheckpointHandler(),
+                     "data_iter": ocp.JsonCheckpointHandler()})
 
 
 def load_stage(workdir: str, stage: str, mesh: Mesh | None = None, use_ema: bool = True,

@@ -142,8 +142,8 @@ def from_torch(ckpt_path: str, workdir: str, n_heads: int | None = None,
   tok = _read_tokenizer(tokenizer_file) if tokenizer_file else None
   if mask_id is None and tok is not None:
     mask_id = tok.mask_id
-  cfg, has_noise = torch_format.infer_config(
-      state, n_heads, mask_id, tokenizer, side_cfg.get("rope_base", 10000.0))
+  state, rope_base = torch_format.take_rotary_buffer(state, n_heads, side_cfg.get("rope_base"))
+  cfg, has_noise = torch_format.infer_config(state, n_heads, mask_id, tokenizer, rope_base)
   cfg = model_lib.ModelConfig(**{**cfg.__dict__, "dtype": dtype})
   if has_noise:
     k = k or side.get("k") or PAPER_K

@@ -83,6 +83,48 @@ def strip_prefix(state: dict) -> tuple[dict, str]:
       f"{len(state)} tensors, first: {sample}")
 
 
+ROTARY_BUFFER = "rotary_emb.inv_freq"  # persistent buffer of the authors' model: in every save
+
+
+def take_rotary_buffer(state: dict, n_heads: int, rope_base: float | None) -> tuple[dict, float]:
+  """(state without rotary buffers, rope_base) for a prefix-free state dict.
+
+  The authors' model registers its rotary table 1 / base^(2i / head_dim) as a persistent buffer,
+  so their state dicts hold `rotary_emb.inv_freq` (possibly once per block). It carries no
+  weights, but it pins head_dim and the base: both are checked (head_dim = d_model / n_heads)
+  and the base is read from it unless `rope_base` is given, which it must then agree with.
+  """
+  names = [k for k in state if k == ROTARY_BUFFER or k.endswith("." + ROTARY_BUFFER)]
+  rest = {k: v for k, v in state.items() if k not in names}
+  if not names:
+    return rest, 10000.0 if rope_base is None else rope_base
+  emb = state.get("vocab_embed.embedding")
+  d = int(emb.shape[1]) if emb is not None and len(emb.shape) == 2 else None
+  found = None
+  for name in names:
+    inv = np.asarray(state[name], np.float64).reshape(-1)
+    if d is not None and n_heads >= 1 and d % n_heads == 0 and inv.size * 2 != d // n_heads:
+      raise LayoutError(
+          f"{name} has {inv.size} entries, so head_dim = {2 * inv.size} and n_heads = "
+          f"{d // (2 * inv.size) if d % (2 * inv.size) == 0 else '?'} for d_model={d}; "
+          f"--n_heads={n_heads} gives head_dim {d // n_heads}. Pass the right --n_heads.")
+    if inv.size < 2 or not np.all(inv > 0):
+      raise LayoutError(f"{name} is not a rotary table 1/base^(2i/head_dim): {inv[:4]}")
+    head_dim = 2 * inv.size
+    base = float(inv[1] ** (-head_dim / 2.0))
+    want = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if not np.allclose(inv, want, rtol=1e-4, atol=0):
+      raise LayoutError(f"{name} is not a rotary table 1/base^(2i/head_dim) for any base")
+    if found is not None and not np.isclose(base, found, rtol=1e-4):
+      raise LayoutError(f"rotary buffers disagree: bases {found:g} and {base:g}")
+    found = base
+  base = float(round(found)) if abs(found - round(found)) < 1e-4 * found else found
+  if rope_base is not None and not np.isclose(rope_base, base, rtol=1e-4):
+    raise LayoutError(f"{names[0]} says rope_base={base:g}, but the sidecar says "
+                      f"rope_base={rope_base:g}; they must agree")
+  return rest, base
+
+
 def infer_config(state: dict, n_heads: int, mask_id: int | None = None,
                  tokenizer: str | None = None, rope_base: float = 10000.0
                  ) -> tuple[model_lib.ModelConfig, bool]:

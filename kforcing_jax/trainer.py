@@ -16,7 +16,7 @@ import numpy as np
 from kforcing_jax import checkpoint, config_check, distill, losses, metrics_log, optimizer, plots
 from kforcing_jax import model as model_lib
 from kforcing_jax import pflm as pflm_lib
-from kforcing_jax import sharding, train_state, train_step
+from kforcing_jax import sharding, stage_io, train_state, train_step
 from kforcing_jax.data import pipeline, tokenizer as tokenizer_lib
 
 log = metrics_log.log
@@ -106,48 +106,48 @@ def run_teacher_stage(s: Setup, stage: str = config_check.TEACHER) -> dict:
 
 
 def load_stage_params(s: Setup, stage: str) -> dict:
-  """Final weights of a finished stage (its EMA when EMA is on), sharded for the current mesh."""
-  cfg = s.config
-  factory, abstract, _ = _stage_model(s, stage)
-  ckpt = checkpoint.Checkpointer(stage_dir(s.workdir, stage))
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"stage {stage!r} has no checkpoint in {ckpt.directory}")
-  want = config_check.stage_steps(cfg, stage)
-  if step < want:
-    log.warning("[%s] using step %d of %d (the stage is not finished)", stage, step, want)
-  ema = cfg.optim.ema_decay > 0
-  tx = optimizer.make_optimizer(cfg.optim, want)
-  state_sh = train_state.state_shardings(abstract, tx, s.mesh, cfg.mesh.fsdp, ema)
-  target = train_state.abstract_state(train_state.state_shapes(factory, tx, ema), state_sh)
-  state, _ = ckpt.restore(step, target)
-  ckpt.close()
-  return state["ema"] if ema else state["params"]
+  """Final weights of a finished stage (its EMA when saved), sharded for the current mesh.
+
+  Parameters only (stage_io.load_stage): the optimizer state stays on disk, so a later stage may
+  use different optimizer settings."""
+  loaded = stage_io.load_stage(s.workdir, stage, mesh=s.mesh, fsdp=s.config.mesh.fsdp,
+                               load_tokenizer=False)
+  want = config_check.stage_steps(s.config, stage)
+  if loaded.step < want:
+    log.warning("[%s] using step %d of %d (the stage is not finished)", stage, loaded.step, want)
+  return loaded.params
 
 
 def run_distill_stage(s: Setup, stage: str, prev: str) -> dict:
-  """Distil the frozen previous stage into a PFLM(k) that starts from its weights."""
-  cfg = s.config
-  spec = distill.StageSpec(student_k=config_check.stage_k(stage),
-                           teacher_k=config_check.stage_k(prev), target=cfg.distill.target,
-                           tau=cfg.distill.tau)
-  _, _, teacher_graphdef = _stage_model(s, prev)
+  """Distil a frozen teacher (the previous stage, or the AR teacher with target ar_rollout)
+  into a PFLM(k) that starts from the previous stage's weights."""
+  cfg = config_check.stage_config(s.config, stage)
+  spec, source = distill.stage_spec(stage, prev, cfg.distill.target, cfg.distill.tau)
+  _, _, teacher_graphdef = _stage_model(s, source)
   factory, abstract, graphdef = _stage_model(s, stage)
-  teacher_params = load_stage_params(s, prev)
+  init_from = load_stage_params(s, prev)
+  teacher_params = init_from if source == prev else load_stage_params(s, source)
   loss_fn = distill.make_loss_fn(spec, graphdef, teacher_graphdef)
 
   def init_params(fresh: dict) -> dict:
     # Copies (not aliases): the student's buffers are donated every step, the teacher's are not.
-    copied = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False),
-                          teacher_params)
+    copied = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), init_from)
     return pflm_lib.init_from(copied, fresh)
 
   # The AR teacher's own data NLL: the reference line for the per-offset NLL_j (paper Table 2).
-  ar_params = teacher_params if prev == config_check.TEACHER else load_stage_params(
+  ar_params = teacher_params if source == config_check.TEACHER else load_stage_params(
       s, config_check.TEACHER)
   _, _, ar_graphdef = _stage_model(s, config_check.TEACHER)
+  # Drift along the chain: the student's per-offset NLL / accuracy against the ORIGINAL AR
+  # teacher's k-round inverse-CDF targets (equal to the stage's own metrics right after the
+  # teacher with self-forcing targets; logged for every stage so runs compare line by line).
+  ar_spec = dataclasses.replace(spec, teacher_k=0, target="self_forcing")
+  same = ar_spec == spec  # then val_ar_* = val_*: copied, not recomputed
+  ar_targets = (None if same else distill.make_loss_fn(ar_spec, graphdef, ar_graphdef),
+                ar_params)
   return train_loop(s, stage, factory, abstract, loss_fn, frozen=teacher_params,
-                    init_params=init_params, reference=(ar_loss_fn(ar_graphdef), ar_params))
+                    init_params=init_params, reference=(ar_loss_fn(ar_graphdef), ar_params),
+                    ar_targets=ar_targets)
 
 
 def _finite_or_raise(stage: str, step: int, m: dict, last_saved: int | None) -> None:
@@ -161,14 +161,16 @@ def _finite_or_raise(stage: str, step: int, m: dict, last_saved: int | None) -> 
 
 
 def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init_params=None,
-               reference=None) -> dict:
+               reference=None, ar_targets=None) -> dict:
   """Generic loop: init or resume, step with pipelined metric fetches, eval, checkpoint.
 
   frozen: teacher params passed to every step (no gradient). init_params: maps fresh params to
   the stage's starting params. reference: (loss_fn, params) of the AR teacher, whose validation
-  loss is logged beside this stage's as `val_teacher_data_nll`.
+  loss is logged beside this stage's as `val_teacher_data_nll`. ar_targets: (loss_fn, params)
+  scoring the student against the AR teacher's own targets, logged as `val_ar_*` (loss_fn None:
+  the stage's own targets are the AR teacher's, so its val_* metrics are copied).
   """
-  cfg, mesh = s.config, s.mesh
+  cfg, mesh = config_check.stage_config(s.config, stage), s.mesh
   tcfg = cfg.train
   num_steps = config_check.stage_steps(cfg, stage)
   tx = optimizer.make_optimizer(cfg.optim, num_steps)
@@ -215,6 +217,11 @@ def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init
     ref_nll = float(np.mean([float(ref_eval(reference[1], b, i)["loss"])
                              for i, b in enumerate(eval_batches)]))
 
+  ar_eval = None
+  if ar_targets is not None and ar_targets[0] is not None:
+    ar_eval = train_step.make_eval_step(ar_targets[0], state_sh["params"], batch_sh, rep,
+                                        jax.tree.map(lambda x: x.sharding, ar_targets[1]))
+
   def evaluate(step: int) -> dict:
     out = {}
     for name in ("params", "ema") if ema else ("params",):
@@ -222,9 +229,17 @@ def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init
             for i, b in enumerate(eval_batches)]
       prefix = "val_" if name == "params" else "val_ema_"
       out.update({prefix + k: float(np.mean([m[k] for m in ms])) for k in ms[0]})
+    if ar_eval is not None:
+      ms = [jax.device_get(ar_eval(state["params"], b, i, ar_targets[1]))
+            for i, b in enumerate(eval_batches)]
+      out.update({"val_ar_" + k: float(np.mean([m[k] for m in ms])) for k in ms[0]})
+    elif ar_targets is not None:
+      out.update({"val_ar_" + k[4:]: v for k, v in list(out.items()) if k.startswith("val_")
+                  and not k.startswith("val_ema_")})
     if ref_nll is not None:
       out["val_teacher_data_nll"] = ref_nll
-    s.writer.write({"stage": stage, "step": step, **out})
+    s.writer.write({"stage": stage, "step": step, **out,
+                    "elapsed_s": time.perf_counter() - t_start})
     log.info("[%s] step %d validation %s", stage, step,
              " ".join(f"{k}={v:.4f}" for k, v in out.items()))
     return out

@@ -116,3 +116,49 @@ def test_cli_rejects_unknown_field(tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert "learning_rate" in proc.stderr
+
+
+def test_stage_overrides_merge_and_validate():
+  c = load(os.path.join(ROOT, "configs", "kjv_tiny.py"))
+  c.stage_overrides.k4.optim.lr = 3e-4
+  c.stage_overrides.k4.batch_size = 16
+  k4 = config_check.stage_config(c, "k4")
+  assert (k4.optim.lr, k4.batch_size) == (3e-4, 16)
+  assert config_check.stage_config(c, "teacher").optim.lr == c.optim.lr
+  assert config_check.stage_steps(c, "k4") == c.stage_overrides.k4.train.num_steps
+  config_check.validate(c, n_devices=8)
+
+
+OVERRIDE_BAD = [
+    # (stage, override dict, expected substring)
+    ("k4", {"optim": {"warmup_steps": 500}}, "config.stage_overrides.k4.optim.warmup_steps: 500 "
+     "warm-up steps do not fit in the stage's"),
+    ("k4", {"optim": {"learning_rate": 1e-3}}, "config.stage_overrides.k4.optim.learning_rate: "
+     "is not a optim field"),
+    ("k4", {"model": {"d_model": 128}}, "config.stage_overrides.k4.model: cannot be set per stage"),
+    ("k4", {"train": {"keep_checkpoints": 3}}, "config.stage_overrides.k4.train.keep_checkpoints"),
+    ("k4", {"optim": {"lr": "fast"}}, "config.stage_overrides.k4.optim.lr: must be a float"),
+    ("k4", {"optim": {"lr": -1.0}}, "config.stage_overrides.k4.optim.lr: must be > 0"),
+    ("k4", {"batch_size": 30}, "config.stage_overrides.k4.batch_size: global batch 30"),
+    ("k_4", {"train": {"num_steps": 5}}, "config.stage_overrides.k_4: 'k_4' is not a stage name"),
+]
+
+
+@pytest.mark.parametrize("stage,over,message", OVERRIDE_BAD, ids=[m[2][:60] for m in OVERRIDE_BAD])
+def test_bad_stage_override_fails_naming_the_field(stage, over, message):
+  import ml_collections
+  c = load(os.path.join(ROOT, "configs", "kjv_tiny.py"))
+  c.stage_overrides[stage] = ml_collections.ConfigDict(over)
+  with pytest.raises(config_check.ConfigError) as e:
+    config_check.validate(c, n_devices=8)
+  assert message in str(e.value)
+
+
+def test_warmup_longer_than_stage_fails_on_the_cli(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "kforcing_jax.train", "--config", "configs/kjv_tiny.py",
+       "--workdir", str(tmp_path / "w"), "--config.stage_overrides.k4.optim.warmup_steps=10000"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "config.stage_overrides.k4.optim.warmup_steps: 10000 warm-up steps" in proc.stderr + proc.stdout
+  assert not (tmp_path / "w" / "tokenizer.json").exists()

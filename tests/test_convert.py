@@ -312,3 +312,25 @@ def test_cli_from_torch_then_to_torch(tmp_path):
   back = torch.load(out, weights_only=True)
   for name, tensor in state.items():
     assert torch.equal(back[name], tensor), name
+
+
+def test_state_dict_as_the_authors_save_it_with_rotary_buffer(tmp_path):
+  """Their model registers the rotary table as a persistent buffer: every saved state dict has
+  `rotary_emb.inv_freq`. It converts with no extra flag, the base is read from it, and a table
+  that contradicts --n_heads or the sidecar fails with a clear message."""
+  state = _ref_model(True, seed=7).state_dict()
+  head_dim = D // HEADS
+  inv = lambda base: 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+  ours = _convert_state(tmp_path, dict(state, **{"rotary_emb.inv_freq": inv(10000.0)}), "a.pt")
+  cfg = json.load(open(os.path.join(ours, "model_config.json")))
+  assert cfg["rope_base"] == 10000.0
+  _save_lightning(tmp_path / "l.ckpt", dict(state, **{"rotary_emb.inv_freq": inv(500000.0)}))
+  out = torch_checkpoint.from_torch(str(tmp_path / "l.ckpt"), str(tmp_path / "wl"), n_heads=HEADS)
+  assert json.load(open(os.path.join(out, "model_config.json")))["rope_base"] == 500000.0
+  with pytest.raises(torch_format.LayoutError, match=r"rotary_emb\.inv_freq has 16 entries, so "
+                     r"head_dim = 32 and n_heads = 2 for d_model=64; --n_heads=4 gives head_dim 16"):
+    _convert_state(tmp_path, dict(state, **{"rotary_emb.inv_freq": inv(10000.0)}), "h.pt",
+                   n_heads=4)
+  with pytest.raises(torch_format.LayoutError, match="not a rotary table"):
+    _convert_state(tmp_path, dict(state, **{"rotary_emb.inv_freq": torch.rand(head_dim // 2)}),
+                   "r.pt")

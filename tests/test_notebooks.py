@@ -47,7 +47,9 @@ def test_quickstart_then_streaming_notebook(tmp_path, monkeypatch):
       "overrides": {"model.d_model": 64, "model.n_layers": 1, "model.n_heads": 2,
                     "data.bpe_vocab_size": 512, "data.tfds_data_dir": str(tmp_path / "tfds"),
                     "seq_len": 32, "batch_size": 8, "optim.warmup_steps": 1,
-                    "train.stage_steps": "teacher=6,k4=2", "train.log_every": 2,
+                    "stage_overrides.teacher.train.num_steps": 6,
+                    "stage_overrides.k4.train.num_steps": 2,
+                    "stage_overrides.k4.optim.warmup_steps": 1, "train.log_every": 2,
                     "train.eval_every": 100, "train.eval_batches": 1, "train.ckpt_every": 100},
       "prompts": ["In the beginning"], "max_new_tokens": 8, "bench_batch_sizes": [2],
       "bench_k": [4], "bench_reps": 1, "bench_stepwise": False}, monkeypatch)

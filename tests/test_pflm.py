@@ -324,3 +324,30 @@ def test_cached_decode_matches_window_pass():
     np.testing.assert_allclose(logits[step], fast, **TOL)
     np.testing.assert_allclose(logits[step][:, :k], ar, **TOL)
   assert len(set(np.asarray(jnp.concatenate(ys, 1)).ravel().tolist())) > 1
+
+
+def test_bfloat16_keeps_the_response_to_small_z_changes():
+  """Mixed precision: with model.dtype='bfloat16' only matmul inputs are bf16; the residual
+  stream, norms and noise embeddings stay float32, so a z change of 1e-3 (which moves
+  inverse-CDF targets) still moves the logits the way the float32 model's move. With a bf16
+  residual stream (the old behaviour) the response was mostly rounding noise (cosine ~0.35)."""
+  import dataclasses
+  cfg = dataclasses.replace(CFG, d_model=64)
+  g32, params = _pflm(cfg)
+  g16, _ = _pflm(dataclasses.replace(cfg, dtype="bfloat16"))
+  toks = _tokens(0, 2, 8, cfg)
+  z = jax.random.uniform(jax.random.key(1), (2, 8, 3))
+  dz = 1e-3
+
+  def response(graphdef):
+    f = _jit(graphdef, lambda m, t, zz: m.noise_logits(t, zz))
+    return np.asarray(f(params, toks, z + dz) - f(params, toks, z), np.float64)
+
+  ref, got = response(g32), response(g16)
+  assert np.abs(ref).max() > 1e-3
+  cosine = (ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)
+  assert cosine > 0.85, cosine
+  assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.6
+  # The residual stream itself is float32 in the bf16 model.
+  m16 = model_lib.merge(g16, params)
+  assert m16.embed(toks).dtype == jnp.float32

@@ -120,3 +120,33 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir
   # Every saved step had a finite loss in metrics.jsonl.
   losses = _train_losses(workdir, "teacher")
   assert all(math.isfinite(v) for s, v in losses.items() if s <= step)
+
+
+def test_per_stage_settings_and_validation_against_the_ar_teacher(tmp_path, data_dir):
+  """Each stage trains with its own steps, schedule, batch and optimizer (k2 even drops the
+  clipping that k1 used, so its optimizer state has another structure: loading k1 must not
+  depend on it); every PFLM stage also reports NLL_j / acc_j against the AR teacher's targets."""
+  import ml_collections
+  cfg = tiny_config(data_dir, stages="teacher,k1,k2", steps=4)
+  cfg.stage_overrides = ml_collections.ConfigDict({
+      "k1": {"train": {"num_steps": 6}, "optim": {"lr": 1e-2, "warmup_steps": 3,
+                                                   "schedule": "constant"}, "batch_size": 16},
+      "k2": {"train": {"num_steps": 2}, "optim": {"warmup_steps": 0, "grad_clip": 0.0,
+                                                   "ema_decay": 0.0}}})
+  workdir = str(tmp_path / "w")
+  out = trainer.run(cfg, workdir)
+  rows = metrics_log.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  lr = {(r["stage"], r["step"]): r["lr"] for r in rows if "lr" in r}
+  assert lr[("k1", 1)] == pytest.approx(0.0) and lr[("k1", 4)] == pytest.approx(1e-2)
+  assert lr[("k1", 6)] == pytest.approx(1e-2)  # constant after its own 3 warm-up steps
+  assert lr[("k2", 1)] == pytest.approx(cfg.optim.lr)  # no warm-up, cosine from the base lr
+  assert max(s for st, s in lr if st == "k1") == 6 and max(s for st, s in lr if st == "k2") == 2
+  meta = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", "k1")).read_meta()
+  assert meta["config"]["batch_size"] == 16
+  k1, k2 = out["k1"]["val"], out["k2"]["val"]
+  # Right after the teacher the stage's own targets ARE the AR teacher's targets.
+  assert k1["val_ar_nll_1"] == pytest.approx(k1["val_nll_1"], rel=1e-6)
+  # After a PFLM(1) the targets differ: the drift against the AR teacher shows.
+  assert {"val_ar_nll_1", "val_ar_nll_2", "val_ar_acc_1", "val_ar_acc_2"} <= set(k2)
+  assert k2["val_ar_nll_2"] != pytest.approx(k2["val_nll_2"], rel=1e-3)
+  assert "ema" not in out["k2"]["state"] and "ema" in out["k1"]["state"]

@@ -1,0 +1,303 @@
+"""Fidelity study: how close do distilled students get to their AR teacher, per distillation budget?
+
+  python -m kforcing_jax.bench.fidelity --out runs/fidelity [--variants single_k4,chain,...]
+
+Each variant is a training chain on the embedded corpus (a base config plus field overrides).
+Variants that share a teacher train it once (`<out>/teachers/<name>`) and start from a copy of
+it (a finished stage is skipped), so they differ only in what follows the teacher. Per variant:
+  curve  the final stage's validation NLL_j / acc_j against the ORIGINAL AR teacher's targets
+         (`val_ar_*` in metrics.jsonl), against its steps and against the cumulative wall time of
+         all distillation stages of the chain;
+  eval   kforcing_jax.quality on held-out prompts, decoding the final stage at its full window:
+         teacher-scored Gen-PPL, unigram entropy, rep_2/rep_4, agreement with the AR rollout
+         under identical uniforms, per-offset NLL_j / acc_j against AR targets; plus the teacher
+         row (its own samples and data NLL).
+Writes <out>/fidelity.json (rewritten after every variant), fidelity.md (the table) and
+fidelity.png (curves), and prints the table. Re-running continues: finished variants are read
+back from their work dirs and re-evaluated only if their evaluation is missing.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", None, "Output directory (work dirs, JSON, table, PNG).")
+_CONFIG = flags.DEFINE_string("config", "configs/kjv_tiny.py", "Base config file.")
+_VARIANTS = flags.DEFINE_string("variants", "", "Comma-separated variant names ('' = all).")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 32, "Held-out prompts per evaluation.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Completion length for sample metrics.")
+_VAL_SEQS = flags.DEFINE_integer("val_seqs", 16, "Validation rows for per-offset metrics.")
+_LIST = flags.DEFINE_bool("list", False, "Print the variants and exit.")
+flags.mark_flags_as_required(["out"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  teacher: str  # key of TEACHERS: the base-config fields the teacher is trained with
+  stages: str
+  overrides: tuple  # (dotted field, value) pairs applied after TEACHERS[teacher]
+  note: str = ""
+
+
+def _steps(stage: str, n: int, lr: float | None = None, warmup: int | None = None,
+           batch: int | None = 8) -> tuple:
+  """Overrides of one distillation stage: steps, lr, warm-up (default n/10) and batch size.
+  Distillation steps cost ~5-7 teacher steps per sequence (N*k noise tokens plus the rollout),
+  so at this scale a small batch and more steps learn more per minute."""
+  out = [(f"stage_overrides.{stage}.train.num_steps", n)]
+  if lr is not None:
+    out.append((f"stage_overrides.{stage}.optim.lr", lr))
+  out.append((f"stage_overrides.{stage}.optim.warmup_steps",
+              warmup if warmup is not None else max(1, n // 10)))
+  if batch is not None:
+    out.append((f"stage_overrides.{stage}.batch_size", batch))
+  return tuple(out)
+
+
+# Teachers: the knobs that change the AR model itself (vocabulary size, width).
+TEACHERS = {
+    "v1024": (("data.bpe_vocab_size", 1024),),
+    "v8192": (("data.bpe_vocab_size", 8192),),
+    "v1024_d384": (("data.bpe_vocab_size", 1024), ("model.d_model", 384),
+                   ("model.n_heads", 6)),
+}
+
+# Budget unit: ~5 min of distillation on the 2-core CPU (120 k4 steps of batch 8); the chains
+# split the same wall time between their stages. single_k4 runs twice as long, and every
+# variant's curve shows its NLL_j along the way.
+CHAIN = _steps("k1", 60) + _steps("k2", 40) + _steps("k4", 60)
+VARIANTS = [
+    Variant("single_k4", "v1024", "teacher,k4", _steps("k4", 240, 1e-3),
+            "AR -> k4 in one stage (k-round inverse-CDF targets), 240 steps, lr 1e-3"),
+    Variant("single_k4_120", "v1024", "teacher,k4", _steps("k4", 120, 1e-3),
+            "AR -> k4, 120 steps, lr 1e-3"),
+    Variant("chain", "v1024", "teacher,k1,k2,k4", CHAIN,
+            "the paper's chain AR -> k1 -> k2 -> k4, self-forcing (60/40/60 steps)"),
+    Variant("chain_ar_targets", "v1024", "teacher,k1,k2,k4",
+            CHAIN + (("distill.target", "ar_rollout"),),
+            "same chain, every stage on AR-teacher targets (previous stage = init only)"),
+    Variant("single_k4_120_lr3e-3", "v1024", "teacher,k4", _steps("k4", 120, 3e-3),
+            "AR -> k4, 120 steps, lr 3e-3"),
+    Variant("single_k4_120_lr3e-4", "v1024", "teacher,k4", _steps("k4", 120, 3e-4),
+            "AR -> k4, 120 steps, lr 3e-4"),
+    Variant("chain_k1_heavy", "v1024", "teacher,k1,k2,k4",
+            _steps("k1", 120) + _steps("k2", 30) + _steps("k4", 40),
+            "chain with the budget moved to k1 (120/30/40 steps)"),
+    Variant("noise_inversion", "v1024", "teacher,k4",
+            _steps("k4", 120, 1e-3) + (("distill.target", "noise_inversion"),),
+            "PTP baseline: real tokens as targets, z inverted inside their CDF bins, 120 steps"),
+    Variant("single_k4_120_v8192", "v8192", "teacher,k4", _steps("k4", 120, 1e-3),
+            "vocabulary 8192 instead of 1024 (its own teacher)"),
+    Variant("single_k4_120_d384", "v1024_d384", "teacher,k4", _steps("k4", 120, 1e-3),
+            "width 384 / 6 heads instead of 256 / 4 (its own teacher)"),
+]
+
+
+def _apply(config, pairs) -> None:
+  for field, value in pairs:
+    *path, last = field.split(".")
+    node = config
+    for part in path:
+      if part not in node:
+        node[part] = {}
+      node = node[part]
+    node[last] = value
+
+
+def _config(base_path: str, pairs, out_dir: str):
+  from kforcing_jax import config_base
+
+  config = config_base.load_config_file(base_path)
+  _apply(config, pairs)
+  config.data.tfds_data_dir = os.path.join(out_dir, "tfds_data")  # one prepared copy for all
+  return config
+
+
+def train_teacher(out_dir: str, name: str) -> str:
+  from kforcing_jax import trainer
+
+  workdir = os.path.join(out_dir, "teachers", name)
+  config = _config(_CONFIG.value, TEACHERS[name] + (("stages", "teacher"),), out_dir)
+  trainer.run(config, workdir)
+  return workdir
+
+
+def train_variant(out_dir: str, v: Variant, teacher_dir: str) -> str:
+  from kforcing_jax import trainer
+
+  workdir = os.path.join(out_dir, "variants", v.name)
+  if not os.path.exists(os.path.join(workdir, "checkpoints", "teacher")):
+    os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+    shutil.copytree(os.path.join(teacher_dir, "checkpoints", "teacher"),
+                    os.path.join(workdir, "checkpoints", "teacher"))
+    for f in ("tokenizer.json", "tokenizer_meta.json", "metrics.jsonl"):
+      shutil.copy(os.path.join(teacher_dir, f), os.path.join(workdir, f))
+  config = _config(_CONFIG.value, TEACHERS[v.teacher] + (("stages", v.stages),) + v.overrides,
+                   out_dir)
+  trainer.run(config, workdir)
+  return workdir
+
+
+def curve(workdir: str, stages: list[str]) -> tuple[list[dict], dict]:
+  """Validation points of the final stage vs steps and cumulative distillation wall time;
+  and the wall time of each stage (its last logged elapsed_s)."""
+  from kforcing_jax import metrics_log
+
+  rows = metrics_log.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  wall = {}
+  for r in rows:
+    if "elapsed_s" in r:
+      wall[r["stage"]] = max(wall.get(r["stage"], 0.0), r["elapsed_s"])
+  before = sum(wall.get(s, 0.0) for s in stages[1:-1])
+  points = []
+  for r in rows:
+    if r.get("stage") == stages[-1] and "val_ar_loss" in r:
+      points.append({"step": r["step"], "distill_wall_s": before + r.get("elapsed_s", 0.0),
+                     **{k[len("val_ar_"):]: v for k, v in r.items() if k.startswith("val_ar_")},
+                     "teacher_data_nll": r.get("val_teacher_data_nll")})
+  return points, wall
+
+
+def evaluate(workdir: str, final_stage: str) -> list[dict]:
+  import numpy as np
+
+  from kforcing_jax import evaluate as evaluate_cli
+  from kforcing_jax import quality, stage_io
+
+  teacher = stage_io.load_stage(workdir, "teacher")
+  student = stage_io.load_stage(workdir, final_stage, load_tokenizer=False)
+  val = evaluate_cli.held_out(teacher, workdir, max(_NUM_PROMPTS.value, _VAL_SEQS.value))
+  eos = teacher.tokenizer.eos_id
+  prompts = [[eos] + r[:31].tolist() for r in val[:_NUM_PROMPTS.value]]
+  rows, _ = quality.evaluate(teacher, [student], prompts, np.asarray(val[:_VAL_SEQS.value]),
+                             _MAX_NEW.value, 32, 0, windows=[student.k])
+  return rows
+
+
+def summary_row(name: str, rows: list[dict]) -> dict:
+  t = next(r for r in rows if r["method"] == "ar")
+  s = next(r for r in rows if r["method"] != "ar")
+  k = s["k"]
+  out = {"variant": name, "k": k, "teacher_data_nll": t["data_nll"],
+         "teacher_gen_ppl": t["gen_ppl"], "teacher_entropy": t["entropy"],
+         "gen_ppl": s["gen_ppl"], "gen_ppl_ratio": s["gen_ppl"] / t["gen_ppl"],
+         "entropy": s["entropy"], "entropy_ratio": s["entropy"] / t["entropy"],
+         "rep_2": s["rep_2"], "teacher_rep_2": t["rep_2"], "agree": s["agree"],
+         **{f"nll_{j}": s[f"nll_{j}"] for j in range(1, k + 1)},
+         **{f"acc_{j}": s[f"acc_{j}"] for j in range(1, k + 1)}}
+  out["targets_met"] = bool(
+      all(s[f"nll_{j}"] < t["data_nll"] for j in range(1, k + 1))
+      and 0.77 <= out["gen_ppl_ratio"] <= 1.3 and abs(out["entropy_ratio"] - 1) <= 0.1)
+  return out
+
+
+def table(results: list[dict]) -> str:
+  head = ("| variant | distill wall | k | NLL_j vs AR targets (teacher data NLL) | acc_j | agree | "
+          "Gen-PPL (teacher) | entropy (teacher) | rep_2 (teacher) | targets |")
+  lines = [head, "|" + "---|" * 10]
+  for r in results:
+    s, k = r["summary"], r["summary"]["k"]
+    nll = " / ".join(f"{s[f'nll_{j}']:.2f}" for j in range(1, k + 1))
+    acc = " / ".join(f"{s[f'acc_{j}']:.2f}" for j in range(1, k + 1))
+    lines.append(
+        f"| {r['name']} | {r['distill_wall_s'] / 60:.1f} min | {k} | {nll} ({s['teacher_data_nll']:.2f})"
+        f" | {acc} | {s['agree']:.3f} | {s['gen_ppl']:.1f} ({s['teacher_gen_ppl']:.1f}) | "
+        f"{s['entropy']:.2f} ({s['teacher_entropy']:.2f}) | {s['rep_2']:.3f} "
+        f"({s['teacher_rep_2']:.3f}) | {'met' if s['targets_met'] else 'not met'} |")
+  return "\n".join(lines)
+
+
+def plot(results: list[dict], png: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+  ref = None
+  for r in results:
+    pts = r["curve"]
+    if not pts:
+      continue
+    k = r["summary"]["k"]
+    mean = [sum(p[f"nll_{j}"] for j in range(1, k + 1)) / k for p in pts]
+    a1.plot([p["distill_wall_s"] / 60 for p in pts], mean, "o-", ms=3, label=r["name"])
+    a2.plot(range(1, k + 1), [r["summary"][f"nll_{j}"] for j in range(1, k + 1)], "o-",
+            label=r["name"])
+    ref = r["summary"]["teacher_data_nll"]
+  for ax in (a1, a2):
+    if ref is not None:
+      ax.axhline(ref, color="k", ls="--", lw=1, label="teacher data NLL")
+    ax.grid(alpha=0.3)
+    ax.set_ylabel("NLL vs AR-teacher targets (nats)")
+  a1.set_xlabel("cumulative distillation wall time (min, 2-core CPU)")
+  a1.set_title("mean NLL_j of the final stage while it trains")
+  a2.set_xlabel("offset j")
+  a2.set_title("final NLL_j (held-out evaluation)")
+  a2.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(png, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  from kforcing_jax import config_check, metrics_log
+
+  metrics_log.configure_logging()
+  log = metrics_log.log
+  if _LIST.value:
+    for v in VARIANTS:
+      print(f"{v.name:<20} teacher={v.teacher:<11} stages={v.stages:<18} {v.note}")
+    return
+  chosen = [x for x in _VARIANTS.value.split(",") if x] or [v.name for v in VARIANTS]
+  unknown = sorted(set(chosen) - {v.name for v in VARIANTS})
+  if unknown:
+    raise config_check.ConfigError(f"--variants: unknown {unknown}; see --list")
+  out = os.path.abspath(_OUT.value)
+  os.makedirs(out, exist_ok=True)
+  json_path = os.path.join(out, "fidelity.json")
+  done = {}
+  if os.path.exists(json_path):
+    with open(json_path) as f:
+      done = {r["name"]: r for r in json.load(f)["variants"]}
+  results, t0 = [], time.time()
+  todo = [v for v in VARIANTS if v.name in chosen]
+  for i, v in enumerate(todo):
+    teacher_dir = train_teacher(out, v.teacher)
+    workdir = train_variant(out, v, teacher_dir)
+    stages = config_check.parse_stages(v.stages)
+    points, wall = curve(workdir, stages)
+    prev = done.get(v.name)
+    if prev and prev.get("wall_s") == wall:
+      rows = prev["eval_rows"]
+    else:
+      rows = evaluate(workdir, stages[-1])
+    results.append({"name": v.name, "note": v.note, "teacher": v.teacher, "stages": stages,
+                    "overrides": [list(p) for p in v.overrides], "workdir": workdir,
+                    "wall_s": wall, "distill_wall_s": sum(wall.get(s, 0.0) for s in stages[1:]),
+                    "curve": points, "eval_rows": rows, "summary": summary_row(v.name, rows)})
+    merged = {**done, **{r["name"]: r for r in results}}
+    with open(json_path, "w") as f:
+      json.dump({"settings": {"config": _CONFIG.value, "num_prompts": _NUM_PROMPTS.value,
+                              "max_new_tokens": _MAX_NEW.value, "val_seqs": _VAL_SEQS.value},
+                 "variants": list(merged.values())}, f, indent=1)
+    el = time.time() - t0
+    log.info("[fidelity] %d/%d %s done | elapsed %.0fs, ETA %.0fs", i + 1, len(todo), v.name, el,
+             el / (i + 1) * (len(todo) - i - 1))
+  merged = list({**done, **{r["name"]: r for r in results}}.values())
+  text = table(merged)
+  print(text)
+  with open(os.path.join(out, "fidelity.md"), "w") as f:
+    f.write(text + "\n")
+  plot(merged, os.path.join(out, "fidelity.png"))
+  log.info("wrote %s, fidelity.md and fidelity.png", json_path)
+
+
+if __name__ == "__main__":
+  app.run(main)
