@@ -14,28 +14,35 @@ from kforcing_jax.config_base import base_config
 
 def get_config():
   c = base_config()
-  # The paper's schedule: AR teacher, then self-forcing distillation to k=1, 2 and 4.
-  c.stages = "teacher,k1,k2,k4"
+  # Single-stage distillation AR -> k4 (k rounds of inverse-CDF sampling of the teacher): at
+  # this budget it beats the paper's chain AR -> k1 -> k2 -> k4 against the AR teacher (see
+  # the fidelity study in the README); --config.stages=teacher,k1,k2,k4 runs the chain.
+  c.stages = "teacher,k4"
   c.model.d_model = 256
   c.model.n_layers = 4
   c.model.n_heads = 4
   c.data.source = "kjv"
   c.data.tokenizer = "bpe"
-  c.data.bpe_vocab_size = 8192
+  # 1024 BPE ids: the teacher trains ~2x faster per token than with 8192 (the output layer
+  # dominated the step) and its next-token distributions are easier to push forward.
+  c.data.bpe_vocab_size = 1024
   c.seq_len = 128
   c.batch_size = 32
   c.optim.lr = 1e-3  # A tiny model trained for minutes tolerates (and needs) a higher lr.
   c.optim.schedule = "cosine"
-  c.optim.warmup_steps = 50
+  c.optim.warmup_steps = 30
   c.train.num_steps = 300
-  # Distillation steps cost more (the student sees N*k noise tokens, the teacher rolls out).
-  # Each stage has its own steps and schedule.
-  c.stage_overrides.teacher = dict(train=dict(num_steps=300))
-  c.stage_overrides.k1 = dict(train=dict(num_steps=80), optim=dict(warmup_steps=10))
-  c.stage_overrides.k2 = dict(train=dict(num_steps=40), optim=dict(warmup_steps=5))
-  c.stage_overrides.k4 = dict(train=dict(num_steps=25), optim=dict(warmup_steps=5))
   c.train.log_every = 10
   c.train.eval_every = 50
   c.train.eval_batches = 4
   c.train.ckpt_every = 100
+  # Per stage (each gets its own AdamW and lr schedule). A distillation step costs ~5-7 teacher
+  # steps per sequence (N*k noise tokens plus the teacher's rollout), so the PFLM stages take
+  # many small batches rather than few large ones.
+  distill = lambda steps: dict(train=dict(num_steps=steps),
+                               optim=dict(warmup_steps=max(1, steps // 10)), batch_size=8)
+  c.stage_overrides.teacher = dict(train=dict(num_steps=300))
+  c.stage_overrides.k1 = distill(60)
+  c.stage_overrides.k2 = distill(40)
+  c.stage_overrides.k4 = distill(240)
   return c

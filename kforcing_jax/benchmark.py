@@ -16,7 +16,9 @@ no PFLM stage exists yet.
 import json
 import os
 
-from absl import app, flags
+from absl import flags
+
+from kforcing_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work dir of a training run.")
 _STAGE = flags.DEFINE_string("stage", "", "PFLM stage k<n> ('' = the largest window found).")
@@ -118,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,7 +11,12 @@ DTYPES = ("float32", "bfloat16")
 TARGETS = ("self_forcing", "ar_rollout", "noise_inversion")  # config.distill.target
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+  """A mistake in what the user asked for (a value, a file): command-line entry points print
+  its message as one line and exit with status 2, without a traceback (kforcing_jax/cli.py)."""
+
+
+class ConfigError(UserError):
   """An invalid config value; the message starts with the offending field."""
 
 

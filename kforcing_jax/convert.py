@@ -11,6 +11,8 @@ Needs torch (pip install torch==2.13.0, CPU build). The logic lives in `torch_ch
 
 from absl import app, flags
 
+from kforcing_jax import cli
+
 _FROM = flags.DEFINE_string("from_torch", None, "PyTorch checkpoint to import into --workdir.")
 _TO = flags.DEFINE_string("to_torch", None, "Write --workdir's --stage here as a reference .pt.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "kforcing_jax work dir (written or read).")
@@ -55,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,7 +15,9 @@ Prints a table; writes JSON {"settings", "rows", "samples"} (samples as text, a 
 import json
 import os
 
-from absl import app, flags
+from absl import flags
+
+from kforcing_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work dir of a training run.")
 _OUT = flags.DEFINE_string("out", "eval.json", "Output JSON.")
@@ -96,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,7 +16,9 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
+
+from kforcing_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work dir of a training run.")
 _STAGE = flags.DEFINE_string("stage", "", "teacher or k<n>; '' = the last stage found.")
@@ -126,4 +128,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -23,11 +23,35 @@ def configure_logging() -> None:
     log.propagate = False
   log.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
   logging.getLogger("absl").setLevel(logging.WARNING)
+  # A clean console: jax reports the TPU backend it could not find on every CPU/GPU start, and
+  # tfds repeats "Using custom data configuration" for every split it opens.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropRepeats) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropRepeats())
   try:
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
   except ImportError:
     pass
+
+
+class _DropRepeats(logging.Filter):
+  """Drops library lines that say nothing new after their first occurrence."""
+  PREFIXES = ("Using custom data configuration",)
+
+  def __init__(self):
+    super().__init__()
+    self.seen = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = str(record.msg)
+    for prefix in self.PREFIXES:
+      if msg.startswith(prefix):
+        if prefix in self.seen:
+          return False
+        self.seen.add(prefix)
+    return True
 
 
 class MetricsWriter:

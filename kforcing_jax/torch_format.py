@@ -31,6 +31,7 @@ import re
 
 import numpy as np
 
+from kforcing_jax import config_check
 from kforcing_jax import model as model_lib
 
 NOISE_PREFIX = "noise_encoder."
@@ -40,7 +41,7 @@ KNOWN_PREFIXES = ("backbone.", "model.", "module.", "_orig_mod.", "net.")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
-class LayoutError(ValueError):
+class LayoutError(config_check.UserError):
   """The state dict is not the reference layout; the message names the offending tensors."""
 
 

@@ -9,7 +9,9 @@ Kept short on purpose: the logic lives in importable, testable modules.
 
 import os
 
-from absl import app, flags
+from absl import flags
+
+from kforcing_jax import cli
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -63,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

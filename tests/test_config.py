@@ -162,3 +162,14 @@ def test_warmup_longer_than_stage_fails_on_the_cli(tmp_path):
   assert proc.returncode != 0
   assert "config.stage_overrides.k4.optim.warmup_steps: 10000 warm-up steps" in proc.stderr + proc.stdout
   assert not (tmp_path / "w" / "tokenizer.json").exists()
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "kforcing_jax.train", "--config", "configs/kjv_tiny.py",
+       "--workdir", str(tmp_path / "w"), "--config.stage_overrides.k4.batch_size=0"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr and "libtpu" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "error: config.stage_overrides.k4.batch_size: must be >= 1")

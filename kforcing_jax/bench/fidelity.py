@@ -23,7 +23,9 @@ import os
 import shutil
 import time
 
-from absl import app, flags
+from absl import flags
+
+from kforcing_jax import cli
 
 _OUT = flags.DEFINE_string("out", None, "Output directory (work dirs, JSON, table, PNG).")
 _CONFIG = flags.DEFINE_string("config", "configs/kjv_tiny.py", "Base config file.")
@@ -300,4 +302,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,0 +1,34 @@
+"""What every command-line entry point shares: user errors as one line, internal errors in full.
+
+  from kforcing_jax import cli
+  if __name__ == "__main__":
+    cli.run(main)
+
+A user error (config_check.UserError: a bad config value, a malformed checkpoint; or a file that
+is missing or already there) prints `error: <message>` on stderr and exits with status 2. Any
+other exception is a bug and keeps its traceback.
+"""
+
+import logging
+import sys
+from typing import Callable
+
+from absl import app
+
+from kforcing_jax import config_check
+
+USER_ERRORS = (config_check.UserError, FileNotFoundError, FileExistsError)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  # jax logs the TPU backend it could not find on every CPU/GPU start; not news to a user.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
+
+  app.run(guarded)
