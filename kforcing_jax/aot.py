@@ -71,10 +71,7 @@ def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
 
 def stage_model(model_cfg: model_lib.ModelConfig, stage: str):
   """(factory, abstract module) of a stage: the AR Transformer or a PFLM."""
-  cls = model_lib.Transformer if stage == config_check.TEACHER else pflm_lib.PFLM
-  abstract = (model_lib.abstract_model(model_cfg) if cls is model_lib.Transformer
-              else pflm_lib.abstract_pflm(model_cfg))
-  return (lambda rngs: cls(model_cfg, rngs)), abstract
+  return pflm_lib.stage_module(model_cfg, config_check.stage_k(stage))
 
 
 def param_groups(params: dict) -> dict[str, int]:

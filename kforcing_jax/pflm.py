@@ -38,6 +38,14 @@ def abstract_pflm(cfg: model_lib.ModelConfig) -> PFLM:
     return nnx.eval_shape(lambda: PFLM(cfg, nnx.Rngs(0)))
 
 
+def stage_module(cfg: model_lib.ModelConfig, k: int):
+  """(factory(rngs) -> module, abstract module) of a stage: the AR Transformer for k = 0 (the
+  teacher), else a PFLM of window k. The one place that maps a stage to its model class."""
+  cls = model_lib.Transformer if k == 0 else PFLM
+  abstract = model_lib.abstract_model(cfg) if k == 0 else abstract_pflm(cfg)
+  return (lambda rngs: cls(cfg, rngs)), abstract
+
+
 def init_from(teacher_params: dict, student_params: dict) -> dict:
   """Student params = the teacher's tensors wherever the teacher has them (all of the backbone
   and head; the noise encoder too when the teacher is itself a PFLM), else the fresh init."""

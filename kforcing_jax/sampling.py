@@ -58,8 +58,9 @@ def inverse_cdf(logits_xV: jax.Array, z_x: jax.Array) -> jax.Array:
   c_hi, c_lo = unnormalised_cdf(logits_xV)
   t_hi, t_lo = _df_mul_f((c_hi[..., -1:], c_lo[..., -1:]), z_x.astype(jnp.float32)[..., None])
   ge = (c_hi > t_hi) | ((c_hi == t_hi) & (c_lo >= t_lo))
-  # Ids of probability 0 (the masked id, logits of -inf) have empty bins, but at z = 0 a leading
-  # one still has cdf >= z: exclude them (for z > 0 the first id reaching z is never one).
+  # Ids of probability 0 (the masked id: logit MASKED_LOGIT = -1000, exp underflows to 0) have
+  # empty bins, but at z = 0 a leading one still has cdf >= z: exclude them (for z > 0 the
+  # first id reaching z is never one).
   ge = ge & (_unnormalised_probs(logits_xV) > 0)
   first = jnp.argmax(ge, axis=-1)
   return jnp.where(ge.any(axis=-1), first, logits_xV.shape[-1] - 1).astype(jnp.int32)

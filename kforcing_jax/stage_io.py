@@ -67,7 +67,7 @@ def _latest_step(directory: str) -> int | None:
 
 
 def abstract_module(model_cfg: model_lib.ModelConfig, k: int):
-  return model_lib.abstract_model(model_cfg) if k == 0 else pflm_lib.abstract_pflm(model_cfg)
+  return pflm_lib.stage_module(model_cfg, k)[1]
 
 
 def default_mesh() -> Mesh:

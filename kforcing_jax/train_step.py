@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]
+# loss_fn(params, batch, key, frozen) -> (loss, aux metrics)
+LossFn = Callable[[Any, Any, jax.Array, Any], tuple[jax.Array, dict]]
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,

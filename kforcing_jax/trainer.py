@@ -85,10 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _stage_model(s: Setup, stage: str):
   """(factory, abstract module, graphdef) of a stage's model: AR Transformer or PFLM."""
-  cls = model_lib.Transformer if stage == config_check.TEACHER else pflm_lib.PFLM
-  factory = lambda rngs: cls(s.model_cfg, rngs)
-  abstract = (model_lib.abstract_model(s.model_cfg) if cls is model_lib.Transformer
-              else pflm_lib.abstract_pflm(s.model_cfg))
+  factory, abstract = pflm_lib.stage_module(s.model_cfg, config_check.stage_k(stage))
   return factory, abstract, model_lib.split_params(abstract)[0]
 
 

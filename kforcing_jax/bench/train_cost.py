@@ -124,8 +124,7 @@ def _copy(tree):
 
 def _random_params(cls, cfg: model_lib.ModelConfig, mesh, seed: int):
   """(graphdef, params) of a fresh model with a random (not zero) output head."""
-  abstract = (model_lib.abstract_model(cfg) if cls is model_lib.Transformer
-              else pflm_lib.abstract_pflm(cfg))
+  abstract = pflm_lib.stage_module(cfg, 0 if cls is model_lib.Transformer else 1)[1]
   graphdef = model_lib.split_params(abstract)[0]
   p_sh = sharding.param_shardings(abstract, mesh, fsdp=False)
   head_std = 2.0 / cfg.d_model ** 0.5  # logits of std ~2 over the vocabulary
@@ -143,9 +142,7 @@ def _random_params(cls, cfg: model_lib.ModelConfig, mesh, seed: int):
 def _train_step(cls, cfg, mesh, loss_fn, params, frozen, seed: int):
   """(step_fn, state) built exactly as trainer.train_loop does (EMA off, the default)."""
   optim = config_base.base_config().optim
-  abstract = (model_lib.abstract_model(cfg) if cls is model_lib.Transformer
-              else pflm_lib.abstract_pflm(cfg))
-  factory = lambda rngs: cls(cfg, rngs)
+  factory, abstract = pflm_lib.stage_module(cfg, 0 if cls is model_lib.Transformer else 1)
   tx = optimizer.make_optimizer(optim, 1000)
   schedule = optimizer.lr_schedule(optim, 1000)
   state_sh = train_state.state_shardings(abstract, tx, mesh, False, ema=False)

@@ -17,19 +17,23 @@ Two routes, chosen by `data.source`:
 """
 
 import fcntl
+import logging
 import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from absl import flags, logging
+from absl import flags
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kforcing_jax import config_check
 from kforcing_jax.data import kjv, text_files
 
-SOURCES = ("kjv", "text_files", "tfds")
+SOURCES = config_check.SOURCES
+# A child of the "kforcing_jax" logger: tokenisation progress reaches the user's console.
+log = logging.getLogger("kforcing_jax.data")
 SPLITS = ("train", "validation")
 _PROGRESS_EVERY_S = 5.0
 
@@ -179,7 +183,7 @@ def make_eval_batches(data_cfg, tokenizer, *, seq_len: int, global_batch_size: i
         f"fewer than one batch (batch_size={global_batch_size}); raise data.val_fraction or lower "
         "batch_size / seq_len.")
   if len(batches) < num_batches:
-    logging.warning("Validation split gives only %d of the %d requested eval batches.",
+    log.warning("Validation split gives only %d of the %d requested eval batches.",
                     len(batches), num_batches)
   return [np.ascontiguousarray(b[process_index * local:(process_index + 1) * local])
           for b in batches]
@@ -225,9 +229,9 @@ def _tokenize_all(texts: grain.MapDataset, tokenizer, key: str) -> np.ndarray:
       parts.append(np.asarray(ids + [tokenizer.eos_id], np.int32))
     if time.time() - last > _PROGRESS_EVERY_S:
       last = time.time()
-      logging.info("Tokenizing %s: %d/%d documents...", key, lo + len(docs), len(texts))
+      log.info("Tokenizing %s: %d/%d documents...", key, lo + len(docs), len(texts))
   stream = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
-  logging.info("Tokenized %s: %d documents, %d tokens in %.1fs.", key, len(texts), len(stream),
+  log.info("Tokenized %s: %d documents, %d tokens in %.1fs.", key, len(texts), len(stream),
                time.time() - start)
   return stream
 

@@ -12,13 +12,13 @@ import json
 import os
 import time
 
-from absl import logging
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from kforcing_jax import config_check
 from kforcing_jax.data import pipeline
 
-KINDS = ("bpe", "gpt2", "bert-base-uncased")
+KINDS = config_check.TOKENIZERS
 MASK_TOKENS = ("[MASK]", "<mask>")
 EOS_TOKENS = ("<|endoftext|>", "[SEP]", "</s>")
 # BPE training reads at most this many characters of the training split (all of kjv).
@@ -83,11 +83,12 @@ def build_tokenizer(data_cfg, workdir: str) -> Tokenizer:
 
 def _train_bpe(data_cfg, workdir: str) -> Tokenizer:
   vocab_size = int(data_cfg.bpe_vocab_size)
-  if vocab_size < 259:
-    raise ValueError(
-        f"data.bpe_vocab_size must be >= 259 (256 bytes + eos + mask), got {vocab_size}")
+  if vocab_size < config_check.MIN_BPE_VOCAB:
+    raise config_check.ConfigError(
+        f"config.data.bpe_vocab_size: must be >= {config_check.MIN_BPE_VOCAB} (256 bytes + eos "
+        f"+ mask), got {vocab_size}")
   start = time.time()
-  logging.info("Training a %d-id byte-level BPE on the %s train split...", vocab_size,
+  pipeline.log.info("Training a %d-id byte-level BPE on the %s train split...", vocab_size,
                data_cfg.source)
   hf = tokenizers.Tokenizer(models.BPE())
   hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -99,9 +100,9 @@ def _train_bpe(data_cfg, workdir: str) -> Tokenizer:
   hf.train_from_iterator(texts, trainer=trainer)
   tok = Tokenizer(hf)
   if tok.vocab_size < vocab_size:
-    logging.warning("BPE stopped at %d ids (< data.bpe_vocab_size=%d): the corpus has no more "
+    pipeline.log.warning("BPE stopped at %d ids (< data.bpe_vocab_size=%d): the corpus has no more "
                     "merges.", tok.vocab_size, vocab_size)
-  logging.info("Trained BPE (%d ids) in %.1fs.", tok.vocab_size, time.time() - start)
+  pipeline.log.info("Trained BPE (%d ids) in %.1fs.", tok.vocab_size, time.time() - start)
   return tok
 
 
