@@ -97,16 +97,33 @@ def test_benchmark_cli(workdir, tmp_path):
 
 
 def test_evaluate_cli(workdir, tmp_path):
+  # A second AR model (another output head) scores the same samples: its Gen-PPL must differ.
+  import shutil
+  other = str(tmp_path / "other")
+  teacher = stage_io.load_stage(workdir, "teacher")
+  params = jax.tree.map(np.asarray, teacher.params)
+  params["head"] = 0.3 * np.asarray(jax.random.normal(jax.random.key(7), params["head"].shape))
+  stage_io.save_params_stage(other, "teacher", params, teacher.model_cfg, step=1,
+                             extra_meta={"config": teacher.meta["config"]})
+  shutil.copy(os.path.join(workdir, "tokenizer.json"), os.path.join(other, "tokenizer.json"))
   out = tmp_path / "eval.json"
   stdout = _run("evaluate", f"--workdir={workdir}", f"--out={out}", "--num_prompts=6",
                 "--prompt_len=6", "--max_new_tokens=6", "--batch_size=8", "--val_seqs=4",
-                f"--evaluator_workdir={workdir}")
+                f"--evaluator_workdir={other}")
   assert "gen_ppl" in stdout
   rows = json.loads(out.read_text())["rows"]
   assert [(r["stage"], r["k"]) for r in rows] == [("teacher", 1), ("k2", 1), ("k2", 2)]
-  teacher = rows[0]
-  assert teacher["agree"] == 1.0 and teacher["data_nll"] > 0
-  assert teacher["eval_ppl"] == pytest.approx(teacher["gen_ppl"])  # same model as evaluator
+  for r in rows:
+    assert r["gen_ppl"] > 1 and r["eval_ppl"] > 1
+    assert r["eval_ppl"] != pytest.approx(r["gen_ppl"], rel=1e-3)
+  # The teacher's data NLL, recomputed here by a plain forward pass and log-softmax in numpy.
+  from kforcing_jax import evaluate as evaluate_cli
+  val = np.asarray(evaluate_cli.held_out(teacher, workdir, 6))[:4]
+  logits = np.asarray(teacher.model()(jax.numpy.asarray(val[:, :-1])), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  nll = -np.take_along_axis(logp, val[:, 1:, None], -1).mean()
+  assert rows[0]["data_nll"] == pytest.approx(nll, rel=1e-4)
   for r in rows[1:]:
-    assert r["gen_ppl"] > 1 and 0 <= r["agree"] <= 1 and 0 <= r["acc_all"] <= 1
+    assert 0 <= r["agree"] <= 1 and 0 <= r["acc_all"] <= 1
     assert all(f"nll_{j}" in r for j in range(1, r["k"] + 1))
