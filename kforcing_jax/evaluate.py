@@ -34,22 +34,6 @@ _SHOW = flags.DEFINE_integer("show_samples", 3, "Sample texts stored per row.")
 flags.mark_flags_as_required(["workdir"])
 
 
-def held_out(teacher, workdir: str, n_rows: int, seq_len: int | None = None):
-  """(n_rows, seq_len) validation rows of the run's own data config."""
-  import ml_collections
-  from kforcing_jax.data import pipeline
-
-  cfg = teacher.meta.get("config")
-  if not cfg:
-    raise ValueError(f"the teacher checkpoint of {workdir} records no training config (a "
-                     "converted checkpoint?): evaluate needs its data config for held-out prompts")
-  cfg = ml_collections.ConfigDict(cfg)
-  seq_len = seq_len or cfg.seq_len
-  batches = pipeline.make_eval_batches(cfg.data, teacher.tokenizer, seq_len=seq_len,
-                                       global_batch_size=n_rows, num_batches=1, workdir=workdir)
-  return batches[0]
-
-
 def main(argv):
   del argv
   import numpy as np
@@ -67,7 +51,7 @@ def main(argv):
     raise FileNotFoundError(f"stages {missing} have no checkpoint in {workdir} (found {found})")
   stages = [stage_io.load_stage(workdir, s, load_tokenizer=False) for s in names]
   rows_needed = max(_NUM.value, _VAL_SEQS.value)
-  val = held_out(teacher, workdir, rows_needed)
+  val = quality.held_out(teacher, workdir, rows_needed)
   eos = teacher.tokenizer.eos_id
   prompts = [[eos] + r[:_PROMPT_LEN.value - 1].tolist() for r in val[:_NUM.value]]
   val_tokens = np.asarray(val[:_VAL_SEQS.value])

@@ -126,7 +126,26 @@ def data_nll(graphdef, params, tokens_BxN: np.ndarray) -> float:
   return s / n
 
 
-# ---- the whole evaluation ----
+# ---- held-out prompts and the whole evaluation ----
+
+
+def held_out(teacher, workdir: str, n_rows: int, seq_len: int | None = None):
+  """(n_rows, seq_len) validation rows of the run's own data config."""
+  import ml_collections
+
+  from kforcing_jax.data import pipeline
+
+  cfg = teacher.meta.get("config")
+  if not cfg:
+    raise ValueError(f"the teacher checkpoint of {workdir} records no training config (a "
+                     "converted checkpoint?): evaluation needs its data config for held-out prompts")
+  cfg = ml_collections.ConfigDict(cfg)
+  seq_len = seq_len or cfg.seq_len
+  batches = pipeline.make_eval_batches(cfg.data, teacher.tokenizer, seq_len=seq_len,
+                                       global_batch_size=n_rows, num_batches=1, workdir=workdir)
+  return batches[0]
+
+
 
 
 def _generate(engine: decode.Engine, spec: decode.DecodeSpec, prompts, seed, batch_size):

@@ -117,8 +117,8 @@ def test_evaluate_cli(workdir, tmp_path):
     assert r["gen_ppl"] > 1 and r["eval_ppl"] > 1
     assert r["eval_ppl"] != pytest.approx(r["gen_ppl"], rel=1e-3)
   # The teacher's data NLL, recomputed here by a plain forward pass and log-softmax in numpy.
-  from kforcing_jax import evaluate as evaluate_cli
-  val = np.asarray(evaluate_cli.held_out(teacher, workdir, 6))[:4]
+  from kforcing_jax import quality
+  val = np.asarray(quality.held_out(teacher, workdir, 6))[:4]
   logits = np.asarray(teacher.model()(jax.numpy.asarray(val[:, :-1])), np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)

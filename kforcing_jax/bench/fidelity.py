@@ -168,12 +168,11 @@ def curve(workdir: str, stages: list[str]) -> tuple[list[dict], dict]:
 def evaluate(workdir: str, final_stage: str) -> list[dict]:
   import numpy as np
 
-  from kforcing_jax import evaluate as evaluate_cli
   from kforcing_jax import quality, stage_io
 
   teacher = stage_io.load_stage(workdir, "teacher")
   student = stage_io.load_stage(workdir, final_stage, load_tokenizer=False)
-  val = evaluate_cli.held_out(teacher, workdir, max(_NUM_PROMPTS.value, _VAL_SEQS.value))
+  val = quality.held_out(teacher, workdir, max(_NUM_PROMPTS.value, _VAL_SEQS.value))
   eos = teacher.tokenizer.eos_id
   prompts = [[eos] + r[:31].tolist() for r in val[:_NUM_PROMPTS.value]]
   rows, _ = quality.evaluate(teacher, [student], prompts, np.asarray(val[:_VAL_SEQS.value]),
