@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kforcing_jax import decode, distill, rollout
+from kforcing_jax import decode, distill, losses, rollout
 from kforcing_jax import model as model_lib
 
 
@@ -44,8 +44,7 @@ def _nll_fn(graphdef):
   def nll(params, tokens_BxL, mask_BxL):
     """Summed NLL of the tokens where mask (positions >= 1) under the causal model."""
     logits = model_lib.merge(graphdef, params)(tokens_BxL[:, :-1])
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    tok_nll = -jnp.take_along_axis(lp, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
+    tok_nll = losses.token_nll(logits, tokens_BxL[:, 1:])
     m = mask_BxL[:, 1:].astype(jnp.float32)
     return (tok_nll * m).sum(), m.sum()
   _NLL_FNS[graphdef] = nll

@@ -73,9 +73,9 @@ TEACHERS = {
 # split the same wall time between their stages. single_k4 runs twice as long, and every
 # variant's curve shows its NLL_j along the way.
 CHAIN = _steps("k1", 60) + _steps("k2", 40) + _steps("k4", 60)
-VARIANTS = [
+VARIANTS = [  # in the order a default run of the study trains them (most telling first)
     Variant("single_k4", "v1024", "teacher,k4", _steps("k4", 240, 1e-3),
-            "AR -> k4 in one stage (k-round inverse-CDF targets), 240 steps, lr 1e-3"),
+            "AR -> k4 in one stage (k-round inverse-CDF targets), 240 steps; = configs/kjv_tiny.py"),
     Variant("single_k4_120", "v1024", "teacher,k4", _steps("k4", 120, 1e-3),
             "AR -> k4, 120 steps, lr 1e-3"),
     Variant("chain", "v1024", "teacher,k1,k2,k4", CHAIN,
@@ -83,20 +83,20 @@ VARIANTS = [
     Variant("chain_ar_targets", "v1024", "teacher,k1,k2,k4",
             CHAIN + (("distill.target", "ar_rollout"),),
             "same chain, every stage on AR-teacher targets (previous stage = init only)"),
-    Variant("single_k4_120_lr3e-3", "v1024", "teacher,k4", _steps("k4", 120, 3e-3),
-            "AR -> k4, 120 steps, lr 3e-3"),
-    Variant("single_k4_120_lr3e-4", "v1024", "teacher,k4", _steps("k4", 120, 3e-4),
-            "AR -> k4, 120 steps, lr 3e-4"),
-    Variant("chain_k1_heavy", "v1024", "teacher,k1,k2,k4",
-            _steps("k1", 120) + _steps("k2", 30) + _steps("k4", 40),
-            "chain with the budget moved to k1 (120/30/40 steps)"),
     Variant("noise_inversion", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("distill.target", "noise_inversion"),),
             "PTP baseline: real tokens as targets, z inverted inside their CDF bins, 120 steps"),
     Variant("single_k4_120_v8192", "v8192", "teacher,k4", _steps("k4", 120, 1e-3),
             "vocabulary 8192 instead of 1024 (its own teacher)"),
+    Variant("chain_k1_heavy", "v1024", "teacher,k1,k2,k4",
+            _steps("k1", 120) + _steps("k2", 30) + _steps("k4", 40),
+            "chain with the budget moved to k1 (120/30/40 steps)"),
+    Variant("single_k4_120_lr3e-3", "v1024", "teacher,k4", _steps("k4", 120, 3e-3),
+            "AR -> k4, 120 steps, lr 3e-3"),
     Variant("single_k4_120_d384", "v1024_d384", "teacher,k4", _steps("k4", 120, 1e-3),
             "width 384 / 6 heads instead of 256 / 4 (its own teacher)"),
+    Variant("single_k4_120_lr3e-4", "v1024", "teacher,k4", _steps("k4", 120, 3e-4),
+            "AR -> k4, 120 steps, lr 3e-4"),
 ]
 
 
