@@ -2,13 +2,14 @@
 
 Run (offline, 2 CPU cores):
   python -m kforcing_jax.train --config configs/kjv_tiny.py --workdir runs/kjv_tiny
-Measured on an idle 2-core machine: 17 min 37 s wall, peak memory 2.3 GB. Teacher validation
-loss from ~6.9 (uniform over 1024 ids) to 3.83 nats/token after 300 steps; k4 per-offset NLL
-against the AR teacher's targets 3.24 / 4.25 / 4.59 / 4.67 after 240 steps (`val_ar_nll_j`).
-Then `python -m kforcing_jax.evaluate --workdir runs/kjv_tiny` (1 min): k4@k4 Gen-PPL 110.6 vs
-the teacher's 64.0, unigram entropy 2.89 vs 3.85. The student does NOT yet match its teacher at
-offsets 2-4 at this budget: see the README's fidelity study.
-metrics.jsonl, tensorboard/ and loss_curve.png in the work dir. Smoke test:
+Measured on an idle 2-core machine: 22 min 4 s wall, peak memory 3.0 GB. Teacher validation
+loss from ~9.0 (uniform over 8192 ids) to 4.42 nats/token after 300 steps; k4 per-offset NLL
+against the AR teacher's targets 3.76 / 4.50 / 4.84 / 4.96 after 160 steps (`val_ar_nll_j`;
+teacher data NLL 4.31). Then `python -m kforcing_jax.evaluate --workdir runs/kjv_tiny` (1 min):
+k4@k4 Gen-PPL 89.5 vs the teacher's 95.4, unigram entropy 2.73 vs 3.67, NLL_j 3.89 / 4.47 /
+4.80 / 4.94 vs data NLL 4.48. Offsets 3-4 and the entropy do not yet match the teacher at this
+budget: see the README's fidelity study. metrics.jsonl, tensorboard/ and loss_curve.png in the
+work dir. Smoke test:
   --config.stage_overrides.teacher.train.num_steps=40 --config.stage_overrides.k4.train.num_steps=10
   --config.stage_overrides.k4.optim.warmup_steps=2
 """
