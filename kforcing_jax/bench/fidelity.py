@@ -34,7 +34,8 @@ _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 32, "Held-out prompts per eva
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Completion length for sample metrics.")
 _VAL_SEQS = flags.DEFINE_integer("val_seqs", 16, "Validation rows for per-offset metrics.")
 _LIST = flags.DEFINE_bool("list", False, "Print the variants and exit.")
-flags.mark_flags_as_required(["out"])
+# --out is checked in main(), not with mark_flags_as_required: this module is imported by tests,
+# and a required flag would break every other absl command line parsed in the same process.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +259,8 @@ def main(argv):
     for v in VARIANTS:
       print(f"{v.name:<20} teacher={v.teacher:<11} stages={v.stages:<18} {v.note}")
     return
+  if not _OUT.value:
+    raise config_check.UserError("--out is required: the directory for work dirs and results")
   chosen = [x for x in _VARIANTS.value.split(",") if x] or [v.name for v in VARIANTS]
   unknown = sorted(set(chosen) - {v.name for v in VARIANTS})
   if unknown:
