@@ -14,7 +14,7 @@ work dir. Smoke test:
   --config.stage_overrides.k4.optim.warmup_steps=2
 """
 
-from kforcing_jax.config_base import base_config
+from kforcing_jax.config.base import base_config
 
 
 def get_config():
@@ -22,7 +22,12 @@ def get_config():
   # Single-stage distillation AR -> k4 (k rounds of inverse-CDF sampling of the teacher): at
   # this budget it beats the paper's chain AR -> k1 -> k2 -> k4 against the AR teacher (see
   # the fidelity study in the README); --config.stages=teacher,k1,k2,k4 runs the chain.
-  c.stages = "teacher,k4"
+  c.stages = "teacher,draft,k4"
+  # The speculative-decoding baseline's draft model (stage "draft"; trained on the data, not part
+  # of the distillation chain): a quarter of the teacher's blocks at half its width.
+  c.draft.d_model = 128
+  c.draft.n_layers = 2
+  c.draft.n_heads = 2
   c.model.d_model = 256
   c.model.n_layers = 4
   c.model.n_heads = 4
@@ -47,6 +52,7 @@ def get_config():
   distill = lambda steps: dict(train=dict(num_steps=steps),
                                optim=dict(warmup_steps=max(1, steps // 10)), batch_size=8)
   c.stage_overrides.teacher = dict(train=dict(num_steps=300))
+  c.stage_overrides.draft = dict(train=dict(num_steps=200), optim=dict(warmup_steps=20))
   c.stage_overrides.k1 = distill(60)
   c.stage_overrides.k2 = distill(40)
   c.stage_overrides.k4 = distill(160)

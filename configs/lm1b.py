@@ -14,7 +14,7 @@ no weight decay, clip 1.0, EMA 0.999, no dropout. Parameters: 85.0M in the block
 embedding, 23.5M output layer (untied), + 5.9M noise encoder in the PFLM stages.
 """
 
-from kforcing_jax.config_base import base_config
+from kforcing_jax.config.base import base_config
 
 
 def get_config():

@@ -14,7 +14,7 @@ Parameters: 85.0M in the blocks, 38.6M token embedding, 38.6M output layer (unti
 noise encoder in the PFLM stages.
 """
 
-from kforcing_jax.config_base import base_config
+from kforcing_jax.config.base import base_config
 
 
 def get_config():

@@ -1,7 +1,16 @@
-"""Decode speed benchmark: AR baseline vs PFLM(k) for the same model, in one run.
+"""Decode speed benchmark: AR baseline vs PFLM(k) vs the lossless methods, in one run.
 
   python -m kforcing_jax.benchmark --workdir runs/kjv_tiny --batch_sizes 1,4,16,64,256 \
       --k 1,2,3,4 --out bench.json
+  python -m kforcing_jax.benchmark --workdir runs/kjv_tiny \
+      --methods ar,pflm,pflm_verified,spec,spec_dynamic --k 4 --batch_sizes 1,4,16,64,256
+
+--methods (default ar,ar_stepwise,pflm): ar is always measured (the baseline); pflm_verified
+(the PFLM stage drafts k tokens per teacher pass, for each --k) and spec / spec_dynamic (the
+"draft" stage drafts --gamma tokens) are lossless: see kforcing_jax/serving/speculative.py. Their
+rows carry tokens_per_pass (tokens a row gains per teacher forward pass) and the acceptance
+rate. Prompts are --prompt_len tokens of held-out text of the run's own data (random ids for a
+converted checkpoint, which records no data config, or with --prompts=random).
 
 Loads the AR teacher and a PFLM stage (default: the largest trained window; every --k must be
 <= it), then measures tokens/s, speedup over AR, time to first token and the measured roofline
@@ -28,7 +37,15 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens (random ids)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Fixed completion length.")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed runs per point (median; >= 5 for reports).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of prompts and uniform streams.")
-_STEPWISE = flags.DEFINE_bool("stepwise", True, "Also time the per-step Python-loop AR.")
+_METHODS = flags.DEFINE_list("methods", ["ar", "ar_stepwise", "pflm"],
+                             "Decode methods: ar, ar_stepwise, pflm, pflm_verified, spec, "
+                             "spec_dynamic (ar is always included).")
+_GAMMA = flags.DEFINE_integer("gamma", 4, "spec/spec_dynamic: draft tokens per teacher pass.")
+_CONFIDENCE = flags.DEFINE_float("confidence", 0.4, "spec_dynamic: stop drafting below this "
+                                 "draft probability.")
+_PROMPTS = flags.DEFINE_enum("prompts", "auto", ["auto", "val", "random"],
+                             "Prompt source: held-out text (val), random ids, or auto (val "
+                             "when the run recorded its data config).")
 _UNTRAINED = flags.DEFINE_bool("untrained_pflm", False,
                                "No PFLM stage needed: teacher weights + a fresh noise encoder.")
 _OUT = flags.DEFINE_string("out", "bench.json", "Output JSON (a PNG is written beside it).")
@@ -49,9 +66,10 @@ def untrained_pflm(teacher):
   """A PFLM engine from the teacher's weights plus a fresh noise encoder (speed only)."""
   import jax
   from flax import nnx
-  from kforcing_jax import decode, sharding
-  from kforcing_jax import model as model_lib
-  from kforcing_jax import pflm as pflm_lib
+  from kforcing_jax.serving import decode
+  from kforcing_jax.parallel import sharding
+  from kforcing_jax.model import transformer as model_lib
+  from kforcing_jax.model import pflm as pflm_lib
 
   k = max(_ints(_K.value, "k"))
   with nnx.use_eager_sharding(False):
@@ -64,35 +82,69 @@ def untrained_pflm(teacher):
 
 def main(argv):
   del argv
-  from kforcing_jax import decode, metrics_log, stage_io
+  from kforcing_jax.serving import decode, quality, speculative
+  from kforcing_jax.observe import metrics_log
+  from kforcing_jax.interop import stage_io
   from kforcing_jax.bench import decode_speed
 
   metrics_log.configure_logging()
   log = metrics_log.log
   batch_sizes, ks = _ints(_BATCH.value, "batch_sizes"), _ints(_K.value, "k")
+  methods = [m.strip() for m in _METHODS.value if m.strip()]
+  unknown = sorted(set(methods) - set(decode_speed.METHODS))
+  if unknown:
+    raise ValueError(f"--methods: unknown {unknown}; choose from {list(decode_speed.METHODS)}")
   workdir = _WORKDIR.value
-  teacher = stage_io.load_stage(workdir, "teacher", load_tokenizer=False)
+  teacher = stage_io.load_stage(workdir, "teacher", load_tokenizer=_PROMPTS.value != "random")
   ar = decode.Engine.from_stage(teacher)
-  if _UNTRAINED.value:
+  needs_pflm = "pflm" in methods or "pflm_verified" in methods
+  pflm, pflm_stage = None, ""
+  if needs_pflm and _UNTRAINED.value:
     pflm, pflm_stage = untrained_pflm(teacher)
-  else:
+  elif needs_pflm:
     stages = [s for s in stage_io.list_stages(workdir) if s != "teacher"]
     stage = _STAGE.value or (stages[-1] if stages else "")
     if not stage:
       raise FileNotFoundError(f"{workdir} has no PFLM stage yet (found {stages or 'none'}); "
                               "finish a distillation stage or pass --untrained_pflm")
-    pflm = decode.Engine.from_stage(stage_io.load_stage(workdir, stage, load_tokenizer=False))
+    pflm_loaded = stage_io.load_stage(workdir, stage, load_tokenizer=False)
+    pflm = decode.Engine.from_stage(pflm_loaded)
     pflm_stage = stage
-  if ks and max(ks) > pflm.trained_k:
+  if needs_pflm and ks and max(ks) > pflm.trained_k:
     raise ValueError(f"--k {max(ks)} exceeds the trained window of {pflm_stage} "
                      f"(k={pflm.trained_k})")
-  settings = {"workdir": os.path.abspath(workdir), "pflm_stage": pflm_stage,
+  verified = {}
+  if "pflm_verified" in methods:
+    drafter = (pflm_loaded if not _UNTRAINED.value else stage_io.LoadedStage(
+        pflm_stage, pflm.trained_k, pflm.cfg, pflm.graphdef, pflm.params, None, 0, {},
+        pflm.mesh))
+    verified["pflm_verified"] = speculative.VerifiedEngine(teacher, drafter)
+  if {"spec", "spec_dynamic"} & set(methods):
+    if "draft" not in stage_io.list_stages(workdir, include_draft=True):
+      raise FileNotFoundError(f"--methods spec/spec_dynamic need the 'draft' stage in {workdir}; "
+                              "train it with --config.stages=teacher,draft,...")
+    draft = stage_io.load_stage(workdir, "draft", mesh=teacher.mesh, load_tokenizer=False)
+    for m in ("spec", "spec_dynamic"):
+      if m in methods:
+        verified[m] = speculative.VerifiedEngine(teacher, draft)
+  pool, prompt_source = None, "random ids"
+  if _PROMPTS.value != "random":
+    try:
+      pool = quality.held_out(teacher, workdir, 64, _PROMPT_LEN.value).tolist()
+      prompt_source = "held-out text"
+    except ValueError as e:
+      if _PROMPTS.value == "val":
+        raise
+      log.info("random prompt ids (%s)", e)
+  settings = {"workdir": os.path.abspath(workdir), "pflm_stage": pflm_stage, "methods": methods,
+              "gamma": _GAMMA.value, "confidence": _CONFIDENCE.value, "prompts": prompt_source,
               "batch_sizes": batch_sizes, "k": ks, "prompt_len": _PROMPT_LEN.value,
               "max_new_tokens": _MAX_NEW.value, "reps": _REPS.value,
               "model_config": teacher.meta.get("model_config"),
               "mesh": dict(teacher.mesh.shape)}
-  log.info("benchmark: AR teacher vs %s, batch sizes %s, k %s, %d+%d tokens, %d reps",
-           pflm_stage, batch_sizes, ks, _PROMPT_LEN.value, _MAX_NEW.value, _REPS.value)
+  log.info("benchmark: %s (PFLM stage %s), batch sizes %s, k %s, %d+%d tokens (%s), %d reps",
+           ",".join(methods), pflm_stage or "-", batch_sizes, ks, _PROMPT_LEN.value,
+           _MAX_NEW.value, prompt_source, _REPS.value)
   out = os.path.abspath(_OUT.value)
   os.makedirs(os.path.dirname(out), exist_ok=True)
 
@@ -105,8 +157,10 @@ def main(argv):
     os.replace(tmp, out)
 
   rows = decode_speed.measure(ar, pflm, batch_sizes, ks, _PROMPT_LEN.value, _MAX_NEW.value,
-                              _REPS.value, _SEED.value, _STEPWISE.value, progress=log.info,
-                              on_batch=lambda rows: save(rows, False))
+                              _REPS.value, _SEED.value, "ar_stepwise" in methods,
+                              progress=log.info, on_batch=lambda rows: save(rows, False),
+                              pflm="pflm" in methods, verified=verified, gamma=_GAMMA.value,
+                              confidence=_CONFIDENCE.value, prompt_pool=pool)
   save(rows, True)
   machine = decode_speed.machine()
   print(decode_speed.table(rows))
@@ -114,7 +168,7 @@ def main(argv):
     log.warning("load average %.1f > %d CPUs during the run: timings are noisy",
                 machine["loadavg_1m_end"], machine["cpu_count"])
   png = os.path.splitext(out)[0] + ".png"
-  decode_speed.plot(rows, png, f"{machine['device_kind']}: PFLM vs AR decode "
+  decode_speed.plot(rows, png, f"{machine['device_kind']}: decode speedup over AR "
                     f"({_PROMPT_LEN.value}+{_MAX_NEW.value} tokens)")
   log.info("wrote %s and %s", out, png)
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 from absl import app
 
-from kforcing_jax import config_check
+from kforcing_jax.config import check as config_check
 
 USER_ERRORS = (config_check.UserError, FileNotFoundError, FileExistsError)
 

@@ -42,7 +42,8 @@ def main(argv):
   del argv
   if (_FROM.value is None) == (_TO.value is None):
     raise app.UsageError("give exactly one of --from_torch and --to_torch")
-  from kforcing_jax import metrics_log, torch_checkpoint  # pylint: disable=import-outside-toplevel
+  from kforcing_jax.observe import metrics_log
+  from kforcing_jax.interop import torch_checkpoint  # pylint: disable=import-outside-toplevel
 
   metrics_log.configure_logging()  # Our progress lines on stdout; Orbax chatter muted.
   if _FROM.value:

@@ -8,7 +8,9 @@ Held-out prompts are the first --prompt_len tokens of validation rows of the run
 config (read from the teacher checkpoint's meta), each prefixed with the end-of-document id.
 Metrics (Gen-PPL by the teacher and optionally another AR checkpoint, unigram entropy, repeated
 n-gram rates, agreement with the AR teacher's rollout under identical uniforms, per-offset
-NLL_j / acc_j / acc_all against AR rollout targets) are defined in kforcing_jax/quality.py.
+NLL_j / acc_j / acc_all against AR rollout targets) are defined in kforcing_jax/serving/quality.py.
+The lossless methods (--lossless, default on) add rows with their acceptance rate and tokens
+per teacher pass; pflm_verified's samples are the teacher's own (agree = 1 by construction).
 Prints a table; writes JSON {"settings", "rows", "samples"} (samples as text, a few per row).
 """
 
@@ -31,13 +33,19 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the uniform streams.")
 _EVAL_DIR = flags.DEFINE_string("evaluator_workdir", "", "Another run scoring Gen-PPL too.")
 _EVAL_STAGE = flags.DEFINE_string("evaluator_stage", "teacher", "Its AR stage.")
 _SHOW = flags.DEFINE_integer("show_samples", 3, "Sample texts stored per row.")
+_LOSSLESS = flags.DEFINE_bool("lossless", True, "Also rows for the lossless methods: "
+                              "pflm_verified (each PFLM stage at its k) and, when the run has "
+                              "the 'draft' stage, spec and spec_dynamic.")
+_GAMMA = flags.DEFINE_integer("gamma", 4, "spec/spec_dynamic: draft tokens per teacher pass.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   del argv
   import numpy as np
-  from kforcing_jax import metrics_log, quality, stage_io
+  from kforcing_jax.observe import metrics_log
+  from kforcing_jax.serving import quality, speculative
+  from kforcing_jax.interop import stage_io
 
   metrics_log.configure_logging()
   log = metrics_log.log
@@ -62,8 +70,19 @@ def main(argv):
       raise ValueError(f"--evaluator_stage {_EVAL_STAGE.value} is a PFLM; Gen-PPL needs an AR model")
   log.info("evaluating teacher + %s on %d held-out prompts (%d+%d tokens)", names or "no PFLM",
            len(prompts), _PROMPT_LEN.value, _MAX_NEW.value)
+  lossless = []
+  if _LOSSLESS.value:
+    for st in stages:
+      lossless.append((speculative.VerifiedEngine(teacher, st), speculative.VerifySpec(
+          "pflm_verified", gamma=st.k, max_new_tokens=_MAX_NEW.value)))
+    if "draft" in stage_io.list_stages(workdir, include_draft=True):
+      draft = stage_io.load_stage(workdir, "draft", mesh=teacher.mesh, load_tokenizer=False)
+      for method in ("spec", "spec_dynamic"):
+        lossless.append((speculative.VerifiedEngine(teacher, draft), speculative.VerifySpec(
+            method, gamma=_GAMMA.value, max_new_tokens=_MAX_NEW.value)))
   rows, samples = quality.evaluate(teacher, stages, prompts, val_tokens, _MAX_NEW.value,
-                                   _BATCH.value, _SEED.value, evaluator, progress=log.info)
+                                   _BATCH.value, _SEED.value, evaluator, progress=log.info,
+                                   lossless=lossless)
   print(quality.table(rows))
   tok = teacher.tokenizer
   shown = {name: [{"prompt": tok.decode(p[1:]), "completion": tok.decode(o)}

@@ -10,6 +10,15 @@ window (any k' <= it works); the teacher decodes as the AR baseline (inverse-CDF
 tau=1 from the same per-row uniform streams, or --greedy). Prompts are prefixed with the
 tokenizer's end-of-document id (the training data's document separator) unless --no_bos.
 Row i's uniforms come from (--seed, i), so a sample does not depend on --batch_size.
+
+Lossless methods (the AR teacher verifies a drafter; serving/speculative.py):
+  --method pflm_verified   the PFLM stage (--stage, default the last) drafts --k tokens from the
+                           row's uniforms; the output is token for token the teacher's own
+                           inverse-CDF decode (--stage teacher) with the same --seed
+  --method spec            the "draft" stage proposes --gamma tokens (speculative sampling at
+                           tau=1, or --greedy: the teacher's greedy decode)
+  --method spec_dynamic    as spec, drafting stops below --confidence
+Their records also carry "drafted" and "accepted".
 """
 
 import json
@@ -33,6 +42,12 @@ _PENALTY = flags.DEFINE_float("frequency_penalty", 0.0, "Subtract penalty * coun
 _STOP = flags.DEFINE_bool("stop_at_eos", True, "Stop a row at the end-of-document token.")
 _NO_BOS = flags.DEFINE_bool("no_bos", False, "Do not prefix prompts with the eos id.")
 _EMA = flags.DEFINE_bool("use_ema", True, "Load the EMA weights when the checkpoint has them.")
+_METHOD = flags.DEFINE_enum("method", "", ["", "pflm_verified", "spec", "spec_dynamic"],
+                            "'' = the stage's own decoding (AR or PFLM); else a lossless method "
+                            "verified by the teacher.")
+_GAMMA = flags.DEFINE_integer("gamma", 4, "spec/spec_dynamic: draft tokens per teacher pass.")
+_CONFIDENCE = flags.DEFINE_float("confidence", 0.4, "spec_dynamic: stop drafting below this "
+                                 "draft probability.")
 flags.mark_flags_as_required(["workdir", "prompts", "out"])
 
 
@@ -59,7 +74,7 @@ def read_prompts(path: str) -> list[str]:
 def make_spec(trained_k: int, k: int, max_new_tokens: int, greedy: bool = False,
               frequency_penalty: float = 0.0, eos_id: int | None = None):
   """The DecodeSpec for a stage: AR baseline for the teacher, PFLM(k or its trained k) else."""
-  from kforcing_jax import decode
+  from kforcing_jax.serving import decode
   if trained_k == 0:
     if k > 1:
       raise ValueError(f"--k={k}: the teacher is an AR model and decodes one token per step")
@@ -69,31 +84,71 @@ def make_spec(trained_k: int, k: int, max_new_tokens: int, greedy: bool = False,
                            frequency_penalty=frequency_penalty, eos_id=eos_id)
 
 
+def _verified_decoder(workdir, drafter, method, k, gamma, confidence, max_new_tokens, greedy,
+                      frequency_penalty, eos, use_ema):
+  """(decode_batch, VerifySpec, method name) of a lossless method: the teacher verifies."""
+  from kforcing_jax.interop import stage_io
+  from kforcing_jax.serving import speculative
+  if frequency_penalty:
+    raise ValueError(f"--method={method} is lossless: it reproduces the teacher, which has no "
+                     "frequency penalty; drop --frequency_penalty")
+  if method == "pflm_verified":
+    if drafter.k == 0:
+      raise ValueError(f"--method=pflm_verified drafts with a PFLM stage (k<n>), not "
+                       f"{drafter.stage!r}")
+    if greedy:
+      raise ValueError("--method=pflm_verified reproduces the teacher's inverse-CDF samples; "
+                       "drop --greedy")
+    gamma = k or drafter.k
+  elif drafter.stage != "draft":
+    raise ValueError(f"--method={method} drafts with the 'draft' stage, not {drafter.stage!r}")
+  teacher = stage_io.load_stage(workdir, "teacher", use_ema=use_ema, mesh=drafter.mesh,
+                                load_tokenizer=False)
+  engine = speculative.VerifiedEngine(teacher, drafter)
+  spec = speculative.VerifySpec(method, gamma=gamma, max_new_tokens=max_new_tokens,
+                                greedy=greedy, confidence=confidence, eos_id=eos)
+  engine.check(spec)
+  name = method + ("_greedy" if greedy else "")
+  return engine.generate, spec, name
+
+
 def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int = 0,
         batch_size: int = 64, max_new_tokens: int = 128, seed: int = 0, greedy: bool = False,
         frequency_penalty: float = 0.0, stop_at_eos: bool = True, bos: bool = True,
-        use_ema: bool = True) -> list[dict]:
+        use_ema: bool = True, method: str = "", gamma: int = 4,
+        confidence: float = 0.4) -> list[dict]:
   """Generate for every prompt of `prompts_path`; writes and returns the output records."""
   import tqdm
-  from kforcing_jax import decode, metrics_log, stage_io
+  from kforcing_jax.serving import decode
+  from kforcing_jax.observe import metrics_log
+  from kforcing_jax.interop import stage_io
 
   log = metrics_log.log
+  if method in ("spec", "spec_dynamic"):
+    stage = stage or "draft"
   stage = stage or (stage_io.list_stages(workdir) or [""])[-1]
   if not stage:
     raise FileNotFoundError(f"no checkpoints under {stage_io.stages_dir(workdir)}")
   loaded = stage_io.load_stage(workdir, stage, use_ema=use_ema)
   tok = loaded.tokenizer
-  spec = make_spec(loaded.k, k, max_new_tokens, greedy, frequency_penalty,
-                   tok.eos_id if stop_at_eos else None)
-  engine = decode.Engine.from_stage(loaded)
-  engine.check(spec)
+  eos = tok.eos_id if stop_at_eos else None
   texts = read_prompts(prompts_path)
   ids = [([tok.eos_id] if bos else []) + tok.encode(t) for t in texts]
   if not all(ids):
     raise ValueError("an empty prompt with --no_bos has no token to condition on")
-  method = "ar_greedy" if spec.ar and spec.greedy else ("ar" if spec.ar else "pflm")
+  if method:
+    decode_batch, spec, method = _verified_decoder(workdir, loaded, method, k, gamma, confidence,
+                                                   max_new_tokens, greedy, frequency_penalty,
+                                                   eos, use_ema)
+  else:
+    spec = make_spec(loaded.k, k, max_new_tokens, greedy, frequency_penalty, eos)
+    engine = decode.Engine.from_stage(loaded)
+    engine.check(spec)
+    method = "ar_greedy" if spec.ar and spec.greedy else ("ar" if spec.ar else "pflm")
+    decode_batch = lambda *a, **kw: (engine.generate(*a, **kw), None)
+  k_out = spec.gamma if hasattr(spec, "gamma") else spec.k
   log.info("stage %s (step %d, trained k=%d): %s decoding, k=%d, %d prompts, batch %d, "
-           "%d new tokens", stage, loaded.step, loaded.k, method, spec.k, len(ids), batch_size,
+           "%d new tokens", stage, loaded.step, loaded.k, method, k_out, len(ids), batch_size,
            max_new_tokens)
   records, t0, n_tokens = [], time.perf_counter(), 0
   plen = decode.bucket_len(max(len(p) for p in ids))  # one prompt bucket for the whole file
@@ -101,13 +156,15 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
   with open(out_path, "w", encoding="utf-8") as f, tqdm.tqdm(total=len(ids), unit="prompt") as bar:
     for lo in range(0, len(ids), batch_size):
       batch = ids[lo:lo + batch_size]
-      outs = engine.generate(batch, spec, seed=seed, row_ids=range(lo, lo + len(batch)),
-                             batch_size=batch_size, prompt_len=plen)
+      outs, stats = decode_batch(batch, spec, seed=seed, row_ids=range(lo, lo + len(batch)),
+                                 batch_size=batch_size, prompt_len=plen)
       for i, (p, c) in enumerate(zip(batch, outs)):
         rec = {"index": lo + i, "prompt": texts[lo + i], "completion": tok.decode(
             [t for t in c.tokens if t != tok.eos_id]), "prompt_ids": p,
-               "completion_ids": c.tokens, "finished": c.finished, "stage": stage, "k": spec.k,
+               "completion_ids": c.tokens, "finished": c.finished, "stage": stage, "k": k_out,
                "method": method}
+        if stats is not None:
+          rec.update(drafted=c.drafted, accepted=c.accepted)
         f.write(json.dumps(rec) + "\n")
         records.append(rec)
         n_tokens += len(c.tokens)
@@ -120,11 +177,11 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
 
 def main(argv):
   del argv
-  from kforcing_jax import metrics_log
+  from kforcing_jax.observe import metrics_log
   metrics_log.configure_logging()
   run(_WORKDIR.value, _PROMPTS.value, _OUT.value, _STAGE.value, _K.value, _BATCH.value,
       _MAX_NEW.value, _SEED.value, _GREEDY.value, _PENALTY.value, _STOP.value,
-      not _NO_BOS.value, _EMA.value)
+      not _NO_BOS.value, _EMA.value, _METHOD.value, _GAMMA.value, _CONFIDENCE.value)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Entry point: python -m kforcing_jax.train --config configs/kjv_tiny.py --workdir DIR.
 
 The same command runs on one machine or on every host of a TPU pod / GPU cluster: multi-process
-start-up (kforcing_jax/distributed.py) is decided by the flags below or the environment
+start-up (kforcing_jax/parallel/distributed.py) is decided by the flags below or the environment
 (SLURM, TPU pod, JAX_COORDINATOR_ADDRESS). `--dry_run` compiles every stage's train step ahead
-of time for a mesh of fake CPU devices instead of training (kforcing_jax/aot.py).
+of time for a mesh of fake CPU devices instead of training (kforcing_jax/training/aot.py).
 Kept short on purpose: the logic lives in importable, testable modules.
 """
 
@@ -47,18 +47,19 @@ def main(argv):
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                                f"device_count={_DRY_RUN_DEVICES.value}").strip()
-    from kforcing_jax import aot, metrics_log
+    from kforcing_jax.training import aot
+    from kforcing_jax.observe import metrics_log
 
     metrics_log.configure_logging()
     aot.dry_run(_CONFIG.value, _WORKDIR.value, _DRY_RUN_DEVICES.value)
     return
 
-  from kforcing_jax import distributed
+  from kforcing_jax.parallel import distributed
 
   distributed.start(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                     _PROCESS_ID.value, _LOCAL_DEVICES.value, _EXPECTED.value,
                     _INIT_TIMEOUT.value)
-  from kforcing_jax import trainer  # Imported after start-up: nothing touches jax before it.
+  from kforcing_jax.training import trainer  # Imported after start-up: nothing touches jax before it.
 
   trainer.configure_logging()
   trainer.run(_CONFIG.value, _WORKDIR.value)

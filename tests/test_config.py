@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kforcing_jax import config_check
+from kforcing_jax.config import check as config_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))

@@ -17,9 +17,10 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_reference  # noqa: E402  (tests/ is not a package; see platform-notes)
 
-from kforcing_jax import sharding, stage_io, torch_checkpoint, torch_format  # noqa: E402
-from kforcing_jax import model as model_lib  # noqa: E402
-from kforcing_jax import pflm as pflm_lib  # noqa: E402
+from kforcing_jax.parallel import sharding
+from kforcing_jax.interop import stage_io, torch_checkpoint, torch_format  # noqa: E402
+from kforcing_jax.model import transformer as model_lib  # noqa: E402
+from kforcing_jax.model import pflm as pflm_lib  # noqa: E402
 
 V, D, LAYERS, HEADS, MASK = 61, 64, 2, 2, 60  # head_dim 32: the converter is not tied to 64.
 CFG = model_lib.ModelConfig(vocab_size=V, mask_id=MASK, d_model=D, n_layers=LAYERS,
@@ -135,7 +136,8 @@ def test_parity_pflm_two_stream_and_decode_prefill(tmp_path):
     """Decode prefill [prompt ; k noise] through the KV-cache path."""
     model = model_lib.merge(loaded.graphdef, params)
     x = jnp.concatenate([model.embed(tokens_BxN), model.noise_encoder(z_BxK)], axis=1)
-    h, _ = model.forward_cached(x, model_lib.init_cache(loaded.model_cfg, b, n + k), n_keep=n)
+    ck, cv = model_lib.init_cache(loaded.model_cfg, b, n + k)
+    h, _, _ = model.forward_cached(x, ck, cv, 0, fresh=True)
     return model.logits(h[:, n:])
 
   tokens = _tokens(1, b, n)
@@ -155,7 +157,7 @@ def test_parity_pflm_two_stream_and_decode_prefill(tmp_path):
 def test_converted_pflm_decodes_like_a_torch_rollout(tmp_path):
   """End to end: the engine's k-token decoding (decode.generate, KV cache, 2k-position steps)
   of a converted checkpoint = argmax rollout of the independent torch forward, same uniforms."""
-  from kforcing_jax import decode
+  from kforcing_jax.serving import decode
   ref = _ref_model(True, seed=9)
   torch.save(ref.state_dict(), tmp_path / "dec.pt")
   torch_checkpoint.from_torch(str(tmp_path / "dec.pt"), str(tmp_path / "w"), n_heads=HEADS)

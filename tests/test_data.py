@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 import tokenizers
 
-from kforcing_jax import config_base
+from kforcing_jax.config import base as config_base
 from kforcing_jax.data import kjv, pipeline, text_files
 from kforcing_jax.data import tokenizer as tokenizer_lib
 

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kforcing_jax import decode, sampling, sharding
-from kforcing_jax import model as model_lib
-from kforcing_jax import pflm as pflm_lib
+from kforcing_jax.serving import decode
+from kforcing_jax.distill import sampling
+from kforcing_jax.parallel import sharding
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.model import pflm as pflm_lib
 
 CFG = model_lib.ModelConfig(vocab_size=61, mask_id=60, d_model=32, n_layers=2, n_heads=2)
 PROMPTS = [[5, 9, 2], [7, 1, 1, 4, 30, 22, 8], [11, 3, 17, 40, 2]]  # lengths 3, 7, 5 -> bucket 8

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from kforcing_jax import aot, config_check
-from kforcing_jax import model as model_lib
-from kforcing_jax import pflm as pflm_lib
+from kforcing_jax.training import aot
+from kforcing_jax.config import check as config_check
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.model import pflm as pflm_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kforcing_jax import config_base, config_check
+from kforcing_jax.config import base as config_base, check as config_check
 from kforcing_jax.bench import fidelity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

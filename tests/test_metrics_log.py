@@ -6,7 +6,7 @@ import struct
 
 from tensorboardX.proto import event_pb2
 
-from kforcing_jax import metrics_log
+from kforcing_jax.observe import metrics_log
 
 
 def _read_events(path):

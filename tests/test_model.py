@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kforcing_jax import attention
-from kforcing_jax import model as model_lib
+from kforcing_jax.model import attention
+from kforcing_jax.model import transformer as model_lib
 
 CFG = model_lib.ModelConfig(vocab_size=97, mask_id=96, d_model=64, n_layers=2, n_heads=4)
 
@@ -73,30 +73,55 @@ def test_cached_decode_equals_full_forward():
   @jax.jit
   def cached(p, t):
     m = model_lib.merge(graphdef, p)
-    cache = model_lib.init_cache(CFG, t.shape[0], 32)
-    h, cache = m.forward_cached(m.embed(t[:, :5]), cache, n_keep=5)  # prefill
+    ck, cv = model_lib.init_cache(CFG, t.shape[0], 32)
+    h, ck, cv = m.forward_cached(m.embed(t[:, :5]), ck, cv, 0, fresh=True)  # prefill
     outs = [m.logits(h)]
     for i in range(5, 14, 3):  # then blocks of 3 new tokens
-      h, cache = m.forward_cached(m.embed(t[:, i:i + 3]), cache, n_keep=3)
+      h, ck, cv = m.forward_cached(m.embed(t[:, i:i + 3]), ck, cv, i)
       outs.append(m.logits(h))
-    return jnp.concatenate(outs, axis=1), cache["len"]
+    return jnp.concatenate(outs, axis=1)
 
-  got, filled = cached(params, tokens)
-  assert int(filled) == 14
+  got = cached(params, tokens)
   np.testing.assert_allclose(got, full, atol=2e-5, rtol=2e-5)
 
 
+def test_ragged_cached_rows_equal_their_own_full_forward():
+  """Per-row cache lengths (ragged batches: speculative decoding, serving slots): each row at its
+  own start and left padding gives its own uncached logits, whatever the other rows hold."""
+  graphdef, params = _model_and_params()
+  tokens = jax.random.randint(jax.random.key(7), (3, 12), 0, CFG.mask_id)
+  pad = jnp.array([0, 2, 1], jnp.int32)
+  start = jnp.array([5, 8, 6], jnp.int32)  # row b has filled slots [0, start_b)
+
+  @jax.jit
+  def cached(p, t):
+    m = model_lib.merge(graphdef, p)
+    ck, cv = model_lib.init_cache(CFG, 3, 24)
+    h, ck, cv = m.forward_cached(m.embed(t), ck, cv, 0, pad, fresh=True)  # junk past each length
+    h, _, _ = m.forward_cached(m.embed(t[:, :3]), ck, cv, start, pad)
+    return m.logits(h)
+
+  got = cached(params, tokens)
+  m = model_lib.merge(graphdef, params)
+  for b in range(3):
+    s, p0 = int(start[b]), int(pad[b])
+    # Row b's real tokens: slots p0..s-1 of the prefill, then the 3 new ones.
+    seq = jnp.concatenate([tokens[b, p0:s], tokens[b, :3]])[None]
+    want = m(seq)[0, -3:]
+    np.testing.assert_allclose(got[b], want, atol=2e-5, rtol=2e-5)
+
+
 def test_cache_drops_positions_not_kept():
-  """Appended positions beyond n_keep (the PFLM's noise tokens) never enter the cache."""
+  """Positions past a row's length (the PFLM's noise tokens) are overwritten, never seen."""
   graphdef, params = _model_and_params()
   tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, CFG.mask_id)
 
   @jax.jit
   def run(p, t, junk):
     m = model_lib.merge(graphdef, p)
-    cache = model_lib.init_cache(CFG, 2, 16)
-    _, cache = m.forward_cached(m.embed(jnp.concatenate([t[:, :4], junk], 1)), cache, n_keep=4)
-    h, _ = m.forward_cached(m.embed(t[:, 4:]), cache, n_keep=4)
+    ck, cv = model_lib.init_cache(CFG, 2, 16)
+    _, ck, cv = m.forward_cached(m.embed(jnp.concatenate([t[:, :4], junk], 1)), ck, cv, 0)
+    h, _, _ = m.forward_cached(m.embed(t[:, 4:]), ck, cv, 4)  # overwrites the junk's slots
     return m.logits(h)
 
   a = run(params, tokens, jnp.zeros((2, 3), jnp.int32))

@@ -17,8 +17,10 @@ import numpy as np
 import portpicker
 import pytest
 
-from kforcing_jax import distributed, metrics_log, trainer
-from kforcing_jax.config_base import base_config
+from kforcing_jax.parallel import distributed
+from kforcing_jax.observe import metrics_log
+from kforcing_jax.training import trainer
+from kforcing_jax.config.base import base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 400  # Whole 2-process run incl. start-up and compiles (~1-3 min on 2 shared cores).
@@ -48,7 +50,7 @@ def make_config(data_dir: str):
 
 def write_config_file(path: str, data_dir: str) -> str:
   """The same config as `make_config`, as a config file for the entry point."""
-  lines = ["from kforcing_jax.config_base import base_config", "", "", "def get_config():",
+  lines = ["from kforcing_jax.config.base import base_config", "", "", "def get_config():",
            "  c = base_config()"]
   lines += [f"  c.{key} = {value!r}" for key, value in overrides(data_dir).items()]
   with open(path, "w") as f:
@@ -155,7 +157,7 @@ def test_missing_peer_times_out_with_a_clear_message(tmp_path):
   port = portpicker.pick_unused_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   cmd = [sys.executable, "-c",
-         "from kforcing_jax import distributed; distributed.start("
+         "from kforcing_jax.parallel import distributed; distributed.start("
          f"coordinator_address='127.0.0.1:{port}', num_processes=2, process_id=0, timeout_s=3)"]
   t0 = time.monotonic()
   p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

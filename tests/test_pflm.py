@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kforcing_jax import attention
-from kforcing_jax import model as model_lib
-from kforcing_jax import pflm as pflm_lib
-from kforcing_jax.noise_encoder import sinusoidal_features
+from kforcing_jax.model import attention
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.model import pflm as pflm_lib
+from kforcing_jax.model.noise_encoder import sinusoidal_features
 
 CFG = model_lib.ModelConfig(vocab_size=61, mask_id=60, d_model=32, n_layers=2, n_heads=2)
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -278,19 +278,19 @@ def test_cached_decode_matches_window_pass():
   @jax.jit
   def decode(params, prompt, z):
     m = model_lib.merge(graphdef, params)
-    cache = model_lib.init_cache(CFG, b, 32)
-    # prefill: [prompt ; k noise]; only the prompt's k/v enter the cache.
+    ck, cv = model_lib.init_cache(CFG, b, 32)
+    # prefill: [prompt ; k noise]; the length advances past the prompt only.
     x = jnp.concatenate([m.embed(prompt), m.noise_encoder(z[0])], axis=1)
-    h, cache = m.forward_cached(x, cache, n_keep=p_len)
+    h, ck, cv = m.forward_cached(x, ck, cv, 0, fresh=True)
     logits = [m.logits(h[:, p_len:])]
     ys = [logits[-1].argmax(-1).astype(jnp.int32)]
-    lens = [cache["len"]]
+    lens = [p_len]
     for step in (1, 2):  # [k produced tokens ; k fresh noise], keep only the k real ones.
       x = jnp.concatenate([m.embed(ys[-1]), m.noise_encoder(z[step])], axis=1)
-      h, cache = m.forward_cached(x, cache, n_keep=k)
+      h, ck, cv = m.forward_cached(x, ck, cv, lens[-1])
       logits.append(m.logits(h))  # (B, 2k, V): the produced tokens' and the noise's
       ys.append(logits[-1][:, k:].argmax(-1).astype(jnp.int32))
-      lens.append(cache["len"])
+      lens.append(lens[-1] + k)
     return logits, ys, lens
 
   logits, ys, lens = decode(params, prompt, z)

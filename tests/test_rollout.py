@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kforcing_jax import distill, rollout, sampling, sharding
-from kforcing_jax import model as model_lib
-from kforcing_jax import pflm as pflm_lib
+from kforcing_jax.distill import targets as distill, rollout, sampling
+from kforcing_jax.parallel import sharding
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.model import pflm as pflm_lib
 
 CFG = model_lib.ModelConfig(vocab_size=61, mask_id=60, d_model=32, n_layers=2, n_heads=2)
 

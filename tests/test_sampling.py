@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kforcing_jax import sampling
+from kforcing_jax.distill import sampling
 
 
 _inverse_cdf = jax.jit(sampling.inverse_cdf)

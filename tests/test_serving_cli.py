@@ -1,6 +1,6 @@
 """generate / benchmark / evaluate end to end, as subprocesses, on a small work dir: a BPE
-tokenizer trained on a local text corpus and params-only "teacher" and "k2" checkpoints (random
-weights; the PFLM starts from the teacher's, as distillation does) written by stage_io."""
+tokenizer trained on a local text corpus and params-only "teacher", "k2" and "draft" checkpoints
+(random weights; the PFLM starts from the teacher's, as distillation does) written by stage_io."""
 
 import json
 import os
@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kforcing_jax import config_base, stage_io, trainer
-from kforcing_jax import model as model_lib
-from kforcing_jax import pflm as pflm_lib
+from kforcing_jax.config import base as config_base
+from kforcing_jax.interop import stage_io
+from kforcing_jax.training import trainer
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.model import pflm as pflm_lib
 from kforcing_jax.data import tokenizer as tokenizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +50,12 @@ def workdir(tmp_path_factory):
   stage_io.save_params_stage(wd, "teacher", t_params, model_cfg, step=5, extra_meta=meta)
   stage_io.save_params_stage(wd, "k2", pflm_lib.init_from(t_params, s_params), model_cfg,
                              step=3, extra_meta=meta)
+  cfg.draft.d_model, cfg.draft.n_layers = 16, 1
+  draft_cfg = trainer.stage_model_config(cfg, model_cfg, "draft")
+  with nnx.use_eager_sharding(False):
+    _, d_params = model_lib.split_params(model_lib.Transformer(draft_cfg, nnx.Rngs(3)))
+  d_params["head"] = 0.3 * jax.random.normal(jax.random.key(4), d_params["head"].shape)
+  stage_io.save_params_stage(wd, "draft", d_params, draft_cfg, step=2, extra_meta=meta)
   return wd
 
 
@@ -75,6 +83,49 @@ def test_generate_cli_pflm_and_teacher(workdir, tmp_path):
        "--max_new_tokens=5", f"--out={out2}")
   ar = [json.loads(x) for x in out2.read_text().splitlines()]
   assert all(r["method"] == "ar" and 1 <= len(r["completion_ids"]) <= 5 for r in ar)
+
+
+def test_generate_cli_lossless_methods_reproduce_the_teacher(workdir, tmp_path):
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('"and the lord"\n"behold"\n"he shall come unto the"\n')
+
+  def gen(name, *args):
+    out = tmp_path / f"{name}.jsonl"
+    _run("generate", f"--workdir={workdir}", f"--prompts={prompts}", "--max_new_tokens=9",
+         "--batch_size=2", "--seed=4", f"--out={out}", *args)
+    return [json.loads(x) for x in out.read_text().splitlines()]
+
+  teacher = gen("ar", "--stage=teacher")
+  verified = gen("pv", "--method=pflm_verified")  # the last PFLM stage (k2) drafts
+  assert [r["completion_ids"] for r in verified] == [r["completion_ids"] for r in teacher]
+  assert all(r["method"] == "pflm_verified" and r["stage"] == "k2" and r["k"] == 2 and
+             0 <= r["accepted"] <= r["drafted"] for r in verified)
+  greedy = gen("arg", "--stage=teacher", "--greedy")
+  spec = gen("spec", "--method=spec", "--greedy", "--gamma=3")
+  assert [r["completion_ids"] for r in spec] == [r["completion_ids"] for r in greedy]
+  assert all(r["method"] == "spec_greedy" and r["stage"] == "draft" for r in spec)
+  sampled = gen("specs", "--method=spec_dynamic")
+  assert all(1 <= len(r["completion_ids"]) <= 9 for r in sampled)
+
+
+def test_benchmark_cli_lossless_methods(workdir, tmp_path):
+  out = tmp_path / "bench.json"
+  stdout = _run("benchmark", f"--workdir={workdir}", "--batch_sizes=1,3", "--k=2", "--reps=1",
+                "--prompt_len=8", "--max_new_tokens=8", f"--out={out}", "--gamma=3",
+                "--methods=ar,pflm,pflm_verified,spec,spec_dynamic")
+  assert "tok/pass" in stdout
+  rows = json.loads(out.read_text())["rows"]
+  assert {(r["method"], r["k"], r["batch_size"]) for r in rows} == {
+      (m, k, b) for b in (1, 3) for m, k in (("ar", 1), ("pflm", 2), ("pflm_verified", 2),
+                                             ("spec", 3), ("spec_dynamic", 3))}
+  for r in rows:
+    assert r["tokens_per_s"] > 0 and r["speedup_vs_ar"] > 0
+    if r["method"] in ("pflm_verified", "spec", "spec_dynamic"):
+      acc = r["acceptance"]
+      assert 0 <= acc["acceptance"] <= 1 and 1 <= r["tokens_per_pass"] <= r["k"] + 1
+    else:
+      assert r["tokens_per_pass"] == (r["k"] if r["method"] == "pflm" else 1)
+  assert os.path.getsize(tmp_path / "bench.png") > 1000
 
 
 def test_benchmark_cli(workdir, tmp_path):
@@ -112,12 +163,19 @@ def test_evaluate_cli(workdir, tmp_path):
                 f"--evaluator_workdir={other}")
   assert "gen_ppl" in stdout
   rows = json.loads(out.read_text())["rows"]
-  assert [(r["stage"], r["k"]) for r in rows] == [("teacher", 1), ("k2", 1), ("k2", 2)]
+  assert [(r["method"], r["stage"], r["k"]) for r in rows] == [
+      ("ar", "teacher", 1), ("pflm", "k2", 1), ("pflm", "k2", 2), ("pflm_verified", "k2", 2),
+      ("spec", "draft", 4), ("spec_dynamic", "draft", 4)]
   for r in rows:
     assert r["gen_ppl"] > 1 and r["eval_ppl"] > 1
     assert r["eval_ppl"] != pytest.approx(r["gen_ppl"], rel=1e-3)
+  # pflm_verified decodes the teacher's own samples (same uniforms): identical quality.
+  lossless = rows[3]
+  assert lossless["agree"] == 1.0 and lossless["gen_ppl"] == pytest.approx(rows[0]["gen_ppl"])
+  assert all(0 <= r["acceptance"] <= 1 and r["tokens_per_pass"] >= 1 for r in rows[3:])
+  rows = [r for r in rows if "acceptance" not in r]
   # The teacher's data NLL, recomputed here by a plain forward pass and log-softmax in numpy.
-  from kforcing_jax import quality
+  from kforcing_jax.serving import quality
   val = np.asarray(quality.held_out(teacher, workdir, 6))[:4]
   logits = np.asarray(teacher.model()(jax.numpy.asarray(val[:, :-1])), np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \

@@ -7,9 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kforcing_jax import checkpoint, config_base, losses, optimizer, sharding
-from kforcing_jax import model as model_lib
-from kforcing_jax import train_state, train_step
+from kforcing_jax.training import checkpoint, optimizer
+from kforcing_jax.config import base as config_base
+from kforcing_jax.distill import losses
+from kforcing_jax.parallel import sharding
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.training import state as train_state, step as train_step
 
 CFG = model_lib.ModelConfig(vocab_size=128, mask_id=127, d_model=64, n_layers=2, n_heads=4)
 

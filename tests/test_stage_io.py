@@ -8,9 +8,11 @@ import optax
 import pytest
 from flax import nnx
 
-from kforcing_jax import checkpoint, sharding, stage_io, train_state
-from kforcing_jax import model as model_lib
-from kforcing_jax import pflm as pflm_lib
+from kforcing_jax.training import checkpoint, state as train_state
+from kforcing_jax.parallel import sharding
+from kforcing_jax.interop import stage_io
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.model import pflm as pflm_lib
 
 CFG = model_lib.ModelConfig(vocab_size=97, mask_id=96, d_model=32, n_layers=2, n_heads=4)
 

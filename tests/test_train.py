@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from kforcing_jax import checkpoint, config_base, metrics_log, sharding, trainer
+from kforcing_jax.training import checkpoint, trainer
+from kforcing_jax.config import base as config_base
+from kforcing_jax.observe import metrics_log
+from kforcing_jax.parallel import sharding
 
 
 def tiny_config(data_dir: str, stages="teacher", steps=8):

@@ -10,6 +10,11 @@ drifting load on a shared machine cannot favour one of them:
                (donated) step per token called from Python. `ar` should match or beat it.
   pflm         PFLM decoding with k tokens per step (prefill + ceil(max_new/k)-1 steps of 2k
                positions), one jitted while_loop.
+  pflm_verified, spec, spec_dynamic
+               the lossless methods (serving/speculative.py): one jitted while_loop of draft +
+               teacher-verify passes until every row has max_new_tokens; rows accept different
+               numbers of tokens, so the batch runs until its slowest row is done.
+               tokens_per_pass = tokens a row gains per teacher forward pass (AR: 1, PFLM: k).
 tokens/s = B * max_new_tokens / seconds (prefill included, as in the paper); ttft_s = time to
 first token = the jitted prefill alone; step_s = one decode step, timed as a fori_loop of all
 the steps of a generation (from a prefilled state) divided by their number. The measured
@@ -32,7 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kforcing_jax import decode
+from kforcing_jax.serving import decode, speculative
+
+METHODS = ("ar", "ar_stepwise", "pflm", "pflm_verified", "spec", "spec_dynamic")
 
 def _method_timers(engine: decode.Engine, spec: decode.DecodeSpec, inputs,
                    stepwise: bool = False) -> dict[str, tuple[Callable, Callable | None]]:
@@ -114,17 +121,26 @@ def matmul_bounds(cfg, batch: int, ks, reps: int = 20) -> dict[int, float]:
 def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_sizes, ks,
             prompt_len: int = 32, max_new_tokens: int = 128, reps: int = 5, seed: int = 0,
             stepwise: bool = True, progress: Callable[[str], None] = print,
-            on_batch: Callable[[list[dict]], None] | None = None) -> list[dict]:
-  """Rows (one per method, k, batch size) with tokens/s, speedup and roofline bound.
-  `on_batch(rows so far)` runs after each batch size (the CLI saves partial results)."""
+            on_batch: Callable[[list[dict]], None] | None = None, pflm: bool = True,
+            verified: dict | None = None, gamma: int = 4, confidence: float = 0.4,
+            prompt_pool: list[list[int]] | None = None) -> list[dict]:
+  """Rows (one per method, k, batch size) with tokens/s, speedup, tokens per teacher pass and
+  the roofline bound. `verified`: {method: speculative.VerifiedEngine} of the lossless methods
+  (pflm_verified drafts k tokens for each k of `ks`; spec/spec_dynamic draft `gamma`).
+  `prompt_pool`: token lists (>= prompt_len long) to draw prompts from (held-out text, so that
+  acceptance rates mean something); else random ids. `on_batch(rows so far)` runs after each
+  batch size (the CLI saves partial results)."""
   if reps < 1:
     raise ValueError(f"reps must be >= 1, got {reps}")
-  if ks and pflm_engine is None:
+  verified = verified or {}
+  if pflm and ks and pflm_engine is None:
     raise ValueError("PFLM k values were requested but no PFLM stage was given")
   vocab = ar_engine.cfg.mask_id  # random prompt ids below the mask id (it is never an input)
   rng = np.random.RandomState(seed)
   rows = []
-  n_jobs, done, t_start = len(batch_sizes) * (1 + int(stepwise) + len(ks)), 0, time.time()
+  n_verified = sum(len(ks) if m == "pflm_verified" else 1 for m in verified)
+  n_jobs = len(batch_sizes) * (1 + int(stepwise) + len(ks) * int(pflm) + n_verified)
+  done, t_start = 0, time.time()
 
   def note(what):
     nonlocal done
@@ -133,17 +149,30 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
     progress(f"[{done}/{n_jobs}] {what} | elapsed {el:.0f}s, ETA {el / done * (n_jobs - done):.0f}s")
 
   for b in batch_sizes:
-    prompts = rng.randint(0, vocab, size=(b, prompt_len)).tolist()
+    if prompt_pool:
+      prompts = [list(prompt_pool[i % len(prompt_pool)][:prompt_len]) for i in range(b)]
+    else:
+      prompts = rng.randint(0, vocab, size=(b, prompt_len)).tolist()
     ar_spec = decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True)
     ar_in = ar_engine.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
     methods = {("ar", 1): _method_timers(ar_engine, ar_spec, ar_in)}
     if stepwise:
       methods[("ar_stepwise", 1)] = _method_timers(ar_engine, ar_spec, ar_in, stepwise=True)
-    for k in ks:
+    for k in ks if pflm else ():
       spec = decode.DecodeSpec(k=k, max_new_tokens=max_new_tokens)
       pflm_engine.check(spec)
       inputs = pflm_engine.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
       methods[("pflm", k)] = _method_timers(pflm_engine, spec, inputs)
+    vspecs = {}
+    for method, engine in verified.items():
+      for g in (ks if method == "pflm_verified" else (gamma,)):
+        vspec = speculative.VerifySpec(method, gamma=g, max_new_tokens=max_new_tokens,
+                                       confidence=confidence)
+        engine.check(vspec)
+        inputs = engine.base.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
+        run = (lambda e, sp, x: lambda: e.generate_arrays(sp, *x))(engine, vspec, inputs)
+        methods[(method, g)] = {"seconds": (run, None)}
+        vspecs[(method, g)] = (run, b)
     t_batch = time.time()
     timed = _time_round_robin(
         methods, reps, lambda msg: progress(f"B={b}: {msg}, {time.time() - t_batch:.0f}s"))
@@ -151,20 +180,32 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
     for (method, k), r in timed.items():
       n_steps = -(-max_new_tokens // k) - 1
       r["step_s"] = r["steps_s"] / n_steps if "steps_s" in r else float("nan")
+      r.setdefault("ttft_s", float("nan"))
+      if (method, k) in vspecs:  # acceptance of one generation (deterministic for the seed)
+        _, n_B, passes, drafted, accepted = jax.device_get(vspecs[(method, k)][0]())
+        r["acceptance"] = speculative.summarize(n_B[:b], int(passes), drafted[:b], accepted[:b],
+                                                max_new_tokens)
+        r["tokens_per_pass"] = r["acceptance"]["tokens_per_pass"]
+      else:
+        r["tokens_per_pass"] = float(k if method == "pflm" else 1)
       runs.append((method, k, r))
       note(f"B={b} {method} k={k} {b * max_new_tokens / r['seconds']:.0f} tok/s")
     ar = timed[("ar", 1)]
-    mm_bounds = matmul_bounds(ar_engine.cfg, b, ks, max(reps, 20))
+    mm_bounds = matmul_bounds(ar_engine.cfg, b, ks, max(reps, 20)) if pflm and ks else {}
     for method, k, r in runs:
       bound = k * ar["step_s"] / r["step_s"] if method == "pflm" else 1.0
       speedup = ar["seconds"] / r["seconds"]
       mm_bound = mm_bounds[k] if method == "pflm" else 1.0
-      rows.append({"method": method, "k": k, "batch_size": b, "prompt_len": prompt_len,
-                   "max_new_tokens": max_new_tokens,
-                   "tokens_per_s": b * max_new_tokens / r["seconds"], "seconds": r["seconds"],
-                   "ttft_s": r["ttft_s"], "step_s": r["step_s"], "speedup_vs_ar": speedup,
-                   "roofline_bound": bound, "frac_of_bound": speedup / bound,
-                   "matmul_bound": mm_bound, "times": r["times"], "reps": reps})
+      row = {"method": method, "k": k, "batch_size": b, "prompt_len": prompt_len,
+             "max_new_tokens": max_new_tokens,
+             "tokens_per_s": b * max_new_tokens / r["seconds"], "seconds": r["seconds"],
+             "ttft_s": r["ttft_s"], "step_s": r["step_s"], "speedup_vs_ar": speedup,
+             "tokens_per_pass": r["tokens_per_pass"],
+             "roofline_bound": bound, "frac_of_bound": speedup / bound,
+             "matmul_bound": mm_bound, "times": r["times"], "reps": reps}
+      if "acceptance" in r:
+        row["acceptance"] = r["acceptance"]
+      rows.append(row)
     if on_batch is not None:
       on_batch(rows)
   return rows
@@ -179,15 +220,19 @@ def machine() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-  head = (f"{'method':<12}{'k':>3}{'batch':>7}{'tokens/s':>11}{'speedup':>9}{'bound':>7}"
-          f"{'of bound':>9}{'mm bound':>9}{'TTFT ms':>9}{'step ms':>9}")
+  """k: the PFLM window, or the tokens drafted per teacher pass (spec: gamma)."""
+  head = (f"{'method':<14}{'k':>3}{'batch':>7}{'tokens/s':>11}{'speedup':>9}{'tok/pass':>9}"
+          f"{'bound':>7}{'of bound':>9}{'mm bound':>9}{'TTFT ms':>9}{'step ms':>9}")
   lines = [head, "-" * len(head)]
+  nan = lambda x: x != x
   for r in rows:
-    step = "" if r["step_s"] != r["step_s"] else f"{1e3 * r['step_s']:.2f}"
-    lines.append(f"{r['method']:<12}{r['k']:>3}{r['batch_size']:>7}{r['tokens_per_s']:>11.0f}"
-                 f"{r['speedup_vs_ar']:>8.2f}x{r['roofline_bound']:>7.2f}"
+    step = "" if nan(r["step_s"]) else f"{1e3 * r['step_s']:.2f}"
+    ttft = "" if nan(r["ttft_s"]) else f"{1e3 * r['ttft_s']:.1f}"
+    lines.append(f"{r['method']:<14}{r['k']:>3}{r['batch_size']:>7}{r['tokens_per_s']:>11.0f}"
+                 f"{r['speedup_vs_ar']:>8.2f}x{r.get('tokens_per_pass', 1.0):>9.2f}"
+                 f"{r['roofline_bound']:>7.2f}"
                  f"{100 * r['frac_of_bound']:>8.0f}%{r.get('matmul_bound', 1.0):>9.2f}"
-                 f"{1e3 * r['ttft_s']:>9.1f}{step:>9}")
+                 f"{ttft:>9}{step:>9}")
   return "\n".join(lines)
 
 
@@ -207,6 +252,15 @@ def plot(rows: list[dict], out_png: str, title: str = "") -> None:
     ax.plot(xs, [r["speedup_vs_ar"] for r in rs], "o-", color=color, label=f"PFLM k={k}")
     ax.plot(xs, [r["roofline_bound"] for r in rs], "--", color=color, alpha=0.6,
             label=f"bound k={k}")
+  styles = {"pflm_verified": "s-", "spec": "^-", "spec_dynamic": "v-"}
+  n = len(ks)
+  for method, style in styles.items():
+    for k in sorted({r["k"] for r in rows if r["method"] == method}):
+      rs = sorted((r for r in rows if r["method"] == method and r["k"] == k),
+                  key=lambda r: r["batch_size"])
+      ax.plot([r["batch_size"] for r in rs], [r["speedup_vs_ar"] for r in rs], style,
+              color=f"C{n}", label=f"{method} {'k' if method == 'pflm_verified' else 'gamma'}={k}")
+      n += 1
   rs = sorted((r for r in rows if r["method"] == "ar_stepwise"), key=lambda r: r["batch_size"])
   if rs:
     ax.plot([r["batch_size"] for r in rs], [r["speedup_vs_ar"] for r in rs], "x:", color="gray",
@@ -215,7 +269,8 @@ def plot(rows: list[dict], out_png: str, title: str = "") -> None:
   ax.set_xscale("log", base=2)
   ax.set_xlabel("batch size")
   ax.set_ylabel("throughput speedup over AR (x)")
-  ax.set_title(title or "PFLM decode speedup (dashed: k * t(1-token step) / t(2k step))")
+  ax.set_title(title or "decode speedup over AR (dashed: k * t(1-token step) / t(2k step))",
+               fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, ncol=2)
   fig.tight_layout()

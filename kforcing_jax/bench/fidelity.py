@@ -8,7 +8,7 @@ it (a finished stage is skipped), so they differ only in what follows the teache
   curve  the final stage's validation NLL_j / acc_j against the ORIGINAL AR teacher's targets
          (`val_ar_*` in metrics.jsonl), against its steps and against the cumulative wall time of
          all distillation stages of the chain;
-  eval   kforcing_jax.quality on held-out prompts, decoding the final stage at its full window:
+  eval   kforcing_jax.serving.quality on held-out prompts, decoding the final stage at its full window:
          teacher-scored Gen-PPL, unigram entropy, rep_2/rep_4, agreement with the AR rollout
          under identical uniforms, per-offset NLL_j / acc_j against AR targets; plus the teacher
          row (its own samples and data NLL).
@@ -113,7 +113,7 @@ def _apply(config, pairs) -> None:
 
 
 def _config(base_path: str, pairs, out_dir: str):
-  from kforcing_jax import config_base
+  from kforcing_jax.config import base as config_base
 
   config = config_base.load_config_file(base_path)
   _apply(config, pairs)
@@ -122,7 +122,7 @@ def _config(base_path: str, pairs, out_dir: str):
 
 
 def train_teacher(out_dir: str, name: str) -> str:
-  from kforcing_jax import trainer
+  from kforcing_jax.training import trainer
 
   workdir = os.path.join(out_dir, "teachers", name)
   config = _config(_CONFIG.value, TEACHERS[name] + (("stages", "teacher"),), out_dir)
@@ -131,7 +131,7 @@ def train_teacher(out_dir: str, name: str) -> str:
 
 
 def train_variant(out_dir: str, v: Variant, teacher_dir: str) -> str:
-  from kforcing_jax import trainer
+  from kforcing_jax.training import trainer
 
   workdir = os.path.join(out_dir, "variants", v.name)
   if not os.path.exists(os.path.join(workdir, "checkpoints", "teacher")):
@@ -149,7 +149,7 @@ def train_variant(out_dir: str, v: Variant, teacher_dir: str) -> str:
 def curve(workdir: str, stages: list[str]) -> tuple[list[dict], dict]:
   """Validation points of the final stage vs steps and cumulative distillation wall time;
   and the wall time of each stage (its last logged elapsed_s)."""
-  from kforcing_jax import metrics_log
+  from kforcing_jax.observe import metrics_log
 
   rows = metrics_log.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   wall = {}
@@ -169,7 +169,8 @@ def curve(workdir: str, stages: list[str]) -> tuple[list[dict], dict]:
 def evaluate(workdir: str, final_stage: str) -> list[dict]:
   import numpy as np
 
-  from kforcing_jax import quality, stage_io
+  from kforcing_jax.serving import quality
+  from kforcing_jax.interop import stage_io
 
   teacher = stage_io.load_stage(workdir, "teacher")
   student = stage_io.load_stage(workdir, final_stage, load_tokenizer=False)
@@ -251,7 +252,8 @@ def plot(results: list[dict], png: str) -> None:
 
 def main(argv):
   del argv
-  from kforcing_jax import config_check, metrics_log
+  from kforcing_jax.config import check as config_check
+  from kforcing_jax.observe import metrics_log
 
   metrics_log.configure_logging()
   log = metrics_log.log

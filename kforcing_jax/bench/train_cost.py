@@ -56,9 +56,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kforcing_jax import config_base, distill, optimizer, sharding, train_state, train_step, trainer
-from kforcing_jax import model as model_lib
-from kforcing_jax import pflm as pflm_lib
+from kforcing_jax.config import base as config_base
+from kforcing_jax.distill import targets as distill
+from kforcing_jax.training import optimizer, state as train_state, step as train_step, trainer
+from kforcing_jax.parallel import sharding
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.model import pflm as pflm_lib
 
 BUDGET_FACTOR = 1.2  # The budget: a PFLM(k) distill step <= 1.2 * (1 + k) AR steps.
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",

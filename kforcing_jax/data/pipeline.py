@@ -28,7 +28,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from kforcing_jax import config_check
+from kforcing_jax.config import check as config_check
 from kforcing_jax.data import kjv, text_files
 
 SOURCES = config_check.SOURCES

@@ -15,7 +15,7 @@ import time
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from kforcing_jax import config_check
+from kforcing_jax.config import check as config_check
 from kforcing_jax.data import pipeline
 
 KINDS = config_check.TOKENIZERS

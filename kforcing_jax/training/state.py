@@ -12,8 +12,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kforcing_jax import model as model_lib
-from kforcing_jax import sharding
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.parallel import sharding
 
 TrainState = dict[str, Any]
 

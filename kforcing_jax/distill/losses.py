@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from kforcing_jax import model as model_lib
+from kforcing_jax.model import transformer as model_lib
 
 
 def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:

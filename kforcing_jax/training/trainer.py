@@ -13,10 +13,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from kforcing_jax import checkpoint, config_check, distill, losses, metrics_log, optimizer, plots
-from kforcing_jax import model as model_lib
-from kforcing_jax import pflm as pflm_lib
-from kforcing_jax import sharding, stage_io, train_state, train_step
+from kforcing_jax.training import checkpoint, optimizer
+from kforcing_jax.config import check as config_check
+from kforcing_jax.distill import targets as distill, losses
+from kforcing_jax.observe import metrics_log, plots
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.model import pflm as pflm_lib
+from kforcing_jax.parallel import sharding
+from kforcing_jax.interop import stage_io
+from kforcing_jax.training import state as train_state, step as train_step
 from kforcing_jax.data import pipeline, tokenizer as tokenizer_lib
 
 log = metrics_log.log
@@ -69,9 +74,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   s = setup(config, workdir)
   results = {}
   stages = config_check.parse_stages(config.stages)
-  for prev, stage in zip([None] + stages, stages):
-    if stage == config_check.TEACHER:
-      results[stage] = run_teacher_stage(s)
+  for prev, stage in config_check.chain(stages):
+    if stage in (config_check.TEACHER, config_check.DRAFT):
+      results[stage] = run_teacher_stage(s, stage)
     else:
       results[stage] = run_distill_stage(s, stage, prev)
   if jax.process_index() == 0 and os.path.exists(s.writer.path):
@@ -83,10 +88,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def _stage_model(s: Setup, stage: str):
+def stage_model_config(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelConfig,
+                       stage: str) -> model_lib.ModelConfig:
+  """A stage's architecture: the run's, except the draft's width, depth and heads."""
+  if stage != config_check.DRAFT:
+    return model_cfg
+  d = config.draft
+  return dataclasses.replace(model_cfg, d_model=d.d_model, n_layers=d.n_layers,
+                             n_heads=d.n_heads)
+
+
+def stage_model(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelConfig, stage: str):
   """(factory, abstract module, graphdef) of a stage's model: AR Transformer or PFLM."""
-  factory, abstract = pflm_lib.stage_module(s.model_cfg, config_check.stage_k(stage))
+  factory, abstract = pflm_lib.stage_module(stage_model_config(config, model_cfg, stage),
+                                            config_check.stage_k(stage))
   return factory, abstract, model_lib.split_params(abstract)[0]
+
+
+def _stage_model(s: Setup, stage: str):
+  return stage_model(s.config, s.model_cfg, stage)
 
 
 def ar_loss_fn(graphdef):
@@ -97,7 +117,8 @@ def ar_loss_fn(graphdef):
 
 
 def run_teacher_stage(s: Setup, stage: str = config_check.TEACHER) -> dict:
-  """Train the AR teacher with next-token cross-entropy."""
+  """Train an AR model (the teacher, or the speculative-decoding draft) with next-token
+  cross-entropy on the data."""
   factory, abstract, graphdef = _stage_model(s, stage)
   return train_loop(s, stage, factory, abstract, ar_loss_fn(graphdef))
 
@@ -188,7 +209,8 @@ def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init
       cfg.data, s.tokenizer, num_batches=tcfg.eval_batches, **data_kw)]
 
   ckpt = checkpoint.Checkpointer(stage_dir(s.workdir, stage), keep=tcfg.keep_checkpoints)
-  meta = {"model_config": dataclasses.asdict(s.model_cfg), "stage": stage,
+  meta = {"model_config": dataclasses.asdict(stage_model_config(cfg, s.model_cfg, stage)),
+          "stage": stage,
           "config": cfg.to_dict()}
   latest = ckpt.latest_step()
   if latest is not None:

@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kforcing_jax import metrics_log  # noqa: E402
+from kforcing_jax.observe import metrics_log  # noqa: E402
 
 
 def plot_loss_curves(metrics_path: str, out_png: str) -> None:

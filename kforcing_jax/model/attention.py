@@ -34,19 +34,17 @@ def causal_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK) -> jax.Array:
   return dense_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, causal_mask(length, length))
 
 
-def cached_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, cache_k_BxHxSxK, cache_v_BxHxSxK,
-                     cache_len: jax.Array) -> jax.Array:
-  """New queries attend to the first `cache_len` cache slots and causally to each other.
+def decode_mask(start: jax.Array, pad_B: jax.Array, n_new: int, n_keys: int) -> jax.Array:
+  """(B, 1, n_new, n_keys) bool mask of W new positions written at cache slots start..start+W-1.
 
-  The cache is fixed-size (S slots); slots >= cache_len hold stale or zero entries and are masked,
-  so one compiled step serves every decode position.
+  `start` is () or per row (B,): rows of a ragged batch sit at different cache lengths. Slot-
+  causal (a key slot <= the query's slot), and never a row's left padding (slots < pad_B[b]).
+  Slots beyond a row's length hold stale entries; they lie after every query, so are masked.
   """
-  n_new, n_slots = q_BxHxLxK.shape[2], cache_k_BxHxSxK.shape[2]
-  k = jnp.concatenate([cache_k_BxHxSxK, k_BxHxLxK], axis=2)
-  v = jnp.concatenate([cache_v_BxHxSxK, v_BxHxLxK], axis=2)
-  mask_cache = jnp.broadcast_to(jnp.arange(n_slots)[None, :] < cache_len, (n_new, n_slots))
-  mask = jnp.concatenate([mask_cache, causal_mask(n_new, n_new)], axis=1)
-  return dense_attention(q_BxHxLxK, k, v, mask)
+  slot_BxW = jnp.broadcast_to(start, pad_B.shape)[:, None] + jnp.arange(n_new, dtype=jnp.int32)
+  key_S = jnp.arange(n_keys, dtype=jnp.int32)
+  return ((key_S[None, None, :] <= slot_BxW[:, :, None])
+          & (key_S[None, None, :] >= pad_B[:, None, None]))[:, None]
 
 
 # ---- PFLM two-stream attention (spec section 3) ----

@@ -17,10 +17,11 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from kforcing_jax import checkpoint, config_check
-from kforcing_jax import model as model_lib
-from kforcing_jax import pflm as pflm_lib
-from kforcing_jax import sharding
+from kforcing_jax.training import checkpoint
+from kforcing_jax.config import check as config_check
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.model import pflm as pflm_lib
+from kforcing_jax.parallel import sharding
 from kforcing_jax.data import tokenizer as tokenizer_lib
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -47,14 +48,16 @@ def stages_dir(workdir: str) -> str:
   return os.path.join(workdir, "checkpoints")
 
 
-def list_stages(workdir: str) -> list[str]:
-  """Stages with at least one checkpoint, in chain order (teacher first, then by window)."""
+def list_stages(workdir: str, include_draft: bool = False) -> list[str]:
+  """Stages with at least one checkpoint, in chain order (teacher first, then by window); the
+  speculative-decoding draft (not part of the chain) only with include_draft."""
   root = stages_dir(workdir)
   if not os.path.isdir(root):
     return []
   found = []
   for name in os.listdir(root):
-    valid = name == config_check.TEACHER or (name[:1] == "k" and name[1:].isdigit())
+    valid = name == config_check.TEACHER or (name[:1] == "k" and name[1:].isdigit()) or (
+        include_draft and name == config_check.DRAFT)
     if valid and _latest_step(os.path.join(root, name)) is not None:
       found.append(name)
   return sorted(found, key=config_check.stage_k)

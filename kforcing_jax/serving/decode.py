@@ -3,7 +3,7 @@
 PFLM(k): prefill [prompt ; k noise] in one pass, then fixed-shape steps of 2k positions
 [the k tokens just produced ; k fresh noise]; argmax at the noise positions. AR: prefill the
 prompt, then one position per step, sampled by inverse-CDF at tau from the same uniform stream
-(or greedy). Both run through `_forward`, one cache code path.
+(or greedy). Both run through `Transformer.forward_cached`, the one cache code path.
 
 Cache: per layer (B, H, S, head_dim), S = prompt bucket + max_new_tokens (rounded up to k). A
 step writes all its positions' keys/values at slots [len, len + W) and attends to the cache
@@ -34,10 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kforcing_jax import attention, sampling, sharding
-from kforcing_jax import model as model_lib
+from kforcing_jax.distill import sampling
+from kforcing_jax.parallel import sharding
+from kforcing_jax.model import transformer as model_lib
 
 KEY_IMPL = "threefry2x32"
+STREAM_BASE = 1 << 30  # fold_in tag of stream s > 0; token indices stay below it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,68 +100,53 @@ def row_keys(seed: int, row_ids: Sequence[int]) -> np.ndarray:
   return np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)))
 
 
-def uniforms(keys_Bx2: jax.Array, first: jax.Array | int, n: int) -> jax.Array:
-  """(B, n) float32 uniforms of token indices first .. first + n - 1 of each row's stream."""
-  idx = first + jnp.arange(n, dtype=jnp.int32)
+def uniforms(keys_Bx2: jax.Array, first: jax.Array | int, n: int, stream: int = 0) -> jax.Array:
+  """(B, n) float32 uniforms of token indices first .. first + n - 1 of each row's stream.
 
-  def row(kd):
+  `first` is () or per row (B,) (ragged batches). stream 0 is the tokens' stream (the AR
+  teacher's inverse-CDF and the PFLM's noise); other streams (speculative decoding's draft and
+  acceptance draws) are independent of it and of each other.
+  """
+  b = keys_Bx2.shape[0]
+  idx_BxN = jnp.broadcast_to(jnp.asarray(first, jnp.int32), (b,))[:, None] + jnp.arange(
+      n, dtype=jnp.int32)
+
+  def row(kd, idx_N):
     key = jax.random.wrap_key_data(kd, impl=KEY_IMPL)
-    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), ()))(idx)
+    if stream:
+      key = jax.random.fold_in(key, STREAM_BASE + stream)
+    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), ()))(idx_N)
 
-  return jax.vmap(row)(keys_Bx2)
-
-
-# ---- one forward over W new positions ----
-
-
-def _forward(m: model_lib.Transformer, x_BxWxD: jax.Array, cache_k, cache_v, start: jax.Array,
-             pad_B: jax.Array, prefill: bool, n_out: int):
-  """Hidden states of the last `n_out` of W new positions at slots start..start+W-1 (only those
-  feed the head, so the last block computes nothing else), and the caches with all W positions'
-  keys/values written there. The prefill (start = 0) attends among its own positions only."""
-  b, w, _ = x_BxWxD.shape
-  slot_W = start + jnp.arange(w, dtype=jnp.int32)
-  pos_BxW = slot_W[None, :] - pad_B[:, None]
-  n_keys = w if prefill else cache_k[0].shape[2]
-  key_S = jnp.arange(n_keys, dtype=jnp.int32)
-  # (B, 1, W, S): slot-causal, and never a row's left padding.
-  mask = ((key_S[None, None, :] <= slot_W[None, :, None])
-          & (key_S[None, None, :] >= pad_B[:, None, None]))[:, None]
-  new_k, new_v = list(cache_k), list(cache_v)
-
-  def attend(i, q, k, v):
-    at = (0, 0, start, 0)
-    new_k[i] = jax.lax.dynamic_update_slice(cache_k[i], k.astype(cache_k[i].dtype), at)
-    new_v[i] = jax.lax.dynamic_update_slice(cache_v[i], v.astype(cache_v[i].dtype), at)
-    q_mask = mask[:, :, -q.shape[2]:]  # the last block's queries are the last n_out rows
-    if prefill:
-      return attention.dense_attention(q, k, v, q_mask)
-    return attention.dense_attention(q, new_k[i], new_v[i], q_mask)
-
-  h, _ = m.run_blocks(x_BxWxD.astype(model_lib.RESIDUAL_DTYPE), pos_BxW, attend, keep_last=n_out)
-  return h, tuple(new_k), tuple(new_v)
+  return jax.vmap(row)(keys_Bx2, idx_BxN)
 
 
-def _noise(m, spec: DecodeSpec, keys_Bx2, first) -> jax.Array:
+def noise(m, spec: DecodeSpec, keys_Bx2, first) -> jax.Array:
+  """Noise embeddings of the k uniforms from token index `first` (() or per row)."""
   z_BxK = uniforms(keys_Bx2, first, spec.k)
   return m.noise_encoder(z_BxK, spec.tau).astype(model_lib.RESIDUAL_DTYPE)
 
 
-def _choose(spec: DecodeSpec, logits_BxKxV, keys_Bx2, first, done_B, length_B, counts_BxV):
-  """The k tokens of a block, one at a time (the penalty sees earlier tokens of the block)."""
+def choose(spec: DecodeSpec, logits_BxKxV, keys_Bx2, first, done_B, length_B, counts_BxV,
+           penalty_B: jax.Array | None = None):
+  """The k tokens of a block, one at a time (the penalty sees earlier tokens of the block).
+  `first`: () or per-row (B,) index of the block's first token in the rows' streams.
+  `penalty_B`: per-row frequency penalties (the serving engine) instead of the spec's."""
   b = logits_BxKxV.shape[0]
   z_BxK = uniforms(keys_Bx2, first, spec.k) if spec.ar and not spec.greedy else None
   alive, rows, ys = ~done_B, jnp.arange(b), []
+  penalize = penalty_B is not None or spec.frequency_penalty
   for j in range(spec.k):
     logits_BxV = logits_BxKxV[:, j]
-    if spec.frequency_penalty:
+    if penalty_B is not None:
+      logits_BxV = logits_BxV - penalty_B[:, None] * counts_BxV.astype(jnp.float32)
+    elif spec.frequency_penalty:
       logits_BxV = logits_BxV - spec.frequency_penalty * counts_BxV.astype(jnp.float32)
     if z_BxK is not None:
       y_B = sampling.inverse_cdf(logits_BxV / spec.tau, z_BxK[:, j])
     else:
       y_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     y_B = jnp.where(alive, y_B, spec.fill_id)
-    if spec.frequency_penalty:
+    if penalize:
       counts_BxV = counts_BxV.at[rows, y_B].add(alive.astype(counts_BxV.dtype))
     length_B = length_B + alive.astype(jnp.int32)
     if spec.eos_id is not None:
@@ -173,23 +160,16 @@ def prefill(m: model_lib.Transformer, spec: DecodeSpec, prompt_BxP: jax.Array, p
   """First block: [prompt ; k noise] (PFLM) or the prompt (AR). Returns (state, logits BxKxV)."""
   cfg = m.cfg
   b, plen = prompt_BxP.shape
-  shape = (b, cfg.n_heads, spec.cache_slots(plen), cfg.head_dim)
-
-  def zeros():
-    z = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-    return z if cache_sharding is None else jax.lax.with_sharding_constraint(z, cache_sharding)
-
-  cache_k = tuple(zeros() for _ in range(cfg.n_layers))
-  cache_v = tuple(zeros() for _ in range(cfg.n_layers))
+  cache_k, cache_v = model_lib.init_cache(cfg, b, spec.cache_slots(plen), cache_sharding)
   x = m.embed(prompt_BxP)
   if not spec.ar:
-    x = jnp.concatenate([x, _noise(m, spec, keys_Bx2, 0)], axis=1)
+    x = jnp.concatenate([x, noise(m, spec, keys_Bx2, 0)], axis=1)
   zero = jnp.zeros((), jnp.int32)
-  h, cache_k, cache_v = _forward(m, x, cache_k, cache_v, zero, pad_B, prefill=True,
-                                 n_out=spec.k)
+  h, cache_k, cache_v = m.forward_cached(x, cache_k, cache_v, zero, pad_B, n_out=spec.k,
+                                        fresh=True)
   logits = m.logits(h)
   counts = jnp.zeros((b, cfg.vocab_size if spec.frequency_penalty else 0), jnp.int32)
-  y_BxK, done, length, counts = _choose(spec, logits, keys_Bx2, 0, jnp.zeros((b,), bool),
+  y_BxK, done, length, counts = choose(spec, logits, keys_Bx2, 0, jnp.zeros((b,), bool),
                                         jnp.zeros((b,), jnp.int32), counts)
   tokens = jnp.full((b, spec.buffer_len), spec.fill_id, jnp.int32)
   tokens = jax.lax.dynamic_update_slice(tokens, y_BxK, (0, 0))
@@ -207,11 +187,11 @@ def decode_step(m: model_lib.Transformer, spec: DecodeSpec, state: DecodeState):
   prev_BxK = jax.lax.dynamic_slice_in_dim(state.tokens_BxT, first - k, k, axis=1)
   x = m.embed(prev_BxK)
   if not spec.ar:
-    x = jnp.concatenate([x, _noise(m, spec, state.keys_Bx2, first)], axis=1)
-  h, cache_k, cache_v = _forward(m, x, state.cache_k, state.cache_v, state.cache_len,
-                                 state.pad_B, prefill=False, n_out=k)
+    x = jnp.concatenate([x, noise(m, spec, state.keys_Bx2, first)], axis=1)
+  h, cache_k, cache_v = m.forward_cached(x, state.cache_k, state.cache_v, state.cache_len,
+                                        state.pad_B, n_out=k)
   logits = m.logits(h)
-  y_BxK, done, length, counts = _choose(spec, logits, state.keys_Bx2, first, state.done_B,
+  y_BxK, done, length, counts = choose(spec, logits, state.keys_Bx2, first, state.done_B,
                                         state.length_B, state.counts_BxV)
   tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens_BxT, y_BxK, first, axis=1)
   state = state.replace(tokens_BxT=tokens, cache_k=cache_k, cache_v=cache_v,

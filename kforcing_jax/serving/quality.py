@@ -17,6 +17,7 @@ fixed-length completions (no EOS stop) from per-row uniform streams (seed, row):
 """
 
 import collections
+import dataclasses
 import math
 import time
 from typing import Callable, Sequence
@@ -25,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kforcing_jax import decode, distill, losses, rollout
-from kforcing_jax import model as model_lib
+from kforcing_jax.serving import decode
+from kforcing_jax.distill import targets as distill, losses, rollout
+from kforcing_jax.model import transformer as model_lib
 
 
 # ---- scoring and text statistics ----
@@ -147,25 +149,38 @@ def held_out(teacher, workdir: str, n_rows: int, seq_len: int | None = None):
 
 
 
-def _generate(engine: decode.Engine, spec: decode.DecodeSpec, prompts, seed, batch_size):
-  out = []
+def _generate(engine, spec, prompts, seed, batch_size):
+  """Completions of every prompt (row i's uniforms from (seed, i)), and for the lossless
+  methods the summed acceptance counts."""
+  out, counts = [], {"drafted": 0, "accepted": 0, "passes": 0}
   for lo in range(0, len(prompts), batch_size):
     batch = prompts[lo:lo + batch_size]
-    out += [c.tokens for c in engine.generate(batch, spec, seed, range(lo, lo + len(batch)),
-                                              batch_size=batch_size)]
-  return out
+    res = engine.generate(batch, spec, seed, range(lo, lo + len(batch)), batch_size=batch_size)
+    if isinstance(res, tuple):  # speculative.VerifiedEngine: (completions, stats)
+      res, _ = res
+      for c in res:
+        counts["drafted"] += c.drafted
+        counts["accepted"] += c.accepted
+        counts["passes"] += len(c.tokens) - c.accepted  # a pass emits accepted + 1 tokens
+    out += [c.tokens for c in res]
+  return out, counts
 
 
 def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np.ndarray,
              max_new_tokens: int = 64, batch_size: int = 32, seed: int = 0, evaluator=None,
              progress: Callable[[str], None] = print,
-             windows: Sequence[int] | None = None) -> tuple[list[dict], dict]:
+             windows: Sequence[int] | None = None,
+             lossless: Sequence | None = None) -> tuple[list[dict], dict]:
   """Rows per (stage, k) as described above; also returns the samples per (stage, k).
 
   `teacher` and each of `stages` are stage_io.LoadedStage; `evaluator` an optional AR
   LoadedStage (with its tokenizer when it differs from the teacher's). `windows`: decode each
-  PFLM only at these k (those <= its window); default every k = 1..window.
+  PFLM only at these k (those <= its window); default every k = 1..window. `lossless`:
+  (speculative.VerifiedEngine, VerifySpec) pairs: rows for the lossless methods, with their
+  acceptance (pflm_verified's samples equal the teacher's, so agree = 1 by construction).
   """
+  from kforcing_jax.serving import speculative
+
   tok = teacher.tokenizer
   ar_engine = decode.Engine.from_stage(teacher)
   ar_spec = decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True)
@@ -174,29 +189,38 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
     engine = decode.Engine.from_stage(st)
     jobs += [(st, engine, decode.DecodeSpec(k=k, max_new_tokens=max_new_tokens))
              for k in range(1, st.k + 1) if windows is None or k in windows]
+  for engine, vspec in lossless or ():
+    jobs.append((engine.drafter, engine, dataclasses.replace(vspec,
+                                                             max_new_tokens=max_new_tokens)))
   rows, samples, t_start = [], {}, time.time()
   reference = None
   for i, (st, engine, spec) in enumerate(jobs):
     t0 = time.perf_counter()
-    outs = _generate(engine, spec, prompts, seed, batch_size)
+    outs, counts = _generate(engine, spec, prompts, seed, batch_size)
     gen_s = time.perf_counter() - t0
     if reference is None:
       reference = outs  # the AR teacher's own rollout: the first job
+    verified = isinstance(spec, speculative.VerifySpec)
+    k = spec.gamma if verified else spec.k
+    method = spec.method if verified else "ar" if spec.ar else "pflm"
     s, n = continuation_nll(teacher.graphdef, teacher.params, list(zip(prompts, outs)))
-    row = {"stage": st.stage, "k": spec.k, "method": "ar" if spec.ar else "pflm",
+    row = {"stage": st.stage, "k": k, "method": method,
            "gen_ppl": math.exp(s / n), **text_stats(outs), **agreement(outs, reference),
            "n_samples": len(outs), "gen_seconds": gen_s}
     if evaluator is not None:
       row["eval_ppl"] = _evaluator_ppl(evaluator, tok, prompts, outs)
-    if spec.ar:
+    if verified:
+      row["acceptance"] = counts["accepted"] / max(counts["drafted"], 1)
+      row["tokens_per_pass"] = sum(len(o) for o in outs) / max(counts["passes"], 1)
+    elif spec.ar:
       row["data_nll"] = data_nll(teacher.graphdef, teacher.params, val_tokens)
     else:
       row.update(offset_metrics(st.graphdef, st.params, teacher.graphdef, teacher.params,
                                 val_tokens, spec.k, seed))
     rows.append(row)
-    samples[f"{st.stage}@k{spec.k}"] = outs
+    samples[f"{method}:{st.stage}@k{k}" if verified else f"{st.stage}@k{k}"] = outs
     el = time.time() - t_start
-    progress(f"[{i + 1}/{len(jobs)}] {st.stage} k={spec.k}: gen_ppl {row['gen_ppl']:.1f}, "
+    progress(f"[{i + 1}/{len(jobs)}] {method} {st.stage} k={k}: gen_ppl {row['gen_ppl']:.1f}, "
              f"agree {row['agree']:.3f} | elapsed {el:.0f}s, ETA "
              f"{el / (i + 1) * (len(jobs) - i - 1):.0f}s")
   return rows, samples
@@ -220,9 +244,12 @@ def table(rows: list[dict]) -> str:
   cols = ["gen_ppl"] + (["eval_ppl"] if any("eval_ppl" in r for r in rows) else []) + [
       "entropy", "rep_2", "rep_4", "agree", "prefix"] + [f"nll_{j}" for j in range(1, kmax + 1)] + [
           f"acc_{j}" for j in range(1, kmax + 1)] + ["acc_all", "data_nll"]
-  head = f"{'stage':<9}{'k':>3}" + "".join(f"{c:>9}" for c in cols)
+  if any("acceptance" in r for r in rows):
+    cols += ["acceptance", "tokens_per_pass"]
+  short = {"acceptance": "accept", "tokens_per_pass": "tok/pass"}
+  head = f"{'method':<14}{'stage':<9}{'k':>3}" + "".join(f"{short.get(c, c):>9}" for c in cols)
   lines = [head, "-" * len(head)]
   for r in rows:
     cells = "".join(f"{r[c]:>9.3f}" if c in r else f"{'-':>9}" for c in cols)
-    lines.append(f"{r['stage']:<9}{r['k']:>3}" + cells)
+    lines.append(f"{r.get('method', ''):<14}{r['stage']:<9}{r['k']:>3}" + cells)
   return "\n".join(lines)

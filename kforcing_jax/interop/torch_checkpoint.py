@@ -21,10 +21,11 @@ import time
 import ml_collections
 import numpy as np
 
-from kforcing_jax import config_check, stage_io, torch_format
-from kforcing_jax import model as model_lib
+from kforcing_jax.config import check as config_check
+from kforcing_jax.interop import stage_io, torch_format
+from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.data import tokenizer as tokenizer_lib
-from kforcing_jax.metrics_log import log
+from kforcing_jax.observe.metrics_log import log
 
 TORCH_PIN = "torch==2.13.0"
 SIDECAR_FORMAT = "kforcing-reference-state-dict-v1"
@@ -237,7 +238,7 @@ def to_torch(workdir: str, out_path: str, stage: str | None = None,
   start = time.perf_counter()
   log.info("Loading stage %r of %s ...", stage, workdir)
   import jax  # pylint: disable=import-outside-toplevel
-  from kforcing_jax import sharding  # pylint: disable=import-outside-toplevel
+  from kforcing_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   loaded = stage_io.load_stage(workdir, stage, mesh=mesh, use_ema=use_ema, load_tokenizer=False)
   host = jax.tree.map(np.asarray, jax.device_get(loaded.params))

@@ -1,7 +1,7 @@
 """The AR backbone (spec section 2): embeddings, pre-norm blocks, output norm + biased head.
 
-Two attention paths share every weight: the full causal pass used in training, and a pass over
-an explicit fixed-size KV cache used by decoding.
+Two attention paths share every weight: the full causal pass used in training, and
+`forward_cached`, the one pass over a fixed-size KV cache that every decode method uses.
 """
 
 import dataclasses
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kforcing_jax import attention, layers
+from kforcing_jax.model import attention, layers
 
 MASKED_LOGIT = -1000.0  # The reserved mask token is never produced.
 # The residual stream (embeddings, noise embeddings, block outputs) and the norms stay float32
@@ -49,11 +49,21 @@ class ModelConfig:
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
-  """Empty cache: k/v (n_layers, B, H, max_len, head_dim) and the number of filled slots."""
-  shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.head_dim)
-  dt = jnp.dtype(cfg.dtype)
-  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "len": jnp.zeros((), jnp.int32)}
+def init_cache(cfg: ModelConfig, batch: int, slots: int, sharding=None) -> tuple[tuple, tuple]:
+  """Empty KV cache: per-layer k and v, each (B, H, slots, head_dim) (see `forward_cached`)."""
+  def zeros():
+    z = jnp.zeros((batch, cfg.n_heads, slots, cfg.head_dim), jnp.dtype(cfg.dtype))
+    return z if sharding is None else jax.lax.with_sharding_constraint(z, sharding)
+  return tuple(zeros() for _ in range(cfg.n_layers)), tuple(zeros() for _ in range(cfg.n_layers))
+
+
+def write_slots(cache_BxHxSxK: jax.Array, new_BxHxWxK: jax.Array, start: jax.Array) -> jax.Array:
+  """Write W new entries at slots start..start+W-1; `start` () or per row (B,)."""
+  new = new_BxHxWxK.astype(cache_BxHxSxK.dtype)
+  if jnp.ndim(start) == 0:
+    return jax.lax.dynamic_update_slice(cache_BxHxSxK, new, (0, 0, start, 0))
+  return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(
+      cache_BxHxSxK, new, start)
 
 
 class Transformer(nnx.Module):
@@ -140,28 +150,38 @@ class Transformer(nnx.Module):
     h, _ = self.run_blocks(x, pos, lambda i, q, k, v: attention.dense_attention(q, k, v, mask))
     return h[:, n:].reshape(b, n, w, d)
 
-  def forward_cached(self, x_BxLxD: jax.Array, cache: dict, n_keep: int):
-    """Run L new positions after the cache's filled slots; store the first `n_keep` in the cache.
+  def forward_cached(self, x_BxWxD: jax.Array, cache_k: tuple, cache_v: tuple,
+                     start: jax.Array, pad_B: jax.Array | None = None, n_out: int | None = None,
+                     fresh: bool = False):
+    """The one KV-cache forward (every decode method runs through it).
 
-    Positions are cache["len"] + 0..L-1. Only real tokens should be kept (the PFLM's noise tokens
-    are appended after them and dropped). Returns (hidden (B, L, D), updated cache).
+    W new positions (embedded tokens, or noise embeddings) at cache slots start..start+W-1;
+    `start` is () or per row (B,) for ragged batches. Row b's prompt is left-padded by pad_B[b],
+    so its rotary position is slot - pad_B[b]. Every position's keys/values are written; the
+    caller advances a row's length only past its real tokens, so noise (and rejected drafts)
+    are overwritten by the next call and never seen (`attention.decode_mask`). fresh=True: the
+    cache is empty (a prefill at start 0), so attend among the new positions only.
+    n_out: only the last n_out positions' hidden states are wanted (the last block computes
+    nothing else). Returns (hidden (B, n_out or W, D), cache_k, cache_v).
     """
-    b, length, _ = x_BxLxD.shape
-    start = cache["len"]
-    pos_BxL = jnp.broadcast_to(start + jnp.arange(length), (b, length))
+    b, w, _ = x_BxWxD.shape
+    pad_B = jnp.zeros((b,), jnp.int32) if pad_B is None else pad_B.astype(jnp.int32)
+    start = jnp.asarray(start, jnp.int32)
+    slot_BxW = jnp.broadcast_to(start, (b,))[:, None] + jnp.arange(w, dtype=jnp.int32)
+    mask = attention.decode_mask(start, pad_B, w, w if fresh else cache_k[0].shape[2])
+    new_k, new_v = list(cache_k), list(cache_v)
 
     def attend(i, q, k, v):
-      return attention.cached_attention(q, k, v, cache["k"][i], cache["v"][i], start)
+      new_k[i] = write_slots(cache_k[i], k, start)
+      new_v[i] = write_slots(cache_v[i], v, start)
+      q_mask = mask[:, :, -q.shape[2]:]  # the last block's queries are the last n_out rows
+      if fresh:
+        return attention.dense_attention(q, k, v, q_mask)
+      return attention.dense_attention(q, new_k[i], new_v[i], q_mask)
 
-    h, kvs = self.run_blocks(x_BxLxD, pos_BxL, attend)
-    new_k = jnp.stack([k[:, :, :n_keep] for k, _ in kvs]).astype(cache["k"].dtype)
-    new_v = jnp.stack([v[:, :, :n_keep] for _, v in kvs]).astype(cache["v"].dtype)
-    zero = jnp.zeros((), jnp.int32)
-    idx = (zero, zero, zero, start, zero)
-    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], new_k, idx),
-             "v": jax.lax.dynamic_update_slice(cache["v"], new_v, idx),
-             "len": start + n_keep}
-    return h, cache
+    h, _ = self.run_blocks(x_BxWxD.astype(RESIDUAL_DTYPE), slot_BxW - pad_B[:, None], attend,
+                           keep_last=n_out)
+    return h, tuple(new_k), tuple(new_v)
 
 
 def _positions(shape) -> jax.Array:

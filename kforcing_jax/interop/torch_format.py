@@ -31,8 +31,8 @@ import re
 
 import numpy as np
 
-from kforcing_jax import config_check
-from kforcing_jax import model as model_lib
+from kforcing_jax.config import check as config_check
+from kforcing_jax.model import transformer as model_lib
 
 NOISE_PREFIX = "noise_encoder."
 # Prefixes that wrappers put in front of the reference names (Lightning module attribute,

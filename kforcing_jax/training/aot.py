@@ -22,10 +22,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kforcing_jax import config_check, distill, metrics_log, optimizer, sharding, train_state
-from kforcing_jax import model as model_lib
-from kforcing_jax import pflm as pflm_lib
-from kforcing_jax import train_step, trainer
+from kforcing_jax.config import check as config_check
+from kforcing_jax.distill import targets as distill
+from kforcing_jax.observe import metrics_log
+from kforcing_jax.training import optimizer, state as train_state
+from kforcing_jax.parallel import sharding
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.training import step as train_step, trainer
 
 log = metrics_log.log
 GIB = 2.0**30
@@ -69,9 +72,6 @@ def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
                                rope_base=m.rope_base, dtype=m.dtype)
 
 
-def stage_model(model_cfg: model_lib.ModelConfig, stage: str):
-  """(factory, abstract module) of a stage: the AR Transformer or a PFLM."""
-  return pflm_lib.stage_module(model_cfg, config_check.stage_k(stage))
 
 
 def param_groups(params: dict) -> dict[str, int]:
@@ -105,17 +105,16 @@ def compile_stage(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelC
   tx = optimizer.make_optimizer(cfg.optim, num_steps)
   schedule = optimizer.lr_schedule(cfg.optim, num_steps)
   ema = cfg.optim.ema_decay > 0
-  factory, abstract = stage_model(model_cfg, stage)
-  graphdef = model_lib.split_params(abstract)[0]
+  factory, abstract, graphdef = trainer.stage_model(cfg, model_cfg, stage)
   state_sh = train_state.state_shardings(abstract, tx, mesh, cfg.mesh.fsdp, ema)
   state = train_state.abstract_state(train_state.state_shapes(factory, tx, ema), state_sh)
   batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=batch_sh)
-  if prev is None:
+  if config_check.stage_k(stage) == 0:  # the teacher or the draft
     loss_fn, frozen = trainer.ar_loss_fn(graphdef), ()
   else:
     spec, source = distill.stage_spec(stage, prev, cfg.distill.target, cfg.distill.tau)
-    _, teacher_abstract = stage_model(model_cfg, source)
+    _, teacher_abstract, _ = trainer.stage_model(cfg, model_cfg, source)
     teacher_graphdef, teacher_shapes = model_lib.split_params(teacher_abstract)
     frozen = _abstract(teacher_shapes, sharding.param_shardings(teacher_abstract, mesh,
                                                                 cfg.mesh.fsdp))
@@ -162,7 +161,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, n_devices: int) -> 
            model_cfg.vocab_size, ",".join(stages))
   reports = []
   t0 = time.perf_counter()
-  for i, (prev, stage) in enumerate(zip([None] + stages, stages)):
+  for i, (prev, stage) in enumerate(config_check.chain(stages)):
     log.info("[dry run] compiling the %s train step (%d/%d)...", stage, i + 1, len(stages))
     reports.append(compile_stage(config, model_cfg, mesh, stage, prev))
     r = reports[-1]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kforcing_jax import layers
+from kforcing_jax.model import layers
 
 
 def sinusoidal_features(s: jax.Array, d: int) -> jax.Array:

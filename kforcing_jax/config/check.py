@@ -5,6 +5,7 @@ import ml_collections
 import re
 
 TEACHER = "teacher"
+DRAFT = "draft"  # the speculative-decoding draft model: AR, trained on data, outside the chain
 SOURCES = ("kjv", "text_files", "tfds")
 TOKENIZERS = ("bpe", "gpt2", "bert-base-uncased")
 MIN_BPE_VOCAB = 259  # 256 bytes + end-of-document + mask
@@ -27,8 +28,19 @@ def _require(ok: bool, field: str, msg: str) -> None:
 
 
 def stage_k(name: str) -> int:
-  """Window of a stage: 0 for the AR teacher, n for "k<n>"."""
-  return 0 if name == TEACHER else int(name[1:])
+  """Window of a stage: 0 for the AR models (teacher, draft), n for "k<n>"."""
+  return 0 if name in (TEACHER, DRAFT) else int(name[1:])
+
+
+def chain(stages: list[str]) -> list[tuple[str | None, str]]:
+  """(previous stage, stage) in run order; a PFLM stage's previous stage is the one before it
+  in the chain, skipping the draft (which trains from data on its own)."""
+  out, prev = [], None
+  for name in stages:
+    out.append((prev, name))
+    if name != DRAFT:
+      prev = name
+  return out
 
 
 def parse_stages(stages: str) -> list[str]:
@@ -37,13 +49,14 @@ def parse_stages(stages: str) -> list[str]:
   names = [s.strip() for s in stages.split(",") if s.strip()]
   _require(bool(names), "stages", "is empty; use e.g. 'teacher' or 'teacher,k1,k2,k4'")
   for name in names:
-    _require(name == TEACHER or bool(re.fullmatch(r"k[1-9]\d*", name)), "stages",
-             f"unknown stage {name!r}; stages are 'teacher' and 'k<n>' (n >= 1), e.g. "
+    _require(_is_stage_name(name), "stages",
+             f"unknown stage {name!r}; stages are 'teacher', 'draft' and 'k<n>' (n >= 1), e.g. "
              f"'teacher,k1,k2,k4'")
   _require(len(set(names)) == len(names), "stages", f"repeats a stage: {stages!r}")
   _require(names[0] == TEACHER, "stages", f"must start with 'teacher', got {stages!r}")
   _require(TEACHER not in names[1:], "stages", "'teacher' can only be the first stage")
-  for prev, cur in zip(names[1:], names[2:]):
+  pflm = [n for n in names if n != DRAFT]
+  for prev, cur in zip(pflm[1:], pflm[2:]):
     kp, kc = stage_k(prev), stage_k(cur)
     _require(kc % kp == 0 and kc // kp >= 2, "stages",
              f"{cur} cannot follow {prev}: a PFLM(k) teacher rolled out R >= 2 rounds gives "
@@ -59,7 +72,7 @@ OVERRIDABLE = {"optim": None,  # every optim field
 
 
 def _is_stage_name(name: str) -> bool:
-  return name == TEACHER or bool(re.fullmatch(r"k[1-9]\d*", name))
+  return name in (TEACHER, DRAFT) or bool(re.fullmatch(r"k[1-9]\d*", name))
 
 
 def _check_override(config: ml_collections.ConfigDict, stage: str, over) -> None:
@@ -126,11 +139,13 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
   stages = parse_stages(config.stages)
   for name, over in config.get("stage_overrides", {}).items():
     _require(_is_stage_name(name), f"stage_overrides.{name}",
-             f"{name!r} is not a stage name ('teacher' or 'k<n>'); stages here: {stages}")
+             f"{name!r} is not a stage name ('teacher', 'draft' or 'k<n>'); stages here: "
+             f"{stages}")
     _check_override(config, name, over)
   dc = config.distill
   _require(dc.target in TARGETS, "distill.target", f"must be one of {TARGETS}, got {dc.target!r}")
-  _require(dc.target != "noise_inversion" or len(stages) <= 2, "distill.target",
+  _require(dc.target != "noise_inversion" or len([n for n in stages if n != DRAFT]) <= 2,
+           "distill.target",
            "noise_inversion distils the AR teacher directly: use stages='teacher,k<n>'")
   _require(dc.tau > 0, "distill.tau", f"must be > 0, got {dc.tau}")
   m = config.model
@@ -144,6 +159,12 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
   _require(m.vocab_size == -1 or m.vocab_size >= 2, "model.vocab_size",
            f"must be -1 (from the tokenizer) or >= 2, got {m.vocab_size}")
   _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+  dr = config.draft
+  for name in ("d_model", "n_layers", "n_heads"):
+    _require(isinstance(dr[name], int) and dr[name] >= 1, f"draft.{name}",
+             f"must be an int >= 1, got {dr[name]!r}")
+  _require(dr.d_model % dr.n_heads == 0 and (dr.d_model // dr.n_heads) % 2 == 0,
+           "draft.d_model", f"{dr.d_model} / draft.n_heads={dr.n_heads} must be an even head_dim")
 
   d = config.data
   _require(d.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {d.source!r}")

@@ -13,9 +13,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kforcing_jax import losses, rollout, sampling
-from kforcing_jax import model as model_lib
-from kforcing_jax import pflm as pflm_lib
+from kforcing_jax.distill import losses, rollout, sampling
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.model import pflm as pflm_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ def stage_spec(stage: str, prev: str, target: str, tau: float) -> tuple[StageSpe
   only initialises the student (a curriculum without drift along the chain); noise_inversion:
   real tokens, z from the AR teacher's CDF.
   """
-  from kforcing_jax import config_check
+  from kforcing_jax.config import check as config_check
 
   k = config_check.stage_k(stage)
   if target == "ar_rollout":

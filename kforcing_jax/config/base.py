@@ -15,8 +15,16 @@ def base_config() -> ml_collections.ConfigDict:
   # the AR model; "k<n>" distils the previous stage into a PFLM with window n. After the AR
   # teacher any n works (n rounds of inverse-CDF sampling: "teacher,k4" is single-stage);
   # after a PFLM(m), n must be a multiple R*m, R >= 2 (R=2: the paper's self-forcing).
-  # The paper's schedule: "teacher,k1,k2,k4".
+  # The paper's schedule: "teacher,k1,k2,k4". "draft" (anywhere after "teacher") trains the
+  # small AR draft model of speculative decoding (config.draft) on the same data and tokenizer;
+  # it is not part of the PFLM chain (the stage after it distils the stage before it).
   c.stages = "teacher"
+
+  # ---- speculative-decoding draft model (stage "draft"): the teacher's architecture, smaller ----
+  c.draft = ml_collections.ConfigDict()
+  c.draft.d_model = 128
+  c.draft.n_layers = 2
+  c.draft.n_heads = 2
 
   # ---- distillation stages (spec section 4) ----
   c.distill = ml_collections.ConfigDict()
@@ -66,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seq_len = 128  # Tokens per training sequence (L).
   c.batch_size = 32  # GLOBAL batch (sequences per step, summed over all processes/devices).
 
-  # ---- device mesh ('data', 'model'); see kforcing_jax/sharding.py ----
+  # ---- device mesh ('data', 'model'); see kforcing_jax/parallel/sharding.py ----
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Data-parallel axis size; -1 = all devices not used by the model axis.
   c.mesh.model = 1  # Tensor-parallel axis size (shards heads and the MLP hidden dim).

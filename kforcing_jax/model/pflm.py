@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kforcing_jax import model as model_lib
-from kforcing_jax.noise_encoder import NoiseEncoder
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.model.noise_encoder import NoiseEncoder
 
 
 class PFLM(model_lib.Transformer):

@@ -9,9 +9,9 @@ in use, so one compiled body serves every round.
 import jax
 import jax.numpy as jnp
 
-from kforcing_jax import model as model_lib
-from kforcing_jax import pflm as pflm_lib
-from kforcing_jax import sampling
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.model import pflm as pflm_lib
+from kforcing_jax.distill import sampling
 
 
 def pflm_rollout(teacher: pflm_lib.PFLM, tokens_BxN: jax.Array, z_BxNxRK: jax.Array, k: int,

@@ -1,0 +1,1 @@
+"""Structured configs: the base config and validation (every field checked before compiling)."""

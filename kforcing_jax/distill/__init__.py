@@ -1,0 +1,1 @@
+"""Distillation: inverse-CDF sampling, the k-round teacher rollout, stage targets and losses."""

@@ -1,0 +1,1 @@
+"""Checkpoints in and out: finished-stage loading and the authors' PyTorch format."""

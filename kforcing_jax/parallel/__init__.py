@@ -1,0 +1,1 @@
+"""Parallelism: the sharding policy (mesh, logical axes) and multi-process start-up."""

@@ -1,0 +1,89 @@
+"""Serve a trained stage behind an OpenAI-compatible HTTP API, with continuous batching.
+
+  python -m kforcing_jax.serve --workdir runs/kjv_tiny --stage k4 --k 4 --slots 16 --port 8000
+  python -m kforcing_jax.serve --workdir runs/kjv_tiny --stage teacher --slots 16 --port 8001
+
+Then, with the official client:
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+  client.completions.create(model="k4", prompt="And God said", max_tokens=32, seed=0)
+
+The engine (kforcing_jax/serving/engine.py) compiles one decode step for --slots slots and one
+prefill per power-of-two prompt bucket up to --max_prompt_len before the server listens; startup
+prints the URL, the stage, k, the slots and the compile time. The API is described in
+kforcing_jax/serving/server.py. SIGTERM (or Ctrl-C) stops intake, lets in-flight requests finish
+(up to --drain_s seconds), then exits. Binds 127.0.0.1 unless --host says otherwise.
+"""
+
+from absl import flags
+
+from kforcing_jax import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work dir of a training run.")
+_STAGE = flags.DEFINE_string("stage", "", "teacher or k<n>; '' = the last stage of the chain.")
+_K = flags.DEFINE_integer("k", 0, "Tokens per step for a PFLM (0 = its trained k).")
+_SLOTS = flags.DEFINE_integer("slots", 16, "Concurrent sequences (the decode batch).")
+_MAX_PROMPT = flags.DEFINE_integer("max_prompt_len", 128, "Longest prompt in tokens.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Largest max_tokens of a request.")
+_QUEUE = flags.DEFINE_integer("max_queue", 64, "Requests waiting for a slot before 429.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
+_PORT = flags.DEFINE_integer("port", 8000, "Port (0 = any free port; the URL is printed).")
+_DRAIN = flags.DEFINE_integer("drain_s", 30, "On SIGTERM, seconds to let requests finish.")
+_EMA = flags.DEFINE_bool("use_ema", True, "Load the EMA weights when the checkpoint has them.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  del argv
+  import socket
+
+  import uvicorn
+
+  from kforcing_jax.config import check as config_check
+  from kforcing_jax.interop import stage_io
+  from kforcing_jax.observe import metrics_log
+  from kforcing_jax.serving import engine as engine_lib
+  from kforcing_jax.serving import server
+
+  metrics_log.configure_logging()
+  log = metrics_log.log
+  workdir = _WORKDIR.value
+  found = stage_io.list_stages(workdir)
+  stage = _STAGE.value or (found[-1] if found else "")
+  if stage not in found:
+    raise config_check.UserError(f"--stage {stage!r}: no such stage in {workdir} "
+                                 f"(found {found or 'none'})")
+  loaded = stage_io.load_stage(workdir, stage, use_ema=_EMA.value)
+  k = 1 if loaded.k == 0 else (_K.value or loaded.k)
+  if loaded.k == 0 and _K.value > 1:
+    raise config_check.UserError(f"--k={_K.value}: {stage} is the AR model (one token per step)")
+  if loaded.k and not 1 <= k <= loaded.k:
+    raise config_check.UserError(f"--k={k} must be in 1..{loaded.k} (the window {stage} was "
+                                 "trained with)")
+  try:
+    engine = engine_lib.ServingEngine(loaded, k, _SLOTS.value, _MAX_PROMPT.value,
+                                      _MAX_TOKENS.value, _QUEUE.value,
+                                      eos_id=loaded.tokenizer.eos_id)
+  except ValueError as e:
+    raise config_check.UserError(str(e)) from None
+  log.info("compiling the decode step (%d slots, k=%d) and the prompt buckets ...", _SLOTS.value, k)
+  compile_s = engine.warmup()
+  engine.start()
+  app = server.make_app(engine, loaded.tokenizer, stage)
+  sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  sock.bind((_HOST.value, _PORT.value))
+  host, port = sock.getsockname()[:2]
+  print(f"serving {stage} (k={k}) at http://{host}:{port}/v1 with {_SLOTS.value} slots; "
+        f"compiled in {compile_s:.1f} s", flush=True)
+  config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=_DRAIN.value,
+                          lifespan="off")
+  try:
+    uvicorn.Server(config).run(sockets=[sock])
+  finally:
+    engine.shutdown(drain=True, timeout=_DRAIN.value)
+    log.info("stopped after %d decode steps", engine.steps)
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,1 @@
+"""Decoding: the KV-cache decode algorithm, the engine and quality evaluation."""

@@ -1,0 +1,333 @@
+"""Continuous batching in the style of JetStream: prefill one request, insert it into a free slot,
+advance every live slot with one jitted step, free the slot when the request ends.
+
+Shapes are fixed (slots, cache length, power-of-two prompt buckets), so one compiled step serves
+any mix of requests, and requests join at block boundaries while others are mid-generation. A
+PFLM slot advances k tokens per step ([previous block ; k noise] at that slot's own cache
+length: `Transformer.forward_cached` with per-row starts); the AR teacher advances one.
+
+Outputs do not depend on the batch: a request's uniforms come from `decode.row_keys(seed, [0])`
+and its token i uses uniform i, exactly as offline `decode.Engine.generate([prompt], spec, seed)`
+does, whatever else is running and whenever it arrives. EOS, stop strings and max_tokens are
+applied on the host between steps; the frequency penalty is per slot, on the device.
+
+The decode loop runs in its own thread (`ServingEngine.start`); callers `submit` requests from
+any thread and receive tokens through the request's callback.
+"""
+
+import dataclasses
+import queue
+import threading
+import time
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.observe import metrics_log
+from kforcing_jax.parallel import sharding
+from kforcing_jax.serving import decode
+
+log = metrics_log.log
+
+
+class QueueFull(Exception):
+  """More requests than slots plus the bounded queue: retry later."""
+
+
+class Closed(Exception):
+  """The engine is shutting down and accepts no new request."""
+
+
+@dataclasses.dataclass
+class Request:
+  """One completion. `on_tokens(new_ids, finish_reason or None)` is called from the decode
+  thread after every step that produced tokens for it, and once with the finish reason
+  ("stop": EOS or a stop string, "length": max_tokens, "cancelled", or "error: ...")."""
+  prompt_ids: list[int]
+  max_tokens: int
+  seed: int = 0
+  frequency_penalty: float = 0.0
+  stop_at_eos: bool = True
+  stop_check: Callable[[list[int]], bool] | None = None  # True: a stop string was produced
+  on_tokens: Callable[[list[int], str | None], None] | None = None
+  cancelled: bool = False
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  finish_reason: str | None = None
+  t_submit: float = 0.0
+  t_first: float | None = None
+
+  def cancel(self) -> None:
+    """Free the slot at the next block boundary (e.g. the client disconnected)."""
+    self.cancelled = True
+
+
+@flax.struct.dataclass
+class SlotState:
+  cache_k: tuple  # per layer (slots, H, S, head_dim)
+  cache_v: tuple
+  len_B: jax.Array  # valid cache slots of each slot's sequence (its left padding included)
+  pad_B: jax.Array
+  last_BxK: jax.Array  # the block produced last: fed to the next step
+  gen_B: jax.Array  # tokens generated so far = stream index of the next token
+  keys_Bx2: jax.Array
+  counts_BxV: jax.Array  # generated-token counts (frequency penalty)
+  penalty_B: jax.Array
+
+
+class ServingEngine:
+  """Slot-based decoding of one stage (the AR teacher, or a PFLM at k' <= its window)."""
+
+  def __init__(self, loaded, k: int, slots: int = 16, max_prompt_len: int = 128,
+               max_tokens: int = 256, max_queue: int = 64, eos_id: int | None = None):
+    self.loaded, self.cfg = loaded, loaded.model_cfg
+    ar = loaded.k == 0
+    if ar and k != 1:
+      raise ValueError(f"the AR stage {loaded.stage!r} decodes one token per step; use k=1")
+    if not ar and not 1 <= k <= loaded.k:
+      raise ValueError(f"k={k} must be in 1..{loaded.k} (the trained window of {loaded.stage!r})")
+    if slots < 1 or max_prompt_len < 1 or max_tokens < 1 or max_queue < 0:
+      raise ValueError("slots, max_prompt_len and max_tokens must be >= 1, max_queue >= 0")
+    self.k, self.slots, self.max_queue, self.eos_id = k, slots, max_queue, eos_id
+    self.max_prompt_len = decode.bucket_len(max_prompt_len)
+    self.max_tokens = max_tokens
+    # Static decode settings; the penalty is per slot (SlotState.penalty_B), EOS is on the host.
+    self.spec = decode.DecodeSpec(k=k, max_new_tokens=max_tokens, ar=ar)
+    self.n_cache = self.max_prompt_len + self.spec.buffer_len + k
+    self.mesh = loaded.mesh
+    self._build()
+    self._pending: queue.Queue = queue.Queue()
+    self._live: dict[int, Request] = {}
+    self._free = list(range(slots))
+    self._lock = threading.Condition()
+    self._closing = False
+    self._thread: threading.Thread | None = None
+    self.steps = 0
+    self.state = None
+
+  # ---- jitted programs ----
+
+  def _build(self):
+    gd, spec, cfg, k = self.loaded.graphdef, self.spec, self.cfg, self.k
+    mesh = self.mesh
+    merge = lambda p: model_lib.merge(gd, p)
+    rep = sharding.replicated(mesh)
+    self._param_sh = jax.tree.map(lambda x: x.sharding, self.loaded.params)
+
+    def init():
+      ck, cv = model_lib.init_cache(cfg, self.slots, self.n_cache)
+      zi = jnp.zeros((self.slots,), jnp.int32)
+      return SlotState(cache_k=ck, cache_v=cv, len_B=zi, pad_B=zi,
+                       last_BxK=jnp.zeros((self.slots, k), jnp.int32), gen_B=zi,
+                       keys_Bx2=jnp.zeros((self.slots, 2), jnp.uint32),
+                       counts_BxV=jnp.zeros((self.slots, cfg.vocab_size), jnp.int32),
+                       penalty_B=jnp.zeros((self.slots,), jnp.float32))
+
+    def prefill(params, prompt_1xP, pad_1, keys_1x2, penalty_1):
+      """One request: [prompt ; k noise] (PFLM) or the prompt (AR) -> its first block and its
+      cache (1, H, P, head_dim) per layer."""
+      m = merge(params)
+      plen = prompt_1xP.shape[1]
+      ck, cv = model_lib.init_cache(cfg, 1, plen + (0 if spec.ar else k))
+      x = m.embed(prompt_1xP)
+      if not spec.ar:
+        x = jnp.concatenate([x, decode.noise(m, spec, keys_1x2, 0)], axis=1)
+      h, ck, cv = m.forward_cached(x, ck, cv, 0, pad_1, n_out=k, fresh=True)
+      counts = jnp.zeros((1, cfg.vocab_size), jnp.int32)
+      y, _, _, counts = decode.choose(spec, m.logits(h), keys_1x2, 0, jnp.zeros((1,), bool),
+                                      jnp.zeros((1,), jnp.int32), counts, penalty_1)
+      return y, tuple(c[:, :, :plen] for c in ck), tuple(c[:, :, :plen] for c in cv), counts
+
+    def insert(state, slot, y_1xK, ck, cv, counts_1xV, pad_1, keys_1x2, penalty_1):
+      put = lambda big, small: jax.lax.dynamic_update_slice(
+          big, small.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1))
+      plen = ck[0].shape[2]
+      return state.replace(
+          cache_k=tuple(put(b, s) for b, s in zip(state.cache_k, ck)),
+          cache_v=tuple(put(b, s) for b, s in zip(state.cache_v, cv)),
+          len_B=state.len_B.at[slot].set(plen), pad_B=put(state.pad_B, pad_1),
+          last_BxK=put(state.last_BxK, y_1xK), gen_B=state.gen_B.at[slot].set(k),
+          keys_Bx2=put(state.keys_Bx2, keys_1x2), counts_BxV=put(state.counts_BxV, counts_1xV),
+          penalty_B=put(state.penalty_B, penalty_1))
+
+    def step(params, state):
+      """Every slot advances one block at its own cache length (free slots compute junk)."""
+      m = merge(params)
+      x = m.embed(state.last_BxK)
+      if not spec.ar:
+        x = jnp.concatenate([x, decode.noise(m, spec, state.keys_Bx2, state.gen_B)], axis=1)
+      h, ck, cv = m.forward_cached(x, state.cache_k, state.cache_v, state.len_B, state.pad_B,
+                                   n_out=k)
+      b = self.slots
+      y, _, _, counts = decode.choose(spec, m.logits(h), state.keys_Bx2, state.gen_B,
+                                      jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
+                                      state.counts_BxV, state.penalty_B)
+      # A free slot's length stays below the cache end (its writes never leave the cache).
+      len_B = jnp.minimum(state.len_B + k, self.n_cache - 2 * k)
+      new = state.replace(cache_k=ck, cache_v=cv, len_B=len_B, last_BxK=y,
+                          gen_B=state.gen_B + k, counts_BxV=counts)
+      return new, y
+
+    cache_sh = NamedSharding(mesh, P(sharding.DATA, sharding.MODEL, None, None))
+    d1 = NamedSharding(mesh, P(sharding.DATA))
+    d2 = NamedSharding(mesh, P(sharding.DATA, None))
+    self._state_sh = SlotState(cache_k=(cache_sh,) * cfg.n_layers,
+                               cache_v=(cache_sh,) * cfg.n_layers, len_B=d1, pad_B=d1,
+                               last_BxK=d2, gen_B=d1, keys_Bx2=d2, counts_BxV=d2, penalty_B=d1)
+    if self.slots % mesh.shape[sharding.DATA]:
+      raise ValueError(f"slots={self.slots} must be a multiple of the mesh's data axis "
+                       f"({mesh.shape[sharding.DATA]})")
+    opts = decode.compiler_options(mesh.devices.flat[0].platform,
+                                   self.slots * (1 if spec.ar else 2 * k))
+    self._init = jax.jit(init, out_shardings=self._state_sh)
+    self._prefill = jax.jit(prefill, in_shardings=(self._param_sh, rep, rep, rep, rep),
+                            out_shardings=rep)
+    self._insert = jax.jit(insert, donate_argnums=0, out_shardings=self._state_sh)
+    self._step = jax.jit(step, in_shardings=(self._param_sh, self._state_sh),
+                         out_shardings=(self._state_sh, d2), donate_argnums=1,
+                         compiler_options=opts)
+
+  def warmup(self) -> float:
+    """Compile the step and every prompt bucket's prefill and insert; returns seconds."""
+    t0 = time.perf_counter()
+    self.state = self._init()
+    buckets, n = [], 8
+    while n <= self.max_prompt_len:
+      buckets.append(n)
+      n *= 2
+    for plen in buckets or [self.max_prompt_len]:
+      self._admit_slot(0, Request(prompt_ids=[0] * plen, max_tokens=1), plen)
+    self.state, y = self._step(self.loaded.params, self.state)
+    jax.block_until_ready(y)
+    self.state = self._init()
+    return time.perf_counter() - t0
+
+  # ---- host side ----
+
+  def submit(self, req: Request) -> Request:
+    """Queue a request (any thread). Raises QueueFull beyond slots + max_queue waiting or live
+    requests, Closed while shutting down, ValueError for a prompt or max_tokens out of range."""
+    if not 1 <= len(req.prompt_ids) <= self.max_prompt_len:
+      raise ValueError(f"the prompt has {len(req.prompt_ids)} tokens; this server takes 1 to "
+                       f"{self.max_prompt_len}")
+    if not 1 <= req.max_tokens <= self.max_tokens:
+      raise ValueError(f"max_tokens must be in 1..{self.max_tokens}, got {req.max_tokens}")
+    with self._lock:
+      if self._closing:
+        raise Closed("the server is shutting down")
+      if self._pending.qsize() + len(self._live) >= self.slots + self.max_queue:
+        raise QueueFull(f"{self.slots} slots busy and {self.max_queue} requests queued")
+      req.t_submit = time.perf_counter()
+      self._pending.put(req)
+      self._lock.notify()
+    return req
+
+  def stats(self) -> dict:
+    with self._lock:
+      return {"slots": self.slots, "live": len(self._live), "free": len(self._free),
+              "queued": self._pending.qsize(), "steps": self.steps, "closing": self._closing}
+
+  def start(self) -> None:
+    if self.state is None:
+      self.state = self._init()
+    self._thread = threading.Thread(target=self._loop, name="kforcing-decode", daemon=True)
+    self._thread.start()
+
+  def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
+    """Stop intake; finish live and queued requests (drain) or cancel them; join the thread."""
+    with self._lock:
+      self._closing = True
+      if not drain:
+        for r in list(self._live.values()):
+          r.cancel()
+        while not self._pending.empty():
+          self._finish(self._pending.get_nowait(), "cancelled")
+      self._lock.notify()
+    if self._thread is not None:
+      self._thread.join(timeout)
+
+  def _finish(self, req: Request, reason: str) -> None:
+    req.finish_reason = reason
+    if req.on_tokens is not None:
+      req.on_tokens([], reason)
+
+  def _admit_slot(self, slot: int, req: Request, plen: int) -> list[int]:
+    x, pad = decode.pad_prompts([req.prompt_ids], 1, plen)
+    keys = decode.row_keys(req.seed, [0])
+    penalty = np.asarray([req.frequency_penalty], np.float32)
+    y, ck, cv, counts = self._prefill(self.loaded.params, x, pad, keys, penalty)
+    self.state = self._insert(self.state, jnp.asarray(slot, jnp.int32), y, ck, cv, counts,
+                              jnp.asarray(pad), jnp.asarray(keys), jnp.asarray(penalty))
+    return [int(t) for t in np.asarray(y)[0]]
+
+  def _deliver(self, slot: int, req: Request, block: list[int]) -> bool:
+    """Append a block to a request; True when the request is finished (slot freed)."""
+    if req.cancelled:
+      self._release(slot, req, "cancelled")
+      return True
+    if req.t_first is None:
+      req.t_first = time.perf_counter()
+    new, reason = [], None
+    for t in block:
+      new.append(t)
+      req.tokens.append(t)
+      if req.stop_at_eos and self.eos_id is not None and t == self.eos_id:
+        reason = "stop"
+        break
+      if len(req.tokens) >= req.max_tokens:
+        reason = "length"
+        break
+    if reason is None and req.stop_check is not None and req.stop_check(req.tokens):
+      reason = "stop"
+    if req.on_tokens is not None:
+      req.on_tokens(new, None)
+    if reason is not None:
+      self._release(slot, req, reason)
+      return True
+    return False
+
+  def _release(self, slot: int, req: Request, reason: str) -> None:
+    with self._lock:
+      self._live.pop(slot, None)
+      self._free.append(slot)
+    self._finish(req, reason)
+
+  def _loop(self) -> None:
+    try:
+      while True:
+        with self._lock:
+          while not self._live and self._pending.empty() and not self._closing:
+            self._lock.wait()
+          if self._closing and not self._live and self._pending.empty():
+            return
+        # Admit at the block boundary: prefill each waiting request into a free slot.
+        while self._free and not self._pending.empty():
+          req = self._pending.get_nowait()
+          if req.cancelled:
+            self._finish(req, "cancelled")
+            continue
+          with self._lock:
+            slot = self._free.pop(0)
+            self._live[slot] = req
+          block = self._admit_slot(slot, req, decode.bucket_len(len(req.prompt_ids)))
+          self._deliver(slot, req, block)
+        if not self._live:
+          continue
+        self.state, y = self._step(self.loaded.params, self.state)
+        self.steps += 1
+        y = np.asarray(jax.device_get(y))
+        for slot, req in list(self._live.items()):
+          self._deliver(slot, req, [int(t) for t in y[slot]])
+    except Exception as e:  # an internal error: fail every request loudly, keep the traceback
+      log.exception("decode loop failed")
+      with self._lock:
+        self._closing = True
+        for slot, req in list(self._live.items()):
+          self._live.pop(slot)
+          self._finish(req, f"error: {e}")
+        while not self._pending.empty():
+          self._finish(self._pending.get_nowait(), f"error: {e}")

@@ -1,0 +1,115 @@
+"""The continuous-batching engine against offline decoding: a request's tokens equal offline
+`Engine.generate` with the same seed whatever arrives before, with or after it (PFLM and AR),
+per-request EOS / max_tokens / frequency penalty, cancellation, the bounded queue and shutdown."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from kforcing_jax.serving import decode
+from kforcing_jax.serving import engine as engine_lib
+
+from test_speculative import _stage
+
+PROMPTS = [[5, 9, 2], [7, 1, 1, 4, 20, 12, 8], [11, 3, 17, 0, 2], [4, 4], [9, 8, 7, 6, 5, 4, 3,
+                                                                          2, 1, 19]]
+
+
+@pytest.fixture(scope="module")
+def stages():
+  return {"teacher": _stage("teacher", 0, seed=1), "k3": _stage("k3", 3, seed=2)}
+
+
+def _offline(loaded, prompt, n, seed, k, penalty=0.0, eos=None):
+  spec = decode.DecodeSpec(k=k, max_new_tokens=n, ar=loaded.k == 0, frequency_penalty=penalty,
+                           eos_id=eos)
+  return decode.Engine.from_stage(loaded).generate([prompt], spec, seed)[0].tokens
+
+
+def _collect(engine, reqs):
+  done = threading.Event()
+  left = [len(reqs)]
+  lock = threading.Lock()
+
+  def cb(new, reason):
+    if reason is not None:
+      with lock:
+        left[0] -= 1
+        if left[0] == 0:
+          done.set()
+  for r in reqs:
+    r.on_tokens = cb
+  return done
+
+
+@pytest.mark.parametrize("name,k", [("k3", 3), ("k3", 2), ("teacher", 1)])
+def test_requests_joining_mid_generation_equal_offline_generate(stages, name, k):
+  loaded = stages[name]
+  eng = engine_lib.ServingEngine(loaded, k, slots=3, max_prompt_len=16, max_tokens=20,
+                                 max_queue=8)
+  eng.warmup()
+  eng.start()
+  try:
+    specs = [(p, 8 + 3 * i, 100 + i, 0.5 if i == 2 else 0.0) for i, p in enumerate(PROMPTS)]
+    reqs = [engine_lib.Request(prompt_ids=p, max_tokens=n, seed=s, frequency_penalty=f,
+                               stop_at_eos=False) for p, n, s, f in specs]
+    done = _collect(eng, reqs)
+    eng.submit(reqs[0])
+    eng.submit(reqs[1])
+    while eng.steps < 2:  # the others arrive while these two are mid-generation
+      time.sleep(0.01)
+    for r in reqs[2:]:  # more requests than slots: the last ones wait for a free slot
+      eng.submit(r)
+    assert done.wait(120)
+    for r, (p, n, s, f) in zip(reqs, specs):
+      assert r.finish_reason == "length"
+      assert r.tokens == _offline(loaded, p, n, s, k, f), f"prompt {p}"
+    st = eng.stats()
+    assert st["live"] == 0 and st["free"] == 3 and st["queued"] == 0
+  finally:
+    eng.shutdown()
+
+
+def test_eos_stop_check_cancel_queue_and_shutdown(stages):
+  loaded = stages["k3"]
+  free = _offline(loaded, PROMPTS[1], 12, 7, 3)
+  eos = free[4]
+  eng = engine_lib.ServingEngine(loaded, 3, slots=2, max_prompt_len=16, max_tokens=12,
+                                 max_queue=1, eos_id=eos)
+  eng.warmup()
+  with pytest.raises(ValueError, match="prompt has 0 tokens"):
+    eng.submit(engine_lib.Request(prompt_ids=[], max_tokens=4))
+  with pytest.raises(ValueError, match="max_tokens"):
+    eng.submit(engine_lib.Request(prompt_ids=[1], max_tokens=13))
+  # Queue bound: 2 slots + 1 waiting; the 4th is refused (the loop is not running yet).
+  reqs = [engine_lib.Request(prompt_ids=PROMPTS[1], max_tokens=12, seed=7),
+          engine_lib.Request(prompt_ids=PROMPTS[0], max_tokens=12, seed=1, stop_at_eos=False,
+                             stop_check=lambda toks: len(toks) >= 5),
+          engine_lib.Request(prompt_ids=PROMPTS[2], max_tokens=12, seed=2)]
+  done = _collect(eng, reqs)
+  for r in reqs:
+    eng.submit(r)
+  with pytest.raises(engine_lib.QueueFull):
+    eng.submit(engine_lib.Request(prompt_ids=[1], max_tokens=4))
+  reqs[2].cancel()  # cancelled while queued: never takes a slot
+  eng.start()
+  assert done.wait(60)
+  want = free[:free.index(eos) + 1]
+  assert reqs[0].tokens == want and reqs[0].finish_reason == "stop"
+  assert reqs[1].finish_reason == "stop" and 5 <= len(reqs[1].tokens) <= 6
+  assert reqs[2].finish_reason == "cancelled" and reqs[2].tokens == []
+  eng.shutdown()
+  with pytest.raises(engine_lib.Closed):
+    eng.submit(engine_lib.Request(prompt_ids=[1], max_tokens=4))
+  assert eng.stats()["free"] == 2
+
+
+def test_bad_engine_settings(stages):
+  with pytest.raises(ValueError, match="trained window"):
+    engine_lib.ServingEngine(stages["k3"], 4)
+  with pytest.raises(ValueError, match="one token per step"):
+    engine_lib.ServingEngine(stages["teacher"], 2)
+  assert np.isfinite(engine_lib.ServingEngine(stages["teacher"], 1, slots=1,
+                                              max_prompt_len=8, max_tokens=4).warmup())
