@@ -33,6 +33,39 @@ _EMA = flags.DEFINE_bool("use_ema", True, "Load the EMA weights when the checkpo
 flags.mark_flags_as_required(["workdir"])
 
 
+class DrainingServer:
+  """uvicorn.Server whose first SIGTERM / SIGINT drains: the engine refuses new requests (503),
+  live ones finish and their responses are sent (up to drain_s), then the server exits with
+  status 0. (uvicorn's own shutdown would end open streams at once.) A second signal exits now."""
+
+  def __new__(cls, config, engine, api, drain_s: float):
+    import threading
+    import time
+
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+      draining = False
+
+      def handle_exit(self, sig, frame):
+        if self.draining:
+          self.force_exit = True
+          self.should_exit = True
+          return
+        self.draining = True
+
+        def drain():
+          engine.close_intake()
+          deadline = time.monotonic() + drain_s
+          while api.inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+          self.should_exit = True
+
+        threading.Thread(target=drain, name="drain", daemon=True).start()
+
+    return _Server(config)
+
+
 def main(argv):
   del argv
   import socket
@@ -73,13 +106,14 @@ def main(argv):
   sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   sock.bind((_HOST.value, _PORT.value))
+  sock.listen(2048)  # from here on, connections wait in the backlog until uvicorn accepts them
   host, port = sock.getsockname()[:2]
   print(f"serving {stage} (k={k}) at http://{host}:{port}/v1 with {_SLOTS.value} slots; "
         f"compiled in {compile_s:.1f} s", flush=True)
   config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=_DRAIN.value,
                           lifespan="off")
   try:
-    uvicorn.Server(config).run(sockets=[sock])
+    DrainingServer(config, engine, app.state.api, _DRAIN.value).run(sockets=[sock])
   finally:
     engine.shutdown(drain=True, timeout=_DRAIN.value)
     log.info("stopped after %d decode steps", engine.steps)

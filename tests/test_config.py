@@ -56,7 +56,20 @@ BAD = [
     ("seq_len", 1, 8, "config.seq_len: must be >= 2"),
     ("data.val_fraction", 0.0, 8, "config.data.val_fraction: must be in (0, 1)"),
     ("model.vocab_size", 0, 8, "config.model.vocab_size: must be -1"),
+    ("stages", "teacher,draft,draft", 8, "config.stages: repeats a stage"),
+    ("stages", "draft,k4", 8, "config.stages: must start with 'teacher'"),
+    ("stages", "teacher,k2,draft,k3", 8, "config.stages: k3 cannot follow k2"),
+    ("draft.n_layers", 0, 8, "config.draft.n_layers: must be an int >= 1"),
+    ("draft.d_model", 102, 8, "config.draft.d_model: 102 / draft.n_heads=2 must be an even"),
 ]
+
+
+def test_draft_stage_sits_outside_the_chain():
+  """A PFLM stage after the draft distils the stage before the draft; the draft is AR (k=0)."""
+  names = config_check.parse_stages("teacher,k1,draft,k2")
+  assert config_check.chain(names) == [(None, "teacher"), ("teacher", "k1"), ("k1", "draft"),
+                                       ("k1", "k2")]
+  assert config_check.stage_k("draft") == 0
 
 
 def _set(c, field, value):

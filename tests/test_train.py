@@ -1,6 +1,5 @@
 """End to end through `trainer.run`: the real data pipeline, checkpoints, resume, NaN stop."""
 
-import json
 import math
 import os
 

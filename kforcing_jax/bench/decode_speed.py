@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kforcing_jax.observe import metrics_log
 from kforcing_jax.serving import decode, speculative
 
 METHODS = ("ar", "ar_stepwise", "pflm", "pflm_verified", "spec", "spec_dynamic")
@@ -140,13 +141,7 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
   rows = []
   n_verified = sum(len(ks) if m == "pflm_verified" else 1 for m in verified)
   n_jobs = len(batch_sizes) * (1 + int(stepwise) + len(ks) * int(pflm) + n_verified)
-  done, t_start = 0, time.time()
-
-  def note(what):
-    nonlocal done
-    done += 1
-    el = time.time() - t_start
-    progress(f"[{done}/{n_jobs}] {what} | elapsed {el:.0f}s, ETA {el / done * (n_jobs - done):.0f}s")
+  note = metrics_log.JobProgress(n_jobs, progress).step
 
   for b in batch_sizes:
     if prompt_pool:

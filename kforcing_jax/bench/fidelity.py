@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 
 from absl import flags
 
@@ -274,8 +273,9 @@ def main(argv):
   if os.path.exists(json_path):
     with open(json_path) as f:
       done = {r["name"]: r for r in json.load(f)["variants"]}
-  results, t0 = [], time.time()
+  results = []
   todo = [v for v in VARIANTS if v.name in chosen]
+  note = metrics_log.JobProgress(len(todo), lambda m: log.info("[fidelity] %s", m)).step
   for i, v in enumerate(todo):
     teacher_dir = train_teacher(out, v.teacher)
     workdir = train_variant(out, v, teacher_dir)
@@ -295,9 +295,7 @@ def main(argv):
       json.dump({"settings": {"config": _CONFIG.value, "num_prompts": _NUM_PROMPTS.value,
                               "max_new_tokens": _MAX_NEW.value, "val_seqs": _VAL_SEQS.value},
                  "variants": list(merged.values())}, f, indent=1)
-    el = time.time() - t0
-    log.info("[fidelity] %d/%d %s done | elapsed %.0fs, ETA %.0fs", i + 1, len(todo), v.name, el,
-             el / (i + 1) * (len(todo) - i - 1))
+    note(f"{v.name} done")
   merged = list({**done, **{r["name"]: r for r in results}}.values())
   text = table(merged)
   print(text)

@@ -14,9 +14,9 @@ output tokens/s and latency vs concurrency (same name, .png).
 import asyncio
 import json
 import os
-import statistics
 import time
 import urllib.parse
+import urllib.request
 
 from absl import flags
 
@@ -132,7 +132,6 @@ def plot(rows: list[dict], out_png: str) -> None:
 
 def main(argv):
   del argv
-  import urllib.request
 
   from kforcing_jax.config import check as config_check
   from kforcing_jax.observe import metrics_log
@@ -159,6 +158,7 @@ def main(argv):
   model = health["model"]
   label = _LABEL.value or model
   rows, t_start = [], time.perf_counter()
+  note = metrics_log.JobProgress(len(levels)).step
   for i, c in enumerate(levels):
     if time.perf_counter() - t_start > _BUDGET.value:
       log.warning("--budget_s reached: skipping concurrency %s", levels[i:])
@@ -166,10 +166,8 @@ def main(argv):
     row = asyncio.run(run_level(url, model, c, _N.value, _MAX_TOKENS.value, _TIMEOUT.value))
     row["server"] = label
     rows.append(row)
-    el = time.perf_counter() - t_start
-    log.info("[%d/%d] %s concurrency %d: %.0f output tokens/s, %d errors | elapsed %.0fs, "
-             "ETA %.0fs", i + 1, len(levels), label, c, row["output_tokens_per_s"],
-             row["errors"], el, el / (i + 1) * (len(levels) - i - 1))
+    note(f"{label} concurrency {c}: {row['output_tokens_per_s']:.0f} output tokens/s, "
+         f"{row['errors']} errors")
   print(table(rows))
   out = os.path.abspath(_OUT.value)
   os.makedirs(os.path.dirname(out), exist_ok=True)

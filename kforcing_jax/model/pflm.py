@@ -4,10 +4,8 @@ Parameters are the teacher's plus `noise_encoder`, so a student starts as an exa
 teacher's backbone and head (`init_from`).
 """
 
-import dataclasses
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from kforcing_jax.model import transformer as model_lib

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from typing import Callable
 
 import jax
 
@@ -103,8 +104,24 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+class JobProgress:
+  """The progress line of a loop over n similar jobs (benchmarks, evaluation, studies):
+  "[i/n] what | elapsed 12s, ETA 34s", the ETA from the mean time per finished job."""
+
+  def __init__(self, total: int, emit: Callable[[str], None] | None = None):
+    self.total, self.done, self.emit = total, 0, emit or log.info
+    self.start = time.time()
+
+  def step(self, what: str) -> None:
+    self.done += 1
+    el = time.time() - self.start
+    eta = el / self.done * max(self.total - self.done, 0)
+    self.emit(f"[{self.done}/{self.total}] {what} | elapsed {el:.0f}s, ETA {eta:.0f}s")
+
+
 class Progress:
-  """Throughput and ETA measured between log lines (compile time excluded after the first)."""
+  """Training steps: throughput and ETA measured between log lines (compile time excluded
+  after the first)."""
 
   def __init__(self, stage: str, start_step: int, total_steps: int, tokens_per_step: int):
     self.stage, self.total, self.tokens_per_step = stage, total_steps, tokens_per_step

@@ -237,6 +237,12 @@ class ServingEngine:
     self._thread = threading.Thread(target=self._loop, name="kforcing-decode", daemon=True)
     self._thread.start()
 
+  def close_intake(self) -> None:
+    """Refuse new requests (Closed); live and queued ones still finish."""
+    with self._lock:
+      self._closing = True
+      self._lock.notify()
+
   def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
     """Stop intake; finish live and queued requests (drain) or cancel them; join the thread."""
     with self._lock:

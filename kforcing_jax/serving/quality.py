@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kforcing_jax.observe import metrics_log
 from kforcing_jax.serving import decode
 from kforcing_jax.distill import targets as distill, losses, rollout
 from kforcing_jax.model import transformer as model_lib
@@ -192,7 +193,8 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
   for engine, vspec in lossless or ():
     jobs.append((engine.drafter, engine, dataclasses.replace(vspec,
                                                              max_new_tokens=max_new_tokens)))
-  rows, samples, t_start = [], {}, time.time()
+  rows, samples = [], {}
+  note = metrics_log.JobProgress(len(jobs), progress).step
   reference = None
   for i, (st, engine, spec) in enumerate(jobs):
     t0 = time.perf_counter()
@@ -219,10 +221,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
                                 val_tokens, spec.k, seed))
     rows.append(row)
     samples[f"{method}:{st.stage}@k{k}" if verified else f"{st.stage}@k{k}"] = outs
-    el = time.time() - t_start
-    progress(f"[{i + 1}/{len(jobs)}] {method} {st.stage} k={k}: gen_ppl {row['gen_ppl']:.1f}, "
-             f"agree {row['agree']:.3f} | elapsed {el:.0f}s, ETA "
-             f"{el / (i + 1) * (len(jobs) - i - 1):.0f}s")
+    note(f"{method} {st.stage} k={k}: gen_ppl {row['gen_ppl']:.1f}, agree {row['agree']:.3f}")
   return rows, samples
 
 

@@ -60,6 +60,7 @@ class CompletionApp:
 
   def __init__(self, engine: engine_lib.ServingEngine, tokenizer, model_name: str):
     self.engine, self.tok, self.model_name = engine, tokenizer, model_name
+    self.inflight = 0  # completion responses not yet fully sent (graceful shutdown waits)
 
   # ---- parsing ----
 
@@ -174,7 +175,7 @@ class CompletionApp:
       while reason is None:
         _, reason = await inbox.get()
         text, hit = self.cut_at_stop(self.text_of(req.tokens), stops)
-        if hit and reason is None:
+        if hit:  # (the engine ends the request at the same block boundary)
           reason = "stop"
         if reason is not None and reason.startswith("error"):
           raise ApiError(500, f"decoding failed: {reason}", err_type="server_error")
@@ -189,9 +190,11 @@ class CompletionApp:
 
 
 def make_app(engine: engine_lib.ServingEngine, tokenizer, model_name: str) -> FastAPI:
-  """The FastAPI app; the engine must be started (its thread running)."""
+  """The FastAPI app; the engine must be started (its thread running). `app.state.api` is the
+  CompletionApp (its `inflight` count lets a graceful shutdown wait for open responses)."""
   api = CompletionApp(engine, tokenizer, model_name)
   app = FastAPI(title="kforcing_jax", docs_url=None, redoc_url=None)
+  app.state.api = api
 
   @app.exception_handler(ApiError)
   async def _api_error(_, e: ApiError):
@@ -213,6 +216,17 @@ def make_app(engine: engine_lib.ServingEngine, tokenizer, model_name: str) -> Fa
 
   @app.post("/v1/completions")
   async def completions(http: HttpRequest):
+    api.inflight += 1
+    streaming = False
+    try:
+      response = await _completions(http)
+      streaming = isinstance(response, StreamingResponse)
+      return response
+    finally:
+      if not streaming:  # a stream's generator decrements when it has sent its last event
+        api.inflight -= 1
+
+  async def _completions(http: HttpRequest):
     p = api.parse(await http.body())
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     events: asyncio.Queue = asyncio.Queue()
@@ -281,6 +295,7 @@ def make_app(engine: engine_lib.ServingEngine, tokenizer, model_name: str) -> Fa
           watcher.cancel()
           for t in tasks:
             t.cancel()
+          api.inflight -= 1
 
       return StreamingResponse(sse(), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"})

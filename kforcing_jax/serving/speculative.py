@@ -37,7 +37,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kforcing_jax.distill import sampling
 from kforcing_jax.model import transformer as model_lib
