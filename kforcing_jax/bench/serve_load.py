@@ -2,6 +2,9 @@
 
   python -m kforcing_jax.bench.serve_load --url http://127.0.0.1:8000 \
       --concurrency 1,4,16,64 --requests 128 --max_tokens 64 --out load.json
+  # a second server on the same table and plot:
+  python -m kforcing_jax.bench.serve_load --url http://127.0.0.1:8001 --include load.json \
+      --out load_both.json
 
 Per concurrency level C it sends --requests streaming completions (prompts are held-out-style
 text lines from --prompts, or a built-in set), at most C in flight (async client, loopback
@@ -30,6 +33,8 @@ _TIMEOUT = flags.DEFINE_float("timeout_s", 120.0, "Per-request timeout.")
 _BUDGET = flags.DEFINE_float("budget_s", 1800.0, "Stop starting new levels after this long.")
 _OUT = flags.DEFINE_string("out", "serve_load.json", "Output JSON (PNG beside it).")
 _LABEL = flags.DEFINE_string("label", "", "Name of this server in the table (default: model).")
+_INCLUDE = flags.DEFINE_list("include", [], "JSON files of earlier runs (other servers) to show "
+                             "in the same table and plot.")
 
 PROMPTS = ("In the beginning God created", "And the LORD spake unto Moses, saying",
            "Blessed are the poor in spirit", "And it came to pass in those days",
@@ -168,14 +173,18 @@ def main(argv):
     rows.append(row)
     note(f"{label} concurrency {c}: {row['output_tokens_per_s']:.0f} output tokens/s, "
          f"{row['errors']} errors")
-  print(table(rows))
+  shown = list(rows)
+  for path in _INCLUDE.value:
+    with open(path, encoding="utf-8") as f:
+      shown += json.load(f)["rows"]
+  print(table(shown))
   out = os.path.abspath(_OUT.value)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w", encoding="utf-8") as f:
     json.dump({"url": url, "health": health, "max_tokens": _MAX_TOKENS.value, "rows": rows}, f,
               indent=1)
   png = os.path.splitext(out)[0] + ".png"
-  plot(rows, png)
+  plot(shown, png)
   log.info("wrote %s and %s", out, png)
 
 

@@ -20,6 +20,11 @@ from kforcing_jax.data import pipeline
 
 KINDS = config_check.TOKENIZERS
 MASK_TOKENS = ("[MASK]", "<mask>")
+# (ids, mask id) of the standard tokenizers as this project uses them, known without building
+# them (dry runs, the authors' checkpoints): bert-base-uncased has [MASK] = 103; GPT-2's 50257
+# ids get one added mask id. A trained BPE reserves id 0 (end of document) and id 1 (mask).
+KNOWN_SIZES = {"bert-base-uncased": (30522, 103), "gpt2": (50258, 50257)}
+BPE_MASK_ID = 1
 EOS_TOKENS = ("<|endoftext|>", "[SEP]", "</s>")
 # BPE training reads at most this many characters of the training split (all of kjv).
 BPE_MAX_TRAIN_CHARS = 200_000_000

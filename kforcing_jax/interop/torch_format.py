@@ -32,6 +32,7 @@ import re
 import numpy as np
 
 from kforcing_jax.config import check as config_check
+from kforcing_jax.data import tokenizer as tokenizer_lib
 from kforcing_jax.model import transformer as model_lib
 
 NOISE_PREFIX = "noise_encoder."
@@ -166,8 +167,9 @@ def infer_config(state: dict, n_heads: int, mask_id: int | None = None,
 def default_mask_id(vocab_size: int, tokenizer: str | None) -> int:
   """The reserved mask id of the authors' checkpoints: [MASK] = 103 for bert-base-uncased
   (LM1B, V = 30522), the appended id 50257 for GPT-2 (OWT, V = 50258); else the last id."""
-  if tokenizer == "bert-base-uncased" or (tokenizer is None and vocab_size == 30522):
-    return 103
+  bert_vocab, bert_mask = tokenizer_lib.KNOWN_SIZES["bert-base-uncased"]
+  if tokenizer == "bert-base-uncased" or (tokenizer is None and vocab_size == bert_vocab):
+    return bert_mask
   return vocab_size - 1
 
 

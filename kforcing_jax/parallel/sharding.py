@@ -67,3 +67,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(local_BxL: np.ndarray, mesh: Mesh) -> jax.Array:
   """Assemble each process's rows into one global array sharded over 'data'."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh, local_BxL.ndim), local_BxL)
+
+
+def abstract_arrays(shapes, shardings):
+  """ShapeDtypeStructs carrying shardings (the one abstract-state builder): Orbax restore
+  targets and ahead-of-time compilation inputs, from any pytree of shapes and of shardings."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, shardings)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kforcing_jax.config import check as config_check
+from kforcing_jax.data import tokenizer as tokenizer_lib
 from kforcing_jax.distill import targets as distill
 from kforcing_jax.observe import metrics_log
 from kforcing_jax.training import optimizer, state as train_state
@@ -32,9 +33,6 @@ from kforcing_jax.training import step as train_step, trainer
 
 log = metrics_log.log
 GIB = 2.0**30
-# (vocabulary size incl. the mask id, mask id) of the standard tokenizers, so the dry run needs
-# no download. bert-base-uncased has [MASK] = 103; GPT-2's 50257 ids get one added mask id.
-KNOWN_VOCAB = {"bert-base-uncased": (30522, 103), "gpt2": (50258, 50257)}
 
 
 @dataclasses.dataclass
@@ -56,22 +54,13 @@ class StageReport:
 
 
 def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
-  """The architecture from the config alone: model.vocab_size, else the tokenizer's known size."""
-  m, d = config.model, config.data
+  """The architecture from the config alone (no tokenizer is built): the tokenizer's known size."""
+  d = config.data
   if d.tokenizer == "bpe":
-    vocab, mask = d.bpe_vocab_size, 1  # BPE reserves ids 0 (eos) and 1 (mask).
+    vocab, mask = d.bpe_vocab_size, tokenizer_lib.BPE_MASK_ID
   else:
-    vocab, mask = KNOWN_VOCAB[d.tokenizer]
-  if m.vocab_size != -1:
-    if m.vocab_size < vocab:
-      raise config_check.ConfigError(f"config.model.vocab_size: {m.vocab_size} is smaller than "
-                                     f"the {d.tokenizer} tokenizer's {vocab} ids")
-    vocab = m.vocab_size
-  return model_lib.ModelConfig(vocab_size=vocab, mask_id=mask, d_model=m.d_model,
-                               n_layers=m.n_layers, n_heads=m.n_heads, mlp_ratio=m.mlp_ratio,
-                               rope_base=m.rope_base, dtype=m.dtype)
-
-
+    vocab, mask = tokenizer_lib.KNOWN_SIZES[d.tokenizer]
+  return trainer.model_config(config, vocab, mask)
 
 
 def param_groups(params: dict) -> dict[str, int]:
@@ -90,11 +79,6 @@ def _per_device_bytes(abstract_tree) -> int:
   for x in jax.tree.leaves(abstract_tree):
     total += jnp.dtype(x.dtype).itemsize * math.prod(x.sharding.shard_shape(x.shape))
   return total
-
-
-def _abstract(shapes, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      shapes, shardings)
 
 
 def compile_stage(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelConfig,
@@ -116,7 +100,7 @@ def compile_stage(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelC
     spec, source = distill.stage_spec(stage, prev, cfg.distill.target, cfg.distill.tau)
     _, teacher_abstract, _ = trainer.stage_model(cfg, model_cfg, source)
     teacher_graphdef, teacher_shapes = model_lib.split_params(teacher_abstract)
-    frozen = _abstract(teacher_shapes, sharding.param_shardings(teacher_abstract, mesh,
+    frozen = sharding.abstract_arrays(teacher_shapes, sharding.param_shardings(teacher_abstract, mesh,
                                                                 cfg.mesh.fsdp))
     loss_fn = distill.make_loss_fn(spec, graphdef, teacher_graphdef)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)

@@ -35,8 +35,7 @@ def state_shardings(abstract_module: nnx.Module, tx: optax.GradientTransformatio
 
 def abstract_state(shapes: TrainState, shardings: TrainState) -> TrainState:
   """ShapeDtypeStructs carrying the CURRENT mesh's shardings: the Orbax restore target."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      shapes, shardings)
+  return sharding.abstract_arrays(shapes, shardings)
 
 
 def _fresh_state(module_factory, tx, key, ema: bool) -> TrainState:

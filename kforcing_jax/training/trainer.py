@@ -39,16 +39,23 @@ class Setup:
   writer: metrics_log.MetricsWriter
 
 
-def resolve_model_config(config: ml_collections.ConfigDict,
-                         tok: tokenizer_lib.Tokenizer) -> model_lib.ModelConfig:
+def model_config(config: ml_collections.ConfigDict, tokenizer_vocab: int,
+                 mask_id: int) -> model_lib.ModelConfig:
+  """The one place a config (and its tokenizer's size and mask id) becomes a ModelConfig:
+  model.vocab_size, or the tokenizer's when -1 (it may be larger, never smaller)."""
   m = config.model
-  vocab = tok.vocab_size if m.vocab_size == -1 else m.vocab_size
-  if vocab < tok.vocab_size:
-    raise config_check.ConfigError(
-        f"config.model.vocab_size: {vocab} is smaller than the tokenizer's {tok.vocab_size}")
-  return model_lib.ModelConfig(vocab_size=vocab, mask_id=tok.mask_id, d_model=m.d_model,
+  vocab = tokenizer_vocab if m.vocab_size == -1 else m.vocab_size
+  if vocab < tokenizer_vocab:
+    raise config_check.ConfigError(f"config.model.vocab_size: {vocab} is smaller than the "
+                                   f"{config.data.tokenizer} tokenizer's {tokenizer_vocab} ids")
+  return model_lib.ModelConfig(vocab_size=vocab, mask_id=mask_id, d_model=m.d_model,
                                n_layers=m.n_layers, n_heads=m.n_heads, mlp_ratio=m.mlp_ratio,
                                rope_base=m.rope_base, dtype=m.dtype)
+
+
+def resolve_model_config(config: ml_collections.ConfigDict,
+                         tok: tokenizer_lib.Tokenizer) -> model_lib.ModelConfig:
+  return model_config(config, tok.vocab_size, tok.mask_id)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
