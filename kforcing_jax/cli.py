@@ -20,15 +20,17 @@ from kforcing_jax.config import check as config_check
 USER_ERRORS = (config_check.UserError, FileNotFoundError, FileExistsError)
 
 
-def run(main: Callable[[list[str]], None]) -> None:
+def guarded(fn: Callable[[], object]):
+  """Run fn; a user error prints one line and exits with status 2."""
   # jax logs the TPU backend it could not find on every CPU/GPU start; not news to a user.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  try:
+    return fn()
+  except USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
-  def guarded(argv):
-    try:
-      return main(argv)
-    except USER_ERRORS as e:
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
 
-  app.run(guarded)
+def run(main: Callable[[list[str]], None]) -> None:
+  """absl's app.run(main) (global flags), with `guarded` user errors."""
+  app.run(lambda argv: guarded(lambda: main(argv)))

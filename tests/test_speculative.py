@@ -106,22 +106,24 @@ def test_greedy_spec_is_the_greedy_teacher_token_for_token(models, method):
     assert st["tokens_per_pass"] > 3.0
 
 
-def _reference_acceptance(teacher, drafter, prompt, row_id, seed, k, n_new):
+def _reference_acceptance(teacher, drafter, prompt, row_id, seed, k, n_new, buf=48):
   """Uncached, step by step: the PFLM's noise_logits over the whole prefix drafts k tokens; the
-  teacher's full causal forward gives its inverse-CDF tokens; count the accepted prefix."""
-  t = teacher.model()
-  d = drafter.model()
+  teacher's full causal forward gives its inverse-CDF tokens; count the accepted prefix.
+  (Sequences are right-padded to `buf`: causal, so the padding is never seen.)"""
+  t, d = teacher.model(), drafter.model()
+  draft_fn = jax.jit(lambda x, z, pos: jnp.argmax(d.noise_logits(
+      x, jnp.broadcast_to(z[:, None], (1, buf, k)))[0, pos], -1))
+  logits_fn = jax.jit(lambda x: t(x)[0])
+  pick = jax.jit(sampling.inverse_cdf)
   key = jnp.asarray(decode.row_keys(seed, [row_id]))
   seq, n, accepted = list(prompt), 0, 0
+  pad = lambda ids: jnp.asarray([ids + [0] * (buf - len(ids))], jnp.int32)
   while n < n_new:
-    z = decode.uniforms(key, n, k)  # (1, k)
-    x = jnp.asarray([seq], jnp.int32)
-    drafts = np.asarray(jnp.argmax(d.noise_logits(x, jnp.broadcast_to(z[:, None], (1, len(seq),
-                                                                                  k)))[0, -1], -1))
+    drafts = [int(v) for v in np.asarray(draft_fn(pad(seq), decode.uniforms(key, n, k),
+                                                  len(seq) - 1))]
     zt = decode.uniforms(key, n, k + 1)[0]
-    full = jnp.asarray([seq + [int(v) for v in drafts]], jnp.int32)
-    logits = t(full)[0, len(seq) - 1:]
-    tok = [int(sampling.inverse_cdf(logits[j], zt[j])) for j in range(k + 1)]
+    logits = logits_fn(pad(seq + drafts))
+    tok = [int(pick(logits[len(seq) - 1 + j], zt[j])) for j in range(k + 1)]
     a = 0
     while a < k and drafts[a] == tok[a]:
       a += 1

@@ -44,7 +44,7 @@ they are only as good as its load: a warning is printed when the load average ex
 count during the run.
 """
 
-import argparse
+import argparse  # Namespace only: the flags are absl's
 import json
 import os
 import platform
@@ -54,9 +54,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 from flax import nnx
 
+from kforcing_jax import cli
 from kforcing_jax.config import base as config_base
+from kforcing_jax.config import check as config_check
 from kforcing_jax.distill import targets as distill
 from kforcing_jax.training import optimizer, state as train_state, step as train_step, trainer
 from kforcing_jax.parallel import sharding
@@ -348,32 +351,41 @@ def plot(result: dict, out_png: str) -> None:
   plt.close(fig)
 
 
-def _int_list(text: str) -> list[int]:
-  return [int(x) for x in text.split(",") if x.strip()]
+# Its own FlagValues: tests import this module next to other CLIs whose absl flags share names
+# (--out, --seed), so these flags stay out of the global registry.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", None, "Directory for train_cost.json / train_cost.png.",
+                    flag_values=FLAGS, required=True)
+flags.DEFINE_list("seq_lens", ["128", "512"], "Sequence lengths.", flag_values=FLAGS)
+flags.DEFINE_list("ks", ["1", "2", "4"], "Student windows: 1 (AR teacher) or even k (PFLM(k/2) "
+                  "teacher, R=2).", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 4, "Batch size.", flag_values=FLAGS)
+flags.DEFINE_integer("d_model", 256, "Model width.", flag_values=FLAGS)
+flags.DEFINE_integer("n_layers", 4, "Blocks.", flag_values=FLAGS)
+flags.DEFINE_integer("n_heads", 4, "Attention heads.", flag_values=FLAGS)
+flags.DEFINE_integer("vocab", 8192, "Vocabulary size.", flag_values=FLAGS)
+flags.DEFINE_integer("reps", 5, "Timed runs per measurement (median).", flag_values=FLAGS)
+flags.DEFINE_integer("dense_reps", None, "Timed runs of the dense-mask forward (default: "
+                     "--reps).", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.", flag_values=FLAGS)
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="python -m kforcing_jax.bench.train_cost",
-                              description=__doc__.split("\n")[0])
-  p.add_argument("--out", required=True, help="Directory for train_cost.json / train_cost.png.")
-  p.add_argument("--seq_lens", type=_int_list, default=[128, 512])
-  p.add_argument("--ks", type=_int_list, default=[1, 2, 4],
-                 help="Student windows: 1 (AR teacher) or even k (PFLM(k/2) teacher, R=2).")
-  p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--d_model", type=int, default=256)
-  p.add_argument("--n_layers", type=int, default=4)
-  p.add_argument("--n_heads", type=int, default=4)
-  p.add_argument("--vocab", type=int, default=8192)
-  p.add_argument("--reps", type=int, default=5, help="Timed runs per measurement (median).")
-  p.add_argument("--dense_reps", type=int, default=None,
-                 help="Timed runs of the dense-mask forward (default: --reps).")
-  p.add_argument("--seed", type=int, default=0)
-  args = p.parse_args(argv)
+def parse_args(argv=None) -> argparse.Namespace:
+  """Settings from command-line flags (absl syntax); a bad value raises config_check.UserError."""
+  try:
+    FLAGS.unparse_flags()
+    FLAGS(["train_cost"] + list(sys.argv[1:] if argv is None else argv))
+    ints = lambda name: [int(x) for x in FLAGS[name].value if x.strip()]
+    values = {name: FLAGS[name].value for name in FLAGS}
+    args = argparse.Namespace(**{**values, "seq_lens": ints("seq_lens"), "ks": ints("ks")})
+  except (flags.Error, ValueError) as e:
+    raise config_check.UserError(f"train_cost: {e}") from None
   bad = [k for k in args.ks if k < 1 or (k > 1 and k % 2)]
   if bad:
-    p.error(f"--ks: {bad} not supported; use 1 or even k (the teacher is PFLM(k/2) with R=2)")
+    raise config_check.UserError(f"--ks: {bad} not supported; use 1 or even k (the teacher is "
+                                 "PFLM(k/2) with R=2)")
   if args.reps < 1:
-    p.error("--reps must be >= 1")
+    raise config_check.UserError("--reps must be >= 1")
   if args.dense_reps is None:
     args.dense_reps = args.reps
   return args
@@ -399,4 +411,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.guarded(lambda: main(sys.argv[1:]))
