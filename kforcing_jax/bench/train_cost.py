@@ -61,7 +61,7 @@ from kforcing_jax import cli
 from kforcing_jax.config import base as config_base
 from kforcing_jax.config import check as config_check
 from kforcing_jax.distill import targets as distill
-from kforcing_jax.training import optimizer, state as train_state, step as train_step, trainer
+from kforcing_jax.training import state as train_state, step as train_step, trainer
 from kforcing_jax.parallel import sharding
 from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.model import pflm as pflm_lib
@@ -149,14 +149,9 @@ def _train_step(cls, cfg, mesh, loss_fn, params, frozen, seed: int):
   """(step_fn, state) built exactly as trainer.train_loop does (EMA off, the default)."""
   optim = config_base.base_config().optim
   factory, abstract = pflm_lib.stage_module(cfg, 0 if cls is model_lib.Transformer else 1)
-  tx = optimizer.make_optimizer(optim, 1000)
-  schedule = optimizer.lr_schedule(optim, 1000)
-  state_sh = train_state.state_shardings(abstract, tx, mesh, False, ema=False)
-  rep = sharding.replicated(mesh)
-  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-  step_fn = train_step.make_train_step(loss_fn, tx, schedule, optim.ema_decay, seed, state_sh,
-                                       sharding.batch_sharding(mesh), rep, frozen_sh)
-  state = train_state.init_state(factory, tx, state_sh, seed, ema=False)
+  parts = train_step.assemble(optim, 1000, abstract, mesh, False, loss_fn, frozen, seed)
+  step_fn = parts.step_fn
+  state = train_state.init_state(factory, parts.tx, parts.state_sh, seed, ema=parts.ema)
   state["params"] = pflm_lib.init_from(_copy(params), state["params"])
   return step_fn, state
 

@@ -26,7 +26,7 @@ from kforcing_jax.config import check as config_check
 from kforcing_jax.data import tokenizer as tokenizer_lib
 from kforcing_jax.distill import targets as distill
 from kforcing_jax.observe import metrics_log
-from kforcing_jax.training import optimizer, state as train_state
+from kforcing_jax.training import state as train_state
 from kforcing_jax.parallel import sharding
 from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.training import step as train_step, trainer
@@ -84,28 +84,24 @@ def _per_device_bytes(abstract_tree) -> int:
 def compile_stage(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelConfig,
                   mesh: jax.sharding.Mesh, stage: str, prev: str | None) -> StageReport:
   """Lower + compile the trainer's train step of `stage` on abstract inputs."""
-  cfg = config
+  cfg = config_check.stage_config(config, stage)  # what the trainer compiles for this stage
   num_steps = config_check.stage_steps(cfg, stage)
-  tx = optimizer.make_optimizer(cfg.optim, num_steps)
-  schedule = optimizer.lr_schedule(cfg.optim, num_steps)
-  ema = cfg.optim.ema_decay > 0
   factory, abstract, graphdef = trainer.stage_model(cfg, model_cfg, stage)
-  state_sh = train_state.state_shardings(abstract, tx, mesh, cfg.mesh.fsdp, ema)
-  state = train_state.abstract_state(train_state.state_shapes(factory, tx, ema), state_sh)
-  batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=batch_sh)
   if config_check.stage_k(stage) == 0:  # the teacher or the draft
     loss_fn, frozen = trainer.ar_loss_fn(graphdef), ()
   else:
     spec, source = distill.stage_spec(stage, prev, cfg.distill.target, cfg.distill.tau)
     _, teacher_abstract, _ = trainer.stage_model(cfg, model_cfg, source)
     teacher_graphdef, teacher_shapes = model_lib.split_params(teacher_abstract)
-    frozen = sharding.abstract_arrays(teacher_shapes, sharding.param_shardings(teacher_abstract, mesh,
-                                                                cfg.mesh.fsdp))
+    frozen = sharding.abstract_arrays(
+        teacher_shapes, sharding.param_shardings(teacher_abstract, mesh, cfg.mesh.fsdp))
     loss_fn = distill.make_loss_fn(spec, graphdef, teacher_graphdef)
-  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-  step_fn = train_step.make_train_step(loss_fn, tx, schedule, cfg.optim.ema_decay, cfg.seed,
-                                       state_sh, batch_sh, rep, frozen_sh)
+  parts = train_step.assemble(cfg.optim, num_steps, abstract, mesh, cfg.mesh.fsdp, loss_fn,
+                              frozen, cfg.seed)
+  step_fn = parts.step_fn
+  state = train_state.abstract_state(train_state.state_shapes(factory, parts.tx, parts.ema),
+                                     parts.state_sh)
+  batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=parts.batch_sh)
   t0 = time.perf_counter()
   lowered = step_fn.jitted.lower(state, batch, frozen)
   t1 = time.perf_counter()

@@ -6,6 +6,7 @@ but never trained (the distillation teacher): an explicit jit argument, not a ba
 with its own shardings, no gradient and no optimizer state.
 """
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -54,3 +55,34 @@ def make_eval_step(loss_fn: LossFn, params_sh, batch_sh, metrics_sh, frozen_sh=(
   jitted = jax.jit(evaluate, in_shardings=(params_sh, batch_sh, metrics_sh, frozen_sh),
                    out_shardings=metrics_sh)
   return lambda params, batch, index, frozen=(): jitted(params, batch, index, frozen)
+
+
+@dataclasses.dataclass
+class StepParts:
+  """Everything a stage's training step is assembled from (`assemble`)."""
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  ema: bool
+  state_sh: Any
+  batch_sh: Any
+  metrics_sh: Any
+  frozen_sh: Any
+  step_fn: Callable
+
+
+def assemble(optim_cfg, num_steps: int, abstract, mesh, fsdp: bool, loss_fn: LossFn, frozen,
+             seed: int) -> StepParts:
+  """The one train-step assembly (trainer, aot dry runs, the training-cost benchmark): AdamW and
+  its lr schedule for `num_steps`, the state / batch / frozen shardings, the jitted step."""
+  from kforcing_jax.parallel import sharding
+  from kforcing_jax.training import optimizer, state as train_state
+
+  tx = optimizer.make_optimizer(optim_cfg, num_steps)
+  schedule = optimizer.lr_schedule(optim_cfg, num_steps)
+  ema = optim_cfg.ema_decay > 0
+  state_sh = train_state.state_shardings(abstract, tx, mesh, fsdp, ema)
+  batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  step_fn = make_train_step(loss_fn, tx, schedule, optim_cfg.ema_decay, seed, state_sh,
+                            batch_sh, rep, frozen_sh)
+  return StepParts(tx, schedule, ema, state_sh, batch_sh, rep, frozen_sh, step_fn)

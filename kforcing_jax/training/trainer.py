@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from kforcing_jax.training import checkpoint, optimizer
+from kforcing_jax.training import checkpoint
 from kforcing_jax.config import check as config_check
 from kforcing_jax.distill import targets as distill, losses
 from kforcing_jax.observe import metrics_log, plots
@@ -198,14 +198,10 @@ def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init
   cfg, mesh = config_check.stage_config(s.config, stage), s.mesh
   tcfg = cfg.train
   num_steps = config_check.stage_steps(cfg, stage)
-  tx = optimizer.make_optimizer(cfg.optim, num_steps)
-  schedule = optimizer.lr_schedule(cfg.optim, num_steps)
-  ema = cfg.optim.ema_decay > 0
-  state_sh = train_state.state_shardings(abstract, tx, mesh, cfg.mesh.fsdp, ema)
-  batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-  step_fn = train_step.make_train_step(loss_fn, tx, schedule, cfg.optim.ema_decay, cfg.seed,
-                                       state_sh, batch_sh, rep, frozen_sh)
+  parts = train_step.assemble(cfg.optim, num_steps, abstract, mesh, cfg.mesh.fsdp, loss_fn,
+                              frozen, cfg.seed)
+  tx, ema, state_sh, step_fn = parts.tx, parts.ema, parts.state_sh, parts.step_fn
+  batch_sh, rep, frozen_sh = parts.batch_sh, parts.metrics_sh, parts.frozen_sh
   eval_fn = train_step.make_eval_step(loss_fn, state_sh["params"], batch_sh, rep, frozen_sh)
 
   pidx, pcount = jax.process_index(), jax.process_count()
