@@ -120,10 +120,10 @@ def uniforms(keys_Bx2: jax.Array, first: jax.Array | int, n: int, stream: int = 
   return jax.vmap(row)(keys_Bx2, idx_BxN)
 
 
-def noise(m, spec: DecodeSpec, keys_Bx2, first) -> jax.Array:
-  """Noise embeddings of the k uniforms from token index `first` (() or per row)."""
-  z_BxK = uniforms(keys_Bx2, first, spec.k)
-  return m.noise_encoder(z_BxK, spec.tau).astype(model_lib.RESIDUAL_DTYPE)
+def noise(m, keys_Bx2, first, k: int, tau: float) -> jax.Array:
+  """Noise embeddings (B, k, D) of the k uniforms from token index `first` (() or per row)."""
+  z_BxK = uniforms(keys_Bx2, first, k)
+  return m.noise_encoder(z_BxK, tau).astype(model_lib.RESIDUAL_DTYPE)
 
 
 def choose(spec: DecodeSpec, logits_BxKxV, keys_Bx2, first, done_B, length_B, counts_BxV,
@@ -155,19 +155,28 @@ def choose(spec: DecodeSpec, logits_BxKxV, keys_Bx2, first, done_B, length_B, co
   return jnp.stack(ys, axis=1), ~alive, length_B, counts_BxV
 
 
+def block_logits(m: model_lib.Transformer, spec: DecodeSpec, tokens_BxW: jax.Array, keys_Bx2,
+                 first, cache_k, cache_v, start, pad_B, fresh: bool = False):
+  """One decode pass: [tokens ; k noise from stream index `first`] (a PFLM) or the tokens (AR)
+  through the KV cache at `start`; `first` and `start` are () or per row. Returns (logits of the
+  block's k outputs (B, k, V), cache_k, cache_v). Offline decoding and the serving engine both
+  run every prefill and step through here."""
+  x = m.embed(tokens_BxW)
+  if not spec.ar:
+    x = jnp.concatenate([x, noise(m, keys_Bx2, first, spec.k, spec.tau)], axis=1)
+  h, cache_k, cache_v = m.forward_cached(x, cache_k, cache_v, start, pad_B, n_out=spec.k,
+                                        fresh=fresh)
+  return m.logits(h), cache_k, cache_v
+
+
 def prefill(m: model_lib.Transformer, spec: DecodeSpec, prompt_BxP: jax.Array, pad_B: jax.Array,
             keys_Bx2: jax.Array, cache_sharding: NamedSharding | None = None):
   """First block: [prompt ; k noise] (PFLM) or the prompt (AR). Returns (state, logits BxKxV)."""
   cfg = m.cfg
   b, plen = prompt_BxP.shape
   cache_k, cache_v = model_lib.init_cache(cfg, b, spec.cache_slots(plen), cache_sharding)
-  x = m.embed(prompt_BxP)
-  if not spec.ar:
-    x = jnp.concatenate([x, noise(m, spec, keys_Bx2, 0)], axis=1)
-  zero = jnp.zeros((), jnp.int32)
-  h, cache_k, cache_v = m.forward_cached(x, cache_k, cache_v, zero, pad_B, n_out=spec.k,
-                                        fresh=True)
-  logits = m.logits(h)
+  logits, cache_k, cache_v = block_logits(m, spec, prompt_BxP, keys_Bx2, 0, cache_k, cache_v,
+                                          jnp.zeros((), jnp.int32), pad_B, fresh=True)
   counts = jnp.zeros((b, cfg.vocab_size if spec.frequency_penalty else 0), jnp.int32)
   y_BxK, done, length, counts = choose(spec, logits, keys_Bx2, 0, jnp.zeros((b,), bool),
                                         jnp.zeros((b,), jnp.int32), counts)
@@ -185,12 +194,9 @@ def decode_step(m: model_lib.Transformer, spec: DecodeSpec, state: DecodeState):
   k = spec.k
   first = state.step * k
   prev_BxK = jax.lax.dynamic_slice_in_dim(state.tokens_BxT, first - k, k, axis=1)
-  x = m.embed(prev_BxK)
-  if not spec.ar:
-    x = jnp.concatenate([x, noise(m, spec, state.keys_Bx2, first)], axis=1)
-  h, cache_k, cache_v = m.forward_cached(x, state.cache_k, state.cache_v, state.cache_len,
-                                        state.pad_B, n_out=k)
-  logits = m.logits(h)
+  logits, cache_k, cache_v = block_logits(m, spec, prev_BxK, state.keys_Bx2, first,
+                                          state.cache_k, state.cache_v, state.cache_len,
+                                          state.pad_B)
   y_BxK, done, length, counts = choose(spec, logits, state.keys_Bx2, first, state.done_B,
                                         state.length_B, state.counts_BxV)
   tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens_BxT, y_BxK, first, axis=1)

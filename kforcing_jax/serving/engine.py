@@ -133,12 +133,10 @@ class ServingEngine:
       m = merge(params)
       plen = prompt_1xP.shape[1]
       ck, cv = model_lib.init_cache(cfg, 1, plen + (0 if spec.ar else k))
-      x = m.embed(prompt_1xP)
-      if not spec.ar:
-        x = jnp.concatenate([x, decode.noise(m, spec, keys_1x2, 0)], axis=1)
-      h, ck, cv = m.forward_cached(x, ck, cv, 0, pad_1, n_out=k, fresh=True)
+      logits, ck, cv = decode.block_logits(m, spec, prompt_1xP, keys_1x2, 0, ck, cv,
+                                           jnp.zeros((), jnp.int32), pad_1, fresh=True)
       counts = jnp.zeros((1, cfg.vocab_size), jnp.int32)
-      y, _, _, counts = decode.choose(spec, m.logits(h), keys_1x2, 0, jnp.zeros((1,), bool),
+      y, _, _, counts = decode.choose(spec, logits, keys_1x2, 0, jnp.zeros((1,), bool),
                                       jnp.zeros((1,), jnp.int32), counts, penalty_1)
       return y, tuple(c[:, :, :plen] for c in ck), tuple(c[:, :, :plen] for c in cv), counts
 
@@ -157,13 +155,11 @@ class ServingEngine:
     def step(params, state):
       """Every slot advances one block at its own cache length (free slots compute junk)."""
       m = merge(params)
-      x = m.embed(state.last_BxK)
-      if not spec.ar:
-        x = jnp.concatenate([x, decode.noise(m, spec, state.keys_Bx2, state.gen_B)], axis=1)
-      h, ck, cv = m.forward_cached(x, state.cache_k, state.cache_v, state.len_B, state.pad_B,
-                                   n_out=k)
+      logits, ck, cv = decode.block_logits(m, spec, state.last_BxK, state.keys_Bx2, state.gen_B,
+                                           state.cache_k, state.cache_v, state.len_B,
+                                           state.pad_B)
       b = self.slots
-      y, _, _, counts = decode.choose(spec, m.logits(h), state.keys_Bx2, state.gen_B,
+      y, _, _, counts = decode.choose(spec, logits, state.keys_Bx2, state.gen_B,
                                       jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
                                       state.counts_BxV, state.penalty_B)
       # A free slot's length stays below the cache end (its writes never leave the cache).

@@ -135,8 +135,7 @@ def _draft_pflm(m, spec: VerifySpec, s: VerifyState, plen: int):
   k = spec.gamma
   c_B = plen + s.n_B - s.d_len_B  # real tokens to feed, in [1, k + 1]
   toks_BxK1 = _gather(s.seq_BxS, s.d_len_B, k + 1)
-  noise_BxKxD = m.noise_encoder(decode.uniforms(s.keys_Bx2, s.n_B, k), spec.tau).astype(
-      model_lib.RESIDUAL_DTYPE)
+  noise_BxKxD = decode.noise(m, s.keys_Bx2, s.n_B, k, spec.tau)
   w = jnp.arange(2 * k + 1)
   tok_x = m.embed(jnp.concatenate([toks_BxK1, jnp.zeros_like(toks_BxK1[:, :k])], 1))
   j_BxW = jnp.clip(w[None, :] - c_B[:, None], 0, k - 1)
