@@ -118,7 +118,6 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
         use_ema: bool = True, method: str = "", gamma: int = 4,
         confidence: float = 0.4) -> list[dict]:
   """Generate for every prompt of `prompts_path`; writes and returns the output records."""
-  import tqdm
   from kforcing_jax.serving import decode
   from kforcing_jax.observe import metrics_log
   from kforcing_jax.interop import stage_io
@@ -153,7 +152,8 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
   records, t0, n_tokens = [], time.perf_counter(), 0
   plen = decode.bucket_len(max(len(p) for p in ids))  # one prompt bucket for the whole file
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  with open(out_path, "w", encoding="utf-8") as f, tqdm.tqdm(total=len(ids), unit="prompt") as bar:
+  note = metrics_log.Progress(-(-len(ids) // batch_size)).step
+  with open(out_path, "w", encoding="utf-8") as f:
     for lo in range(0, len(ids), batch_size):
       batch = ids[lo:lo + batch_size]
       outs, stats = decode_batch(batch, spec, seed=seed, row_ids=range(lo, lo + len(batch)),
@@ -168,7 +168,7 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
         f.write(json.dumps(rec) + "\n")
         records.append(rec)
         n_tokens += len(c.tokens)
-      bar.update(len(batch))
+      note(f"{lo + len(batch)}/{len(ids)} prompts, {n_tokens} tokens")
   dt = time.perf_counter() - t0
   log.info("wrote %d samples to %s (%d tokens in %.1f s incl. compilation: %.0f tokens/s)",
            len(records), out_path, n_tokens, dt, n_tokens / dt)

@@ -86,6 +86,21 @@ def test_round_trip_ours_to_torch_and_back_is_bit_identical(tmp_path, pflm):
   assert got.model_cfg == CFG and got.k == (2 if pflm else 0)
 
 
+def test_noise_max_freq_travels_in_the_sidecar(tmp_path):
+  """The reference layout has no place for the encoder's frequency scale: the sidecar keeps it,
+  and without a sidecar the authors' value (1) applies."""
+  cfg = model_lib.ModelConfig(**{**CFG.__dict__, "noise_max_freq": 100.0})
+  stage_io.save_params_stage(str(tmp_path / "a"), "k2", _our_random_params(True, 3), cfg)
+  pt = str(tmp_path / "export.pt")
+  torch_checkpoint.to_torch(str(tmp_path / "a"), pt)
+  torch_checkpoint.from_torch(pt, str(tmp_path / "b"))
+  assert stage_io.load_stage(str(tmp_path / "b"), "k2", load_tokenizer=False).model_cfg == cfg
+  os.remove(torch_checkpoint.sidecar_path(pt))
+  torch_checkpoint.from_torch(pt, str(tmp_path / "c"), n_heads=HEADS, mask_id=MASK, k=2)
+  got = stage_io.load_stage(str(tmp_path / "c"), "k2", load_tokenizer=False).model_cfg
+  assert got.noise_max_freq == 1.0
+
+
 def test_round_trip_torch_to_ours_and_back_is_bit_identical(tmp_path):
   state = _ref_model(True, seed=2).state_dict()
   _save_lightning(tmp_path / "ref.ckpt", state)

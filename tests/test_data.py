@@ -91,6 +91,25 @@ def test_tokenizer_is_loaded_not_retrained(kjv_env, monkeypatch):
     tokenizer_lib.build_tokenizer(_data_cfg(bpe_vocab_size=1024), workdir)
 
 
+def test_frequency_id_order_renumbers_but_tokenizes_the_same(kjv_env, tmp_path):
+  """data.bpe_id_order='frequency': the same pieces for every text, ids by descending count in
+  the training split, reserved ids unchanged."""
+  cfg, tok, workdir = kjv_env
+  freq = tokenizer_lib.build_tokenizer(_data_cfg(bpe_id_order="frequency"), str(tmp_path / "w"))
+  assert (freq.vocab_size, freq.eos_id, freq.mask_id) == (tok.vocab_size, tok.eos_id, tok.mask_id)
+  piece = lambda t, ids: [t.hf.id_to_token(i) for i in ids]
+  texts = list(pipeline.iter_texts(cfg, "train", workdir))
+  sample = " ".join(texts[:50])
+  assert piece(freq, freq.encode(sample)) == piece(tok, tok.encode(sample))
+  count = lambda t: np.bincount(np.concatenate(t.encode_batch(texts)), minlength=t.vocab_size)[2:]
+  freq_counts, merge_counts = count(freq), count(tok)
+  assert (np.diff(freq_counts) <= 0).all()  # ids by descending count
+  assert (freq_counts == np.sort(merge_counts)[::-1]).all()  # a renumbering of the same pieces
+  assert not (np.diff(merge_counts) <= 0).all()  # the merge order was not sorted already
+  with pytest.raises(ValueError, match="bpe_id_order"):  # a work dir remembers its order
+    tokenizer_lib.build_tokenizer(_data_cfg(), str(tmp_path / "w"))
+
+
 def _fake_hub(name):
   """Stand-ins for the hub's gpt2 (no mask token) and bert (has [MASK], eos = [SEP])."""
   vocab = {w: i for i, w in enumerate(["[UNK]", "hello", "world"])}

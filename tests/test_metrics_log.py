@@ -35,3 +35,43 @@ def test_jsonl_and_tensorboard_scalars(tmp_path):
   assert ("teacher/loss", 10, 2.5) in scalars
   assert ("k2/val_nll_1", 4, 1.25) in scalars
   assert not any(tag.endswith("/note") for tag, _, _ in scalars)
+
+
+def test_progress_rate_eta_and_job_lines(monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(metrics_log.time, "perf_counter", lambda: now[0])
+  lines = []
+  p = metrics_log.Progress(100, emit=lines.append, start=20)
+  now[0] = 110.0  # 10 steps in 10 s (e.g. including compilation)...
+  assert p.tick(30) == {"per_s": 1.0, "eta_s": 70.0, "elapsed_s": 10.0}
+  now[0] = 115.0  # ... then 20 steps in 5 s: the ETA follows the recent rate
+  assert p.tick(50) == {"per_s": 4.0, "eta_s": 12.5, "elapsed_s": 15.0}
+  assert p.line("[k4] step", 50, "loss 1.0000", 72.5) == \
+      "[k4] step 50/100 (50%) loss 1.0000 | ETA 1m12s"
+  jobs = metrics_log.Progress(4, emit=lines.append)
+  now[0] = 125.0
+  jobs.step("first")
+  now[0] = 135.0
+  jobs.step("second")
+  assert lines == ["[1/4] first | elapsed 10s, ETA 30s", "[2/4] second | elapsed 20s, ETA 20s"]
+
+
+def test_round_robin_interleaves_and_reports_medians():
+  import jax.numpy as jnp
+
+  from kforcing_jax.bench import timing
+
+  calls = []
+  make = lambda name: (lambda: calls.append(name) or jnp.zeros(()), None)
+  prepared = []
+  prep = (lambda x: calls.append("c") or x, lambda: prepared.append(1) or jnp.ones(()))
+  rounds = []
+  out = timing.round_robin({"a": {"t": make("a")}, "b": {"t": make("b"), "u": prep}}, reps=3,
+                           progress=rounds.append)
+  # 1 compile + 1 warm-up + 3 timed rounds, each calling every timer once, in turn.
+  assert calls == ["a", "b", "c"] * 5 and len(prepared) == 5
+  assert rounds[0] == "round 1/5 (compile)" and rounds[-1] == "round 5/5 (timed)"
+  for m, t in (("a", "t"), ("b", "t"), ("b", "u")):
+    st = out[m][t]
+    assert st["reps"] == 3 and len(st["times"]) == 3
+    assert st["min_seconds"] <= st["seconds"] == sorted(st["times"])[1]

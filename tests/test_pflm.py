@@ -165,22 +165,23 @@ def test_context_logits_equal_ar_forward_with_backbone_params():
 # ---- noise encoder ----
 
 
-def _ref_features(s, d):
+def _ref_features(s, d, max_freq=1.0):
   s = np.asarray(s, np.float64)
-  f = 10000.0 ** (-np.arange(d // 2, dtype=np.float64) / (d // 2))
-  ang = 2 * np.pi * s[..., None] * f
+  f = max_freq * 10000.0 ** (-np.arange(d // 2, dtype=np.float64) / (d // 2))
+  ang = 2 * np.pi * np.float64(s)[..., None] * f
   return np.concatenate([np.cos(ang), np.sin(ang)], axis=-1)
 
 
-@pytest.mark.parametrize("d", [32, 768])
-def test_sinusoidal_features_match_float64(d):
+@pytest.mark.parametrize("d,max_freq", [(32, 1.0), (768, 1.0), (256, 1000.0)])
+def test_sinusoidal_features_match_float64(d, max_freq):
   rng = np.random.RandomState(0)
   s = np.concatenate([
       rng.uniform(0, 1, 2000), [0.0, 1e-8, 1e-7, 1e-6, 1e-3, 0.25, 0.5, 0.75, 1.0],
       1 - np.array([1e-3, 1e-5, 1e-6, 1e-7, 6e-8]), rng.uniform(0.999, 1.0, 200),
       rng.uniform(0, 1e-3, 200)]).astype(np.float32)
-  got = np.asarray(jax.jit(sinusoidal_features, static_argnums=1)(jnp.asarray(s), d))
-  ref = _ref_features(s, d)  # of the float32 s actually passed
+  got = np.asarray(jax.jit(sinusoidal_features, static_argnums=(1, 2))(jnp.asarray(s), d,
+                                                                        max_freq))
+  ref = _ref_features(s, d, max_freq)  # of the float32 s actually passed
   assert got.shape == (len(s), d) and got.dtype == np.float32
   np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
 

@@ -29,7 +29,6 @@ CPUs whose small-M GEMM costs several times a 1-row GEMV.
 
 import os
 import platform
-import statistics
 import time
 from typing import Callable
 
@@ -37,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kforcing_jax.bench import timing
 from kforcing_jax.observe import metrics_log
 from kforcing_jax.serving import decode, speculative
 
@@ -67,27 +67,11 @@ def _method_timers(engine: decode.Engine, spec: decode.DecodeSpec, inputs,
   return timers
 
 
-def _time_round_robin(methods: dict, reps: int,
-                      progress: Callable[[str], None] | None = None) -> dict:
-  """Median seconds per (method, timer) after a compile and a warm-up call of each. Each
-  repetition runs every method once in turn, so a slow spell of a shared machine hits all
-  methods alike instead of biasing whichever one it overlaps."""
-  times = {m: {t: [] for t in timers} for m, timers in methods.items()}
-  for i in range(reps + 2):
-    for m, timers in methods.items():
-      for t, (run, prepare) in timers.items():
-        arg = prepare() if prepare else None
-        if arg is not None:
-          jax.block_until_ready(arg)
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(arg) if prepare else run())
-        if i >= 2:
-          times[m][t].append(time.perf_counter() - t0)
-    if progress is not None:
-      kind = "compile" if i == 0 else "warm-up" if i == 1 else "timed"
-      progress(f"round {i + 1}/{reps + 2} ({kind})")
-  return {m: {**{t: statistics.median(v) for t, v in ts.items()}, "times": ts["seconds"]}
-          for m, ts in times.items()}
+def _medians(methods: dict, reps: int, progress: Callable[[str], None] | None = None) -> dict:
+  """{method: {timer: median seconds, "times": the "seconds" timer's samples}}."""
+  timed = timing.round_robin(methods, reps, progress)
+  return {m: {**{t: st["seconds"] for t, st in ts.items()}, "times": ts["seconds"]["times"]}
+          for m, ts in timed.items()}
 
 
 def _matmul_chain(cfg, rows: int, head_rows: int, platform: str) -> Callable[[], jax.Array]:
@@ -115,7 +99,7 @@ def matmul_bounds(cfg, batch: int, ks, reps: int = 20) -> dict[int, float]:
   platform = jax.devices()[0].platform
   chains = {0: _matmul_chain(cfg, batch, batch, platform)}
   chains.update({k: _matmul_chain(cfg, 2 * k * batch, k * batch, platform) for k in ks})
-  timed = _time_round_robin({k: {"seconds": (fn, None)} for k, fn in chains.items()}, reps)
+  timed = _medians({k: {"seconds": (fn, None)} for k, fn in chains.items()}, reps)
   return {k: k * timed[0]["seconds"] / timed[k]["seconds"] for k in ks}
 
 
@@ -141,7 +125,7 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
   rows = []
   n_verified = sum(len(ks) if m == "pflm_verified" else 1 for m in verified)
   n_jobs = len(batch_sizes) * (1 + int(stepwise) + len(ks) * int(pflm) + n_verified)
-  note = metrics_log.JobProgress(n_jobs, progress).step
+  note = metrics_log.Progress(n_jobs, progress).step
 
   for b in batch_sizes:
     if prompt_pool:
@@ -169,7 +153,7 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
         methods[(method, g)] = {"seconds": (run, None)}
         vspecs[(method, g)] = (run, b)
     t_batch = time.time()
-    timed = _time_round_robin(
+    timed = _medians(
         methods, reps, lambda msg: progress(f"B={b}: {msg}, {time.time() - t_batch:.0f}s"))
     runs = []
     for (method, k), r in timed.items():

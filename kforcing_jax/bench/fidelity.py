@@ -65,6 +65,8 @@ def _steps(stage: str, n: int, lr: float | None = None, warmup: int | None = Non
 TEACHERS = {
     "v1024": (("data.bpe_vocab_size", 1024),),
     "v8192": (("data.bpe_vocab_size", 8192),),
+    "v259": (("data.bpe_vocab_size", 259),),  # no merges: one id per byte (character-level)
+    "v259_freq": (("data.bpe_vocab_size", 259), ("data.bpe_id_order", "frequency")),
     "v1024_d384": (("data.bpe_vocab_size", 1024), ("model.d_model", 384),
                    ("model.n_heads", 6)),
 }
@@ -97,6 +99,20 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             "width 384 / 6 heads instead of 256 / 4 (its own teacher)"),
     Variant("single_k4_120_lr3e-4", "v1024", "teacher,k4", _steps("k4", 120, 3e-4),
             "AR -> k4, 120 steps, lr 3e-4"),
+    Variant("single_k4_120_f1000", "v1024", "teacher,k4",
+            _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 1000.0),),
+            "AR -> k4, 120 steps, noise features up to 1000 cycles over [0, 1] (authors: 1)"),
+    Variant("single_k4_120_v259", "v259", "teacher,k4", _steps("k4", 120, 1e-3),
+            "byte-level vocabulary (259 ids, its own teacher)"),
+    Variant("single_k4_120_v259_f1000", "v259", "teacher,k4",
+            _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 1000.0),),
+            "byte-level vocabulary, noise features up to 1000 cycles"),
+    Variant("single_k4_120_v259_freq_f1000", "v259_freq", "teacher,k4",
+            _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 1000.0),),
+            "byte-level, ids by frequency, noise features up to 1000 cycles"),
+    Variant("single_k4_120_f100", "v1024", "teacher,k4",
+            _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
+            "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),
 ]
 
 
@@ -275,7 +291,7 @@ def main(argv):
       done = {r["name"]: r for r in json.load(f)["variants"]}
   results = []
   todo = [v for v in VARIANTS if v.name in chosen]
-  note = metrics_log.JobProgress(len(todo), lambda m: log.info("[fidelity] %s", m)).step
+  note = metrics_log.Progress(len(todo), lambda m: log.info("[fidelity] %s", m)).step
   for i, v in enumerate(todo):
     teacher_dir = train_teacher(out, v.teacher)
     workdir = train_variant(out, v, teacher_dir)

@@ -163,7 +163,7 @@ def main(argv):
   model = health["model"]
   label = _LABEL.value or model
   rows, t_start = [], time.perf_counter()
-  note = metrics_log.JobProgress(len(levels)).step
+  note = metrics_log.Progress(len(levels)).step
   for i, c in enumerate(levels):
     if time.perf_counter() - t_start > _BUDGET.value:
       log.warning("--budget_s reached: skipping concurrency %s", levels[i:])

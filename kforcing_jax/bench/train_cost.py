@@ -20,9 +20,12 @@ degenerate) and random tokens. Per sequence length L it measures:
                      scalar (context pass + window pass with window_attention).
   forward_dense      PFLM.noise_logits(dense=True): the reference (N + N*k)^2 dense-mask forward.
 
-Method: the first call is timed on its own and its trace + lowering + XLA compile time (from
-jax.monitoring events) is reported as compile_s; then 1 warm-up call; then the median of --reps
-calls, each ended by jax.block_until_ready. Train steps keep feeding back their (donated) state.
+Method (bench/timing.py, the harness decode_speed uses too): per L, everything above is timed
+round-robin, so load drifting on a shared machine hits every kind alike: a first call (its
+trace + lowering + XLA compile time from jax.monitoring events is compile_s), 1 warm-up call,
+then --reps rounds, each calling every kind once (medians; each call ended by
+jax.block_until_ready). The efficient and dense forwards take turns in a second round-robin of
+--dense_reps rounds. Train steps keep feeding back their (donated) state.
 
 How to read the table:
   distill/AR            distill_step seconds in AR-step units. The student sees N + N*k tokens,
@@ -48,7 +51,6 @@ import argparse  # Namespace only: the flags are absl's
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -58,6 +60,7 @@ from absl import flags
 from flax import nnx
 
 from kforcing_jax import cli
+from kforcing_jax.bench import timing
 from kforcing_jax.config import base as config_base
 from kforcing_jax.config import check as config_check
 from kforcing_jax.distill import targets as distill
@@ -67,48 +70,8 @@ from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.model import pflm as pflm_lib
 
 BUDGET_FACTOR = 1.2  # The issue's budget: a PFLM(k) distill step <= 1.2 * (1 + k) AR steps.
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-
 
 # ---- timing ----
-
-class _CompileClock:
-  """Sums jax.monitoring's trace / lowering / compile durations while `on`."""
-
-  def __init__(self):
-    self.total, self.on = 0.0, False
-    jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-  def _listen(self, event: str, duration_secs: float, **kwargs) -> None:
-    del kwargs
-    if self.on and event in _COMPILE_EVENTS:
-      self.total += duration_secs
-
-  def close(self) -> None:
-    jax.monitoring.unregister_event_duration_listener(self._listen)
-
-
-def _time(clock: _CompileClock, call, reps: int) -> dict:
-  """First call (compile), 1 warm-up, then `reps` timed calls; seconds = their median."""
-  clock.total, clock.on = 0.0, True
-  t0 = time.perf_counter()
-  jax.block_until_ready(call())
-  first = time.perf_counter() - t0
-  clock.on = False
-  jax.block_until_ready(call())
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(call())
-    times.append(time.perf_counter() - t0)
-  seconds = statistics.median(times)
-  compile_s = clock.total if clock.total > 0 else max(first - seconds, 0.0)
-  return {"seconds": seconds, "min_seconds": min(times), "compile_s": compile_s,
-          "first_call_s": first, "times": times, "reps": reps,
-          "loadavg_1m": os.getloadavg()[0]}
-
 
 class _StepRunner:
   """Calls a train step repeatedly, feeding back the donated state."""
@@ -186,7 +149,6 @@ def run(args) -> dict:
   ar_graphdef, ar_params = _random_params(model_lib.Transformer, cfg, mesh, args.seed)
   pflm_graphdef, pflm_params = _random_params(pflm_lib.PFLM, cfg, mesh, args.seed + 1)
   batch_sh = sharding.batch_sharding(mesh)
-  clock = _CompileClock()
   rows = []
   total = len(args.seq_lens) * (1 + 4 * len(args.ks))
   t_start = time.perf_counter()
@@ -205,14 +167,10 @@ def run(args) -> dict:
     tokens = jax.device_put(
         jax.random.randint(key, (args.batch, n), 0, cfg.mask_id, jnp.int32), batch_sh)
     base = {"seq_len": n, "batch": args.batch}
-
     step_fn, state = _train_step(model_lib.Transformer, cfg, mesh,
                                  trainer.ar_loss_fn(ar_graphdef), ar_params, (), args.seed)
-    ar = record({"kind": "ar_step", "k": 0, **base,
-                 **_time(clock, _StepRunner(step_fn, state, tokens, ()), args.reps)})
-    ar["tokens_per_s"] = args.batch * n / ar["seconds"]
-    del step_fn, state
-
+    steps = {("ar_step", 0): _StepRunner(step_fn, state, tokens, ())}
+    forwards = {}
     for k in args.ks:
       spec = _spec(k)
       t_graphdef, t_params = ((ar_graphdef, ar_params) if spec.teacher_k == 0
@@ -220,31 +178,17 @@ def run(args) -> dict:
       zkey, ukey = jax.random.split(jax.random.fold_in(key, k))
       z = jax.random.uniform(zkey, (args.batch, n, k), jnp.float32)
       u = jax.random.uniform(ukey, (args.batch, n, k), jnp.float32)
-      row_k = {**base, "k": k, "teacher_k": spec.teacher_k}
 
       @jax.jit
       def targets_fn(params, tokens_BxN, z_BxNxK, u_BxNxK, spec=spec, graphdef=t_graphdef):
         teacher = model_lib.merge(graphdef, params)
         return distill.make_targets(spec, teacher, tokens_BxN, z_BxNxK, u_BxNxK)[0]
 
-      roll = record({"kind": "rollout", **row_k, **_time(
-          clock, lambda: targets_fn(t_params, tokens, z, u), args.reps)})
-      roll["ratio_to_ar"] = roll["seconds"] / ar["seconds"]
-
+      steps[("rollout", k)] = (lambda f=targets_fn, p=t_params, z=z, u=u: f(p, tokens, z, u))
       loss_fn = distill.make_loss_fn(spec, pflm_graphdef, t_graphdef)
       step_fn, state = _train_step(pflm_lib.PFLM, cfg, mesh, loss_fn, t_params, t_params,
                                    args.seed)
-      dist = {"kind": "distill_step", **row_k,
-              **_time(clock, _StepRunner(step_fn, state, tokens, t_params), args.reps)}
-      del step_fn, state
-      dist["ratio_to_ar"] = dist["seconds"] / ar["seconds"]
-      dist["budget_ar_steps"] = BUDGET_FACTOR * (1 + k)
-      dist["ratio_to_budget"] = dist["seconds"] / (
-          BUDGET_FACTOR * (1 + k) * ar["seconds"] + roll["seconds"])
-      dist["ratio_to_model"] = dist["seconds"] / ((1 + k) * ar["seconds"] + roll["seconds"])
-      record(dist)
-
-      fwd = {}
+      steps[("distill_step", k)] = _StepRunner(step_fn, state, tokens, t_params)
       for dense in (False, True):
         @jax.jit
         def forward(params, tokens_BxN, z_BxNxK, dense=dense):
@@ -252,14 +196,40 @@ def run(args) -> dict:
           return student.noise_logits(tokens_BxN, z_BxNxK, dense=dense).sum()
 
         kind = "forward_dense" if dense else "forward_efficient"
-        reps = args.dense_reps if dense else args.reps
-        fwd[dense] = {"kind": kind, **base, "k": k,
-                      **_time(clock, lambda: forward(pflm_params, tokens, z), reps)}
-        if dense:
-          fwd[False]["speedup_vs_dense"] = fwd[True]["seconds"] / fwd[False]["seconds"]
-          fwd[True]["ratio_to_efficient"] = fwd[True]["seconds"] / fwd[False]["seconds"]
-        record(fwd[dense])
-  clock.close()
+        forwards[(kind, k)] = lambda f=forward, z=z: f(pflm_params, tokens, z)
+    del step_fn, state
+
+    # Two round-robins per L (bench/timing.py): the train steps whose ratios the table reports,
+    # then the efficient vs dense forwards (the dense one is slow: its own rep count).
+    say = lambda msg, n=n: print(f"  L={n}: {msg} [{time.perf_counter() - t_start:.0f} s]",
+                                 flush=True)
+    timed = {**timing.round_robin({m: {"seconds": (f, None)} for m, f in steps.items()},
+                                  args.reps, say),
+             **timing.round_robin({m: {"seconds": (f, None)} for m, f in forwards.items()},
+                                  args.dense_reps, say)}
+    del steps
+    row = lambda kind, k, **extra: {"kind": kind, "k": k, **base, **extra,
+                                    **timed[(kind, k)]["seconds"]}
+    ar = row("ar_step", 0)
+    ar["tokens_per_s"] = args.batch * n / ar["seconds"]
+    record(ar)
+    for k in args.ks:
+      teacher_k = _spec(k).teacher_k
+      roll = row("rollout", k, teacher_k=teacher_k)
+      roll["ratio_to_ar"] = roll["seconds"] / ar["seconds"]
+      record(roll)
+      dist = row("distill_step", k, teacher_k=teacher_k)
+      dist["ratio_to_ar"] = dist["seconds"] / ar["seconds"]
+      dist["budget_ar_steps"] = BUDGET_FACTOR * (1 + k)
+      dist["ratio_to_budget"] = dist["seconds"] / (
+          BUDGET_FACTOR * (1 + k) * ar["seconds"] + roll["seconds"])
+      dist["ratio_to_model"] = dist["seconds"] / ((1 + k) * ar["seconds"] + roll["seconds"])
+      record(dist)
+      eff, dense = row("forward_efficient", k), row("forward_dense", k)
+      eff["speedup_vs_dense"] = dense["seconds"] / eff["seconds"]
+      dense["ratio_to_efficient"] = dense["seconds"] / eff["seconds"]
+      record(eff)
+      record(dense)
   machine["loadavg_1m_at_end"] = os.getloadavg()[0]
   wall = time.perf_counter() - t_start
   return {"machine": machine, "settings": settings, "rows": rows, "wall_s": wall}

@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Vocabulary size; -1 takes it from the tokenizer (which also reserves the mask token id).
   c.model.vocab_size = -1
   c.model.dtype = "float32"  # Compute dtype of matmuls: "float32" or "bfloat16". Norms stay f32.
+  # PFLM noise encoder: highest frequency (cycles over z in [0, 1]) of the sinusoidal features
+  # of z. 1.0 is the authors' encoder (required to export to / import from their layout); higher
+  # values hand the network fine z resolution that it otherwise learns slowly.
+  c.model.noise_max_freq = 1.0
 
   # ---- data ----
   c.data = ml_collections.ConfigDict()
@@ -70,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
   # "gpt2" / "bert-base-uncased": the standard tokenizers (downloaded once; need internet).
   c.data.tokenizer = "bpe"
   c.data.bpe_vocab_size = 8192  # Vocabulary size of the trained BPE (special tokens included).
+  # Ids of the trained BPE: "merges" (the trainer's order: bytes, then merges) or "frequency"
+  # (by descending count in the training split). Sampling's inverse-CDF runs over ids in order,
+  # so this changes which z gives which token (not the model's distribution).
+  c.data.bpe_id_order = "merges"
   c.data.worker_count = 0  # grain worker processes (0 = read in the main process).
   c.seq_len = 128  # Tokens per training sequence (L).
   c.batch_size = 32  # GLOBAL batch (sequences per step, summed over all processes/devices).

@@ -8,6 +8,7 @@ TEACHER = "teacher"
 DRAFT = "draft"  # the speculative-decoding draft model: AR, trained on data, outside the chain
 SOURCES = ("kjv", "text_files", "tfds")
 TOKENIZERS = ("bpe", "gpt2", "bert-base-uncased")
+BPE_ID_ORDERS = ("merges", "frequency")
 MIN_BPE_VOCAB = 259  # 256 bytes + end-of-document + mask
 DTYPES = ("float32", "bfloat16")
 TARGETS = ("self_forcing", "ar_rollout", "noise_inversion")  # config.distill.target
@@ -176,6 +177,8 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
            f"must be one of {TOKENIZERS}, got {d.tokenizer!r}")
   _require(0.0 < d.val_fraction < 1.0, "data.val_fraction",
            f"must be in (0, 1), got {d.val_fraction}")
+  _require(d.bpe_id_order in BPE_ID_ORDERS, "data.bpe_id_order",
+           f"must be one of {BPE_ID_ORDERS}, got {d.bpe_id_order!r}")
   _require(d.bpe_vocab_size >= MIN_BPE_VOCAB, "data.bpe_vocab_size",
            f"must be >= {MIN_BPE_VOCAB} (256 bytes + eos + mask), got {d.bpe_vocab_size}")
   _require(d.worker_count >= 0, "data.worker_count", f"must be >= 0, got {d.worker_count}")

@@ -122,7 +122,8 @@ def from_torch(ckpt_path: str, workdir: str, n_heads: int | None = None,
   """Convert a reference PyTorch checkpoint into a stage of `workdir`; returns the stage dir.
 
   A sidecar `<ckpt>.json` written by `to_torch` supplies defaults for n_heads, mask_id, k,
-  rope_base and tokenizer. Without one: n_heads=12 and k=4 (the paper's models).
+  rope_base and tokenizer, and the noise encoder's noise_max_freq. Without one: n_heads=12,
+  k=4 and noise_max_freq=1 (the paper's models).
   """
   side = {}
   if os.path.exists(sidecar_path(ckpt_path)):
@@ -145,7 +146,8 @@ def from_torch(ckpt_path: str, workdir: str, n_heads: int | None = None,
     mask_id = tok.mask_id
   state, rope_base = torch_format.take_rotary_buffer(state, n_heads, side_cfg.get("rope_base"))
   cfg, has_noise = torch_format.infer_config(state, n_heads, mask_id, tokenizer, rope_base)
-  cfg = model_lib.ModelConfig(**{**cfg.__dict__, "dtype": dtype})
+  cfg = model_lib.ModelConfig(**{**cfg.__dict__, "dtype": dtype,
+                                 "noise_max_freq": float(side_cfg.get("noise_max_freq", 1.0))})
   if has_noise:
     k = k or side.get("k") or PAPER_K
     stage = f"k{k}"
@@ -241,6 +243,10 @@ def to_torch(workdir: str, out_path: str, stage: str | None = None,
   from kforcing_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   loaded = stage_io.load_stage(workdir, stage, mesh=mesh, use_ema=use_ema, load_tokenizer=False)
+  if loaded.k and loaded.model_cfg.noise_max_freq != 1.0:
+    log.warning("This stage's noise encoder uses noise_max_freq=%g; the authors' model code "
+                "assumes 1, so only kforcing_jax (reading the sidecar) decodes it correctly.",
+                loaded.model_cfg.noise_max_freq)
   host = jax.tree.map(np.asarray, jax.device_get(loaded.params))
   ref = torch_format.to_reference(host, loaded.model_cfg)
   tensors = collections.OrderedDict(

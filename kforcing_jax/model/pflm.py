@@ -16,7 +16,7 @@ class PFLM(model_lib.Transformer):
 
   def __init__(self, cfg: model_lib.ModelConfig, rngs: nnx.Rngs):
     super().__init__(cfg, rngs)
-    self.noise_encoder = NoiseEncoder(cfg.d_model, rngs)
+    self.noise_encoder = NoiseEncoder(cfg.d_model, rngs, cfg.noise_max_freq)
 
   def noise_logits(self, tokens_BxN: jax.Array, z_BxNxK: jax.Array, tau: float = 1.0,
                    dense: bool = False) -> jax.Array:

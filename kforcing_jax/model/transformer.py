@@ -35,6 +35,9 @@ class ModelConfig:
   mlp_ratio: int = 4
   rope_base: float = 10000.0
   dtype: str = "float32"
+  # Highest frequency of the noise encoder's features of z (cycles over [0, 1]); 1 is the
+  # authors' encoder. Absent from older checkpoints' JSON, hence a default.
+  noise_max_freq: float = 1.0
 
   @property
   def head_dim(self) -> int:

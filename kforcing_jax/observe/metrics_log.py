@@ -104,41 +104,39 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-class JobProgress:
-  """The progress line of a loop over n similar jobs (benchmarks, evaluation, studies):
-  "[i/n] what | elapsed 12s, ETA 34s", the ETA from the mean time per finished job."""
-
-  def __init__(self, total: int, emit: Callable[[str], None] | None = None):
-    self.total, self.done, self.emit = total, 0, emit or log.info
-    self.start = time.time()
-
-  def step(self, what: str) -> None:
-    self.done += 1
-    el = time.time() - self.start
-    eta = el / self.done * max(self.total - self.done, 0)
-    self.emit(f"[{self.done}/{self.total}] {what} | elapsed {el:.0f}s, ETA {eta:.0f}s")
+def _clock(seconds: float) -> str:
+  return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 class Progress:
-  """Training steps: throughput and ETA measured between log lines (compile time excluded
-  after the first)."""
+  """The one progress display of long loops: training steps, the jobs of benchmarks,
+  evaluations and studies, generation batches.
 
-  def __init__(self, stage: str, start_step: int, total_steps: int, tokens_per_step: int):
-    self.stage, self.total, self.tokens_per_step = stage, total_steps, tokens_per_step
-    self.last_step, self.last_time = start_step, time.perf_counter()
-    self.start_time = self.last_time
+  `tick(done)` returns the rate and ETA measured since the previous tick, so a first tick that
+  includes compilation does not skew later ETAs. `step(what)` counts one finished job and emits
+  "[i/n] what | elapsed 12s, ETA 34s" (ETA from the mean time per job: jobs differ, and a
+  mean over all of them is the steadier guess).
+  """
 
-  def tick(self, step: int) -> dict:
+  def __init__(self, total: int, emit: Callable[[str], None] | None = None, start: int = 0):
+    self.total, self.done, self.emit = total, start, emit or log.info
+    self.start_time = self.last_time = time.perf_counter()
+    self.start, self.last = start, start
+
+  def tick(self, done: int) -> dict:
     now = time.perf_counter()
-    steps = max(step - self.last_step, 1)
-    dt = max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time = step, now
-    rate = steps / dt
-    return {"tokens_per_s": rate * self.tokens_per_step, "steps_per_s": rate,
-            "eta_s": (self.total - step) / rate, "elapsed_s": now - self.start_time}
+    rate = max(done - self.last, 1) / max(now - self.last_time, 1e-9)
+    self.done, self.last, self.last_time = done, done, now
+    return {"per_s": rate, "eta_s": (self.total - done) / rate,
+            "elapsed_s": now - self.start_time}
 
-  def line(self, step: int, metrics: dict) -> str:
-    eta = metrics.get("eta_s", 0.0)
-    return (f"[{self.stage}] step {step}/{self.total} ({100.0 * step / self.total:.0f}%) "
-            f"loss {metrics['loss']:.4f} | {metrics.get('tokens_per_s', 0):,.0f} tok/s | "
-            f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+  def step(self, what: str) -> None:
+    self.done += 1
+    el = time.perf_counter() - self.start_time
+    eta = el / (self.done - self.start) * max(self.total - self.done, 0)
+    self.emit(f"[{self.done}/{self.total}] {what} | elapsed {el:.0f}s, ETA {eta:.0f}s")
+
+  def line(self, prefix: str, done: int, detail: str, eta_s: float) -> str:
+    """A tick's line: "prefix done/total (pct%) detail | ETA 1m05s"."""
+    return (f"{prefix} {done}/{self.total} ({100.0 * done / max(self.total, 1):.0f}%) "
+            f"{detail} | ETA {_clock(eta_s)}")

@@ -194,7 +194,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
     jobs.append((engine.drafter, engine, dataclasses.replace(vspec,
                                                              max_new_tokens=max_new_tokens)))
   rows, samples = [], {}
-  note = metrics_log.JobProgress(len(jobs), progress).step
+  note = metrics_log.Progress(len(jobs), progress).step
   reference = None
   for i, (st, engine, spec) in enumerate(jobs):
     t0 = time.perf_counter()

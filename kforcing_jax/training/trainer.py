@@ -50,7 +50,8 @@ def model_config(config: ml_collections.ConfigDict, tokenizer_vocab: int,
                                    f"{config.data.tokenizer} tokenizer's {tokenizer_vocab} ids")
   return model_lib.ModelConfig(vocab_size=vocab, mask_id=mask_id, d_model=m.d_model,
                                n_layers=m.n_layers, n_heads=m.n_heads, mlp_ratio=m.mlp_ratio,
-                               rope_base=m.rope_base, dtype=m.dtype)
+                               rope_base=m.rope_base, dtype=m.dtype,
+                               noise_max_freq=float(m.noise_max_freq))
 
 
 def resolve_model_config(config: ml_collections.ConfigDict,
@@ -266,7 +267,8 @@ def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init
              " ".join(f"{k}={v:.4f}" for k, v in out.items()))
     return out
 
-  progress = metrics_log.Progress(stage, start, num_steps, cfg.batch_size * cfg.seq_len)
+  progress = metrics_log.Progress(num_steps, start=start)
+  tokens_per_step = cfg.batch_size * cfg.seq_len
   t_start = time.perf_counter()
   last_train, last_val = {}, {}
   pending = None  # (step, device metrics): fetched after the next step is dispatched.
@@ -281,9 +283,12 @@ def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init
     _finite_or_raise(stage, step, m, last_saved)
     last_train = m
     if step % tcfg.log_every == 0 or step == num_steps or step == start + 1:
-      m.update(progress.tick(step))
+      p = progress.tick(step)
+      m.update(tokens_per_s=p["per_s"] * tokens_per_step, steps_per_s=p["per_s"],
+               eta_s=p["eta_s"], elapsed_s=p["elapsed_s"])
       s.writer.write({"stage": stage, "step": step, **m})
-      log.info(progress.line(step, m))
+      log.info(progress.line(f"[{stage}] step", step,
+                             f"loss {m['loss']:.4f} | {m['tokens_per_s']:,.0f} tok/s", p["eta_s"]))
 
   for step in range(start, num_steps):
     batch = sharding.global_batch(next(it), mesh)
