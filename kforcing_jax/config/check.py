@@ -160,6 +160,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
   _require(m.vocab_size == -1 or m.vocab_size >= 2, "model.vocab_size",
            f"must be -1 (from the tokenizer) or >= 2, got {m.vocab_size}")
   _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+  _require(m.noise_max_freq > 0, "model.noise_max_freq", f"must be > 0, got {m.noise_max_freq}")
   dr = config.draft
   for name in ("d_model", "n_layers", "n_heads"):
     _require(isinstance(dr[name], int) and dr[name] >= 1, f"draft.{name}",
