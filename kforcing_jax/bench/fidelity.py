@@ -61,12 +61,18 @@ def _steps(stage: str, n: int, lr: float | None = None, warmup: int | None = Non
   return tuple(out)
 
 
-# Teachers: the knobs that change the AR model itself (vocabulary size, width).
+# Every teacher and variant starts from the base config plus STUDY_BASE, so that a variant means
+# the same when the default config changes: the study's reference point is the authors' noise
+# encoder (noise_max_freq 1) and the BPE trainer's id order.
+STUDY_BASE = (("data.bpe_id_order", "merges"), ("model.noise_max_freq", 1.0))
+
+# Teachers: the knobs that change the AR model itself (vocabulary size, id order, width).
 TEACHERS = {
     "v1024": (("data.bpe_vocab_size", 1024),),
     "v8192": (("data.bpe_vocab_size", 8192),),
     "v259": (("data.bpe_vocab_size", 259),),  # no merges: one id per byte (character-level)
     "v259_freq": (("data.bpe_vocab_size", 259), ("data.bpe_id_order", "frequency")),
+    "v1024_freq": (("data.bpe_vocab_size", 1024), ("data.bpe_id_order", "frequency")),
     "v1024_d384": (("data.bpe_vocab_size", 1024), ("model.d_model", 384),
                    ("model.n_heads", 6)),
 }
@@ -110,6 +116,9 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
     Variant("single_k4_120_v259_freq_f1000", "v259_freq", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 1000.0),),
             "byte-level, ids by frequency, noise features up to 1000 cycles"),
+    Variant("single_k4_120_freq_f1000", "v1024_freq", "teacher,k4",
+            _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 1000.0),),
+            "ids by frequency, noise features up to 1000 cycles"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),
@@ -131,7 +140,7 @@ def _config(base_path: str, pairs, out_dir: str):
   from kforcing_jax.config import base as config_base
 
   config = config_base.load_config_file(base_path)
-  _apply(config, pairs)
+  _apply(config, STUDY_BASE + tuple(pairs))
   config.data.tfds_data_dir = os.path.join(out_dir, "tfds_data")  # one prepared copy for all
   return config
 
@@ -238,18 +247,20 @@ def plot(results: list[dict], png: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8))
-  for r in results:
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5.2))
+  colors = plt.get_cmap("tab20").colors  # more variants than the default 10-colour cycle
+  for i, r in enumerate(results):
+    color, marker = colors[i % len(colors)], "osD^v<>"[i % 7]
     k, ref = r["summary"]["k"], r["summary"]["teacher_data_nll"]
     pts = r["curve"]
     if pts:
       mean = [sum(p[f"nll_{j}"] for j in range(1, k + 1)) / k - ref for p in pts]
       worst = [max(p[f"nll_{j}"] for j in range(1, k + 1)) - ref for p in pts]
       xs = [p["distill_wall_s"] / 60 for p in pts]
-      line, = a1.plot(xs, mean, "o-", ms=3, label=r["name"])
-      a1.plot(xs, worst, ":", color=line.get_color(), lw=1)
-    a2.plot(range(1, k + 1), [r["summary"][f"nll_{j}"] - ref for j in range(1, k + 1)], "o-",
-            label=r["name"])
+      a1.plot(xs, mean, "-", marker=marker, ms=3, color=color, label=r["name"])
+      a1.plot(xs, worst, ":", color=color, lw=1)
+    a2.plot(range(1, k + 1), [r["summary"][f"nll_{j}"] - ref for j in range(1, k + 1)], "-",
+            marker=marker, color=color, label=r["name"])
   for ax in (a1, a2):
     ax.axhline(0.0, color="k", ls="--", lw=1, label="teacher data NLL")
     ax.grid(alpha=0.3)
