@@ -119,6 +119,9 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
     Variant("single_k4_120_freq_f1000", "v1024_freq", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 1000.0),),
             "ids by frequency, noise features up to 1000 cycles"),
+    Variant("single_k4_120_v8192_f1000", "v8192", "teacher,k4",
+            _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 1000.0),),
+            "8192 ids (the default's vocabulary), noise features up to 1000 cycles"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),
@@ -285,7 +288,7 @@ def main(argv):
   log = metrics_log.log
   if _LIST.value:
     for v in VARIANTS:
-      print(f"{v.name:<20} teacher={v.teacher:<11} stages={v.stages:<18} {v.note}")
+      print(f"{v.name:<30} teacher={v.teacher:<11} stages={v.stages:<18} {v.note}")
     return
   if not _OUT.value:
     raise config_check.UserError("--out is required: the directory for work dirs and results")
