@@ -9,6 +9,7 @@ text, so neither id can come from data.
 
 import collections
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -69,7 +70,7 @@ def build_tokenizer(data_cfg, workdir: str) -> Tokenizer:
   meta = {"tokenizer": kind}
   if kind == "bpe":
     meta["bpe_vocab_size"] = int(data_cfg.bpe_vocab_size)
-    if data_cfg.get("bpe_id_order", "merges") != "merges":  # absent from older metas
+    if data_cfg.bpe_id_order != "merges":  # so work dirs made before the field still match
       meta["bpe_id_order"] = data_cfg.bpe_id_order
   path = os.path.join(workdir, "tokenizer.json")
   meta_path = os.path.join(workdir, "tokenizer_meta.json")
@@ -106,7 +107,7 @@ def _train_bpe(data_cfg, workdir: str) -> Tokenizer:
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   texts = lambda: pipeline.iter_texts(data_cfg, "train", workdir, max_chars=BPE_MAX_TRAIN_CHARS)
   hf.train_from_iterator(texts(), trainer=trainer)
-  if data_cfg.get("bpe_id_order", "merges") == "frequency":
+  if data_cfg.bpe_id_order == "frequency":
     hf = _frequency_order(hf, texts())
   tok = Tokenizer(hf)
   if tok.vocab_size < vocab_size:
@@ -122,8 +123,8 @@ def _frequency_order(hf: tokenizers.Tokenizer, texts) -> tokenizers.Tokenizer:
   unchanged, so every text tokenizes to the same pieces. Why: the inverse-CDF of sampling runs
   over ids in order, and with frequent tokens first a context's likely tokens tend to sit
   together at the start of [0, 1], a map from z to tokens a student learns faster."""
-  counts = collections.Counter()
-  for chunk in _chunks(texts, 256):
+  counts, texts = collections.Counter(), iter(texts)
+  while chunk := list(itertools.islice(texts, 256)):  # encode_batch: parallel Rust threads
     for enc in hf.encode_batch(chunk, add_special_tokens=False):
       counts.update(enc.ids)
   spec = json.loads(hf.to_str())
@@ -135,17 +136,6 @@ def _frequency_order(hf: tokenizers.Tokenizer, texts) -> tokenizers.Tokenizer:
   new_id = dict(zip(movable, slots))
   spec["model"]["vocab"] = {t: new_id.get(i, i) for t, i in vocab.items()}
   return tokenizers.Tokenizer.from_str(json.dumps(spec))
-
-
-def _chunks(it, n: int):
-  buf = []
-  for x in it:
-    buf.append(x)
-    if len(buf) == n:
-      yield buf
-      buf = []
-  if buf:
-    yield buf
 
 
 def _from_hub(name: str) -> tokenizers.Tokenizer:
