@@ -37,6 +37,8 @@ _LOSSLESS = flags.DEFINE_bool("lossless", True, "Also rows for the lossless meth
                               "pflm_verified (each PFLM stage at its k) and, when the run has "
                               "the 'draft' stage, spec and spec_dynamic.")
 _GAMMA = flags.DEFINE_integer("gamma", 4, "spec/spec_dynamic: draft tokens per teacher pass.")
+_FLOOR = flags.DEFINE_integer("floor_samples", 32, "Teacher rollouts behind the z-blind and "
+                              "prefix-known reference points of NLL_j (0: skip them).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -82,7 +84,7 @@ def main(argv):
             method, gamma=_GAMMA.value, max_new_tokens=_MAX_NEW.value)))
   rows, samples = quality.evaluate(teacher, stages, prompts, val_tokens, _MAX_NEW.value,
                                    _BATCH.value, _SEED.value, evaluator, progress=log.info,
-                                   lossless=lossless)
+                                   lossless=lossless, floor_samples=_FLOOR.value)
   print(quality.table(rows))
   tok = teacher.tokenizer
   shown = {name: [{"prompt": tok.decode(p[1:]), "completion": tok.decode(o)}
@@ -92,7 +94,8 @@ def main(argv):
               "steps": {s.stage: s.step for s in [teacher] + stages},
               "num_prompts": len(prompts), "prompt_len": _PROMPT_LEN.value,
               "max_new_tokens": _MAX_NEW.value, "val_seqs": len(val_tokens),
-              "seed": _SEED.value, "evaluator": _EVAL_DIR.value or None}
+              "seed": _SEED.value, "evaluator": _EVAL_DIR.value or None,
+              "floor_samples": _FLOOR.value}
   out = os.path.abspath(_OUT.value)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w", encoding="utf-8") as f:

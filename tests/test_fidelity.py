@@ -56,6 +56,12 @@ def test_curve_table_and_plot(tmp_path):
             "summary": fidelity.summary_row("chain", _rows([3.0, 4.0, 4.5, 4.5]))}
   text = fidelity.table([result])
   assert "| chain | 1.2 min | 4 | 3.00 / 4.00 / 4.50 / 4.50 (3.50)" in text and "not met" in text
+  assert text.rstrip().endswith("| not met | - |")  # no teacher reference points in these rows
+  rows = _rows([3.0, 4.0, 4.5, 4.5])
+  rows[0].update({f"{n}_{j}": 4.0 + j for n in ("blind", "prefix") for j in range(1, 5)})
+  s = fidelity.summary_row("floors", rows)
+  assert s["blind_4"] == 8.0 and s["prefix_2"] == 6.0
+  assert "| 5.00 / 6.00 / 7.00 / 8.00 |" in fidelity.table([{**result, "summary": s}])
   fidelity.plot([result], str(tmp_path / "f.png"))
   assert os.path.getsize(tmp_path / "f.png") > 1000
 

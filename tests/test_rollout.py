@@ -117,25 +117,34 @@ def test_ar_rollout_equals_sequential_inverse_cdf():
 
   @jax.jit
   def next_token(params, seqs, last, z):
-    logits = model_lib.merge(graphdef, params)(seqs)
-    return sampling.inverse_cdf(logits[jnp.arange(seqs.shape[0]), last], z)
+    logits = model_lib.merge(graphdef, params)(seqs)[jnp.arange(seqs.shape[0]), last]
+    return sampling.inverse_cdf(logits, z), logits
 
   for rounds in (1, max_rounds):
     z = jax.random.uniform(jax.random.key(21 + rounds), (b, n, rounds))
     got = np.asarray(jax.jit(lambda p, t, z: rollout.ar_rollout(
         model_lib.merge(graphdef, p), t, z))(params, tokens, z))
     assert got.shape == (b, n, rounds)
+    # with_logits (the z-blind floors): the same tokens, and the logits each was drawn from.
+    got2, got_logits = jax.jit(lambda p, t, z: rollout.ar_rollout(
+        model_lib.merge(graphdef, p), t, z, with_logits=True))(params, tokens, z)
+    np.testing.assert_array_equal(np.asarray(got2), got)
+    assert got_logits.shape == (b, n, rounds, CFG.vocab_size)
     zz = np.asarray(z)
     rows = [(bi, t) for bi in range(b) for t in range(n)]
     produced = np.zeros((len(rows), rounds), np.int32)
+    want_logits = np.zeros((len(rows), rounds, CFG.vocab_size), np.float32)
     for j in range(rounds):
       seqs = np.zeros((len(rows), length), np.int32)
       for r, (bi, t) in enumerate(rows):
         seqs[r, :t + 1 + j] = np.concatenate([toks[bi, :t + 1], produced[r, :j]])
       last = np.array([t + j for _, t in rows])
-      produced[:, j] = next_token(params, seqs, last, np.array([zz[bi, t, j] for bi, t in rows]))
+      y, lg = next_token(params, seqs, last, np.array([zz[bi, t, j] for bi, t in rows]))
+      produced[:, j], want_logits[:, j] = y, lg
     want = produced.reshape(b, n, rounds)
     np.testing.assert_array_equal(got, want, err_msg=f"R={rounds}")
+    np.testing.assert_allclose(np.asarray(got_logits).reshape(len(rows), rounds, -1),
+                               want_logits, atol=2e-4, rtol=1e-4)
     assert len(np.unique(got)) > 3
 
 
@@ -271,3 +280,37 @@ def test_noise_inversion_targets_are_next_tokens():
   assert live.sum() > 20
   np.testing.assert_array_equal(back[live], targets[live])
   assert ((z >= 0) & (z < 1)).all()
+
+
+# ---- reference points of NLL_j from the teacher alone (serving/quality.offset_floors) ----
+
+
+def test_offset_floors_bracket_the_no_noise_student():
+  from kforcing_jax.serving import quality
+
+  tokens = np.asarray(_tokens(40, 8, 16))
+  # A teacher whose logits ignore the input (head weights 0): every offset's marginal and
+  # every conditional is softmax(bias), so all three reference points are its entropy.
+  graphdef, params = _ar(seed=7)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros_like(x) if jax.tree_util.keystr(path) == "['head']" else x,
+      params)
+  logits = np.asarray(model_lib.merge(graphdef, params)(jnp.asarray(tokens[:1, :2])))[0, 0]
+  p = np.exp(logits - logits.max())
+  p /= p.sum()
+  entropy = float(-(p * np.log(np.maximum(p, 1e-30))).sum())
+  f = quality.offset_floors(graphdef, params, tokens, k=3, samples=4)
+  for j in (1, 2, 3):
+    np.testing.assert_allclose([f[f"blind_lo_{j}"], f[f"prefix_{j}"]], entropy, rtol=1e-5)
+    assert abs(f[f"blind_{j}"] - entropy) < 0.5  # a sample mean over 128 positions
+  # A teacher that uses its context: conditioning lowers entropy, so the prefix-known point
+  # sits below the blind one from offset 2 on; one rollout makes the two coincide; and the
+  # held-out estimate over-estimates the blind floor when few rollouts average the marginal.
+  graphdef, params = _ar(seed=3)
+  f = quality.offset_floors(graphdef, params, tokens, k=3, samples=4)
+  np.testing.assert_allclose(f["blind_lo_1"], f["prefix_1"], rtol=1e-5)
+  for j in (2, 3):
+    assert f[f"prefix_{j}"] < f[f"blind_lo_{j}"] - 0.05 < f[f"blind_{j}"]
+  one = quality.offset_floors(graphdef, params, tokens, k=3, samples=1)
+  for j in (1, 2, 3):
+    np.testing.assert_allclose(one[f"blind_lo_{j}"], one[f"prefix_{j}"], rtol=1e-5)

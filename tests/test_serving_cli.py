@@ -161,8 +161,12 @@ def test_evaluate_cli(workdir, tmp_path):
   stdout = _run("evaluate", f"--workdir={workdir}", f"--out={out}", "--num_prompts=6",
                 "--prompt_len=6", "--max_new_tokens=6", "--batch_size=8", "--val_seqs=4",
                 f"--evaluator_workdir={other}")
-  assert "gen_ppl" in stdout
+  assert "gen_ppl" in stdout and "z-blind" in stdout and "prefix-known" in stdout
   rows = json.loads(out.read_text())["rows"]
+  # The teacher row's reference points for the k2 student's NLL_j (offset_floors).
+  t = rows[0]
+  assert t["blind_lo_1"] == pytest.approx(t["prefix_1"], rel=1e-5)
+  assert t["prefix_2"] < t["blind_lo_2"] and "blind_3" not in t
   assert [(r["method"], r["stage"], r["k"]) for r in rows] == [
       ("ar", "teacher", 1), ("pflm", "k2", 1), ("pflm", "k2", 2), ("pflm_verified", "k2", 2),
       ("spec", "draft", 4), ("spec_dynamic", "draft", 4)]

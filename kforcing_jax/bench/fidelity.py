@@ -66,7 +66,11 @@ def _steps(stage: str, n: int, lr: float | None = None, warmup: int | None = Non
 # encoder (noise_max_freq 1) and the BPE trainer's id order.
 STUDY_BASE = (("data.bpe_id_order", "merges"), ("model.noise_max_freq", 1.0))
 
-# Teachers: the knobs that change the AR model itself (vocabulary size, id order, width).
+# configs/kjv_tiny.py's departures from STUDY_BASE (and its 8192 ids).
+DEFAULT = (("data.bpe_vocab_size", 8192), ("data.bpe_id_order", "frequency"),
+           ("model.noise_max_freq", 1000.0))
+
+# Teachers: the knobs that change the AR model itself (vocabulary size, id order, width, depth).
 TEACHERS = {
     "v1024": (("data.bpe_vocab_size", 1024),),
     "v8192": (("data.bpe_vocab_size", 8192),),
@@ -75,6 +79,10 @@ TEACHERS = {
     "v1024_freq": (("data.bpe_vocab_size", 1024), ("data.bpe_id_order", "frequency")),
     "v1024_d384": (("data.bpe_vocab_size", 1024), ("model.d_model", 384),
                    ("model.n_heads", 6)),
+    # The embedded default's settings (configs/kjv_tiny.py), then the same at twice the depth
+    # and 3/4 of the width (about the same parameters and step time).
+    "default": DEFAULT,
+    "default_l8": DEFAULT + (("model.n_layers", 8), ("model.d_model", 192), ("model.n_heads", 3)),
 }
 
 # Budget unit: ~5 min of distillation on the 2-core CPU (120 k4 steps of batch 8); the chains
@@ -122,6 +130,16 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
     Variant("single_k4_120_v8192_f1000", "v8192", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 1000.0),),
             "8192 ids (the default's vocabulary), noise features up to 1000 cycles"),
+    Variant("default_k4", "default", "teacher,k4", _steps("k4", 160, 1e-3),
+            "the embedded default's recipe: 8192 ids by frequency, noise features up to 1000 "
+            "cycles, AR -> k4 for 160 steps"),
+    Variant("default_k4_l8", "default_l8", "teacher,k4", _steps("k4", 160, 1e-3),
+            "the default at 8 layers of width 192 (3 heads) instead of 4 of 256 (own teacher)"),
+    Variant("default_k1_300_k4_100", "default", "teacher,k1,k4",
+            _steps("k1", 300, 1e-3) + _steps("k4", 100, 1e-3)
+            + (("distill.target", "ar_rollout"),),
+            "the default's settings as a chain AR -> k1 (300 steps) -> k4 (100), both on "
+            "AR-teacher targets"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),
@@ -219,7 +237,10 @@ def summary_row(name: str, rows: list[dict]) -> dict:
          "entropy": s["entropy"], "entropy_ratio": s["entropy"] / t["entropy"],
          "rep_2": s["rep_2"], "teacher_rep_2": t["rep_2"], "agree": s["agree"],
          **{f"nll_{j}": s[f"nll_{j}"] for j in range(1, k + 1)},
-         **{f"acc_{j}": s[f"acc_{j}"] for j in range(1, k + 1)}}
+         **{f"acc_{j}": s[f"acc_{j}"] for j in range(1, k + 1)},
+         # The teacher's reference points (quality.offset_floors; absent from older runs).
+         **{f"{name}_{j}": t[f"{name}_{j}"] for name in ("blind", "prefix")
+            for j in range(1, k + 1) if f"{name}_{j}" in t}}
   out["targets_met"] = bool(
       all(s[f"nll_{j}"] < t["data_nll"] for j in range(1, k + 1))
       and 0.77 <= out["gen_ppl_ratio"] <= 1.3 and abs(out["entropy_ratio"] - 1) <= 0.1)
@@ -228,8 +249,8 @@ def summary_row(name: str, rows: list[dict]) -> dict:
 
 def table(results: list[dict]) -> str:
   head = ("| variant | distill wall | k | NLL_j vs AR targets (teacher data NLL) | acc_j | agree | "
-          "Gen-PPL (teacher) | entropy (teacher) | rep_2 (teacher) | targets |")
-  lines = [head, "|" + "---|" * 10]
+          "Gen-PPL (teacher) | entropy (teacher) | rep_2 (teacher) | targets | z-blind NLL_j |")
+  lines = [head, "|" + "---|" * 11]
   for r in results:
     s, k = r["summary"], r["summary"]["k"]
     nll = " / ".join(f"{s[f'nll_{j}']:.2f}" for j in range(1, k + 1))
@@ -238,7 +259,9 @@ def table(results: list[dict]) -> str:
         f"| {r['name']} | {r['distill_wall_s'] / 60:.1f} min | {k} | {nll} ({s['teacher_data_nll']:.2f})"
         f" | {acc} | {s['agree']:.3f} | {s['gen_ppl']:.1f} ({s['teacher_gen_ppl']:.1f}) | "
         f"{s['entropy']:.2f} ({s['teacher_entropy']:.2f}) | {s['rep_2']:.3f} "
-        f"({s['teacher_rep_2']:.3f}) | {'met' if s['targets_met'] else 'not met'} |")
+        f"({s['teacher_rep_2']:.3f}) | {'met' if s['targets_met'] else 'not met'} | "
+        + (" / ".join(f"{s[f'blind_{j}']:.2f}" for j in range(1, k + 1)) if "blind_1" in s
+           else "-") + " |")
   return "\n".join(lines)
 
 

@@ -42,8 +42,9 @@ def pflm_rollout(teacher: pflm_lib.PFLM, tokens_BxN: jax.Array, z_BxNxRK: jax.Ar
 
 
 def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: jax.Array,
-               tau: float = 1.0) -> jax.Array:
-  """An AR teacher as a k=1 inverse-CDF sampler, rolled out R rounds -> targets (B, N, R).
+               tau: float = 1.0, with_logits: bool = False):
+  """An AR teacher as a k=1 inverse-CDF sampler, rolled out R rounds -> targets (B, N, R), and
+  with_logits: also the logits / tau each round sampled from (B, N, R, V), float32.
 
   Round 0 samples from the context's own logits; round r >= 1 feeds y_0..y_(r-1) back as real
   tokens at positions t+1..t+r and samples from the hidden state of y_(r-1). R = 1 gives the
@@ -51,10 +52,11 @@ def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: j
   """
   b, n, rounds = z_BxNxR.shape
   h_ctx, ctx_kvs = teacher.context_pass(tokens_BxN)
-  y0 = sampling.inverse_cdf(teacher.logits(h_ctx) / tau, z_BxNxR[..., 0])
+  logits0 = teacher.logits(h_ctx).astype(jnp.float32) / tau
+  y0 = sampling.inverse_cdf(logits0, z_BxNxR[..., 0])
   produced = jnp.zeros((b, n, rounds), jnp.int32).at[..., 0].set(y0)
   if rounds == 1:
-    return produced
+    return (produced, logits0[:, :, None]) if with_logits else produced
   w = rounds - 1  # window slots hold y_0 .. y_(R-2)
   slot_W = jnp.arange(w)
 
@@ -63,8 +65,13 @@ def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: j
     h = teacher.window_pass(ctx_kvs, x, valid_W=slot_W < r)
     h_r = jax.lax.dynamic_index_in_dim(h, r - 1, axis=2, keepdims=False)
     z_r = jax.lax.dynamic_index_in_dim(z_BxNxR, r, axis=2, keepdims=False)
-    y = sampling.inverse_cdf(teacher.logits(h_r) / tau, z_r)
-    return jax.lax.dynamic_update_index_in_dim(produced_BxNxR, y, r, axis=2), None
+    logits_r = teacher.logits(h_r).astype(jnp.float32) / tau
+    y = sampling.inverse_cdf(logits_r, z_r)
+    produced_BxNxR = jax.lax.dynamic_update_index_in_dim(produced_BxNxR, y, r, axis=2)
+    return produced_BxNxR, (logits_r if with_logits else None)
 
-  produced, _ = jax.lax.scan(one_round, produced, jnp.arange(1, rounds))
-  return produced
+  produced, rest_RxBxNxV = jax.lax.scan(one_round, produced, jnp.arange(1, rounds))
+  if not with_logits:
+    return produced
+  logits = jnp.concatenate([logits0[None], rest_RxBxNxV], axis=0)
+  return produced, jnp.moveaxis(logits, 0, 2)

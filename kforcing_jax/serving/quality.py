@@ -13,7 +13,10 @@ fixed-length completions (no EOS stop) from per-row uniform streams (seed, row):
   nll_j, acc_j,  per-offset NLL / accuracy (and all k right) of the PFLM's one-pass window
   acc_all        against the AR teacher's k-round inverse-CDF rollout targets on validation
                  contexts (distill.student_loss on rollout.ar_rollout targets). The teacher row
-                 reports its data NLL instead.
+                 reports its data NLL instead, and two reference points for nll_j
+                 (`offset_floors`): `blind_j`, what a student that ignores the noise scores,
+                 and `prefix_j`, what one that decodes offsets < j exactly but ignores z_j
+                 scores. nll_j - prefix_j is what the student loses to an imperfect prefix.
 """
 
 import collections
@@ -122,6 +125,47 @@ def offset_metrics(student_graphdef, student_params, teacher_graphdef, teacher_p
   return {name: float(v) for name, v in out.items()}
 
 
+def offset_floors(teacher_graphdef, teacher_params, tokens_BxN: np.ndarray, k: int,
+                  samples: int = 32, seed: int = 0) -> dict:
+  """Reference points for a student's NLL_j against AR rollout targets, from the teacher alone.
+
+  blind_j   the entropy of the teacher's j-step-ahead marginal p_j(. | context): the NLL_j of a
+            student that ignores z_1..z_j (the best it can do without the noise). Estimated
+            from `samples` independent k-round rollouts, whose offset-j conditionals average
+            to p^_j (unbiased for p_j): H(p^_j) under-estimates it (`blind_lo_j`) and
+            -log p^_j(y) for y of one more independent rollout over-estimates it (`blind_j`,
+            the conservative one); they meet as `samples` grows (blind_lo_1 is exact).
+  prefix_j  the mean entropy of the teacher's offset-j conditional given the rollout's own
+            prefix: the NLL_j of a student that decodes offsets < j exactly but ignores z_j
+            (equal to blind_lo_1 at j = 1; near the teacher's data NLL).
+  """
+
+  @jax.jit
+  def one(tp, tokens, key):
+    b, n = tokens.shape
+    z = jax.random.uniform(key, (b, n, k), jnp.float32)
+    ys, logits = rollout.ar_rollout(model_lib.merge(teacher_graphdef, tp), tokens, z,
+                                    with_logits=True)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return ys, jnp.exp(logp), -(jnp.exp(logp) * logp).sum(-1)
+
+  tokens = jnp.asarray(tokens_BxN)
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0x5EED), samples + 1)
+  p_sum, ent_sum = 0.0, 0.0
+  for m in range(samples):
+    _, p, ent = one(teacher_params, tokens, keys[m])
+    p_sum, ent_sum = p_sum + p, ent_sum + ent
+  p_hat = p_sum / samples
+  y, _, _ = one(teacher_params, tokens, keys[samples])
+  blind = -jnp.log(jnp.take_along_axis(p_hat, y[..., None], axis=-1)[..., 0])
+  blind_lo = -(p_hat * jnp.log(jnp.maximum(p_hat, 1e-30))).sum(-1)
+  mean_j = lambda x: np.asarray(x.mean((0, 1)))
+  out = {}
+  for name, x in (("blind", blind), ("blind_lo", blind_lo), ("prefix", ent_sum / samples)):
+    out.update({f"{name}_{j + 1}": float(v) for j, v in enumerate(mean_j(x))})
+  return out
+
+
 def data_nll(graphdef, params, tokens_BxN: np.ndarray) -> float:
   pairs = [([int(r[0])], [int(t) for t in r[1:]]) for r in tokens_BxN]
   s, n = continuation_nll(graphdef, params, pairs, batch_size=len(pairs))
@@ -171,7 +215,8 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
              max_new_tokens: int = 64, batch_size: int = 32, seed: int = 0, evaluator=None,
              progress: Callable[[str], None] = print,
              windows: Sequence[int] | None = None,
-             lossless: Sequence | None = None) -> tuple[list[dict], dict]:
+             lossless: Sequence | None = None,
+             floor_samples: int = 32) -> tuple[list[dict], dict]:
   """Rows per (stage, k) as described above; also returns the samples per (stage, k).
 
   `teacher` and each of `stages` are stage_io.LoadedStage; `evaluator` an optional AR
@@ -179,6 +224,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
   PFLM only at these k (those <= its window); default every k = 1..window. `lossless`:
   (speculative.VerifiedEngine, VerifySpec) pairs: rows for the lossless methods, with their
   acceptance (pflm_verified's samples equal the teacher's, so agree = 1 by construction).
+  `floor_samples`: rollouts behind the teacher row's blind_j / prefix_j (0: not computed).
   """
   from kforcing_jax.serving import speculative
 
@@ -216,6 +262,10 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
       row["tokens_per_pass"] = sum(len(o) for o in outs) / max(counts["passes"], 1)
     elif spec.ar:
       row["data_nll"] = data_nll(teacher.graphdef, teacher.params, val_tokens)
+      kmax = max([s.k for s in stages] or [0])
+      if kmax and floor_samples:
+        row.update(offset_floors(teacher.graphdef, teacher.params, val_tokens, kmax,
+                                 floor_samples, seed))
     else:
       row.update(offset_metrics(st.graphdef, st.params, teacher.graphdef, teacher.params,
                                 val_tokens, spec.k, seed))
@@ -251,4 +301,11 @@ def table(rows: list[dict]) -> str:
   for r in rows:
     cells = "".join(f"{r[c]:>9.3f}" if c in r else f"{'-':>9}" for c in cols)
     lines.append(f"{r.get('method', ''):<14}{r['stage']:<9}{r['k']:>3}" + cells)
+  # The teacher row's reference points for nll_j, in the nll_j columns.
+  for r in rows:
+    for name, label in (("blind", "z-blind"), ("prefix", "prefix-known")):
+      if f"{name}_1" in r:
+        cells = "".join(f"{r[name + c[3:]]:>9.3f}" if c.startswith("nll_") and name + c[3:] in r
+                        else f"{'-':>9}" for c in cols)
+        lines.append(f"{label:<14}{r['stage']:<9}{'':>3}" + cells)
   return "\n".join(lines)
