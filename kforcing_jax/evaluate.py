@@ -39,6 +39,9 @@ _LOSSLESS = flags.DEFINE_bool("lossless", True, "Also rows for the lossless meth
 _GAMMA = flags.DEFINE_integer("gamma", 4, "spec/spec_dynamic: draft tokens per teacher pass.")
 _FLOOR = flags.DEFINE_integer("floor_samples", 32, "Teacher rollouts behind the z-blind and "
                               "prefix-known reference points of NLL_j (0: skip them).")
+_PENALTY = flags.DEFINE_float("frequency_penalty", 0.0, "PFLM rows: subtract penalty * count "
+                              "from the logits before each argmax (the reference code's "
+                              "option; the paper and the default report pure argmax, 0).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -84,7 +87,8 @@ def main(argv):
             method, gamma=_GAMMA.value, max_new_tokens=_MAX_NEW.value)))
   rows, samples = quality.evaluate(teacher, stages, prompts, val_tokens, _MAX_NEW.value,
                                    _BATCH.value, _SEED.value, evaluator, progress=log.info,
-                                   lossless=lossless, floor_samples=_FLOOR.value)
+                                   lossless=lossless, floor_samples=_FLOOR.value,
+                                   frequency_penalty=_PENALTY.value)
   print(quality.table(rows))
   tok = teacher.tokenizer
   shown = {name: [{"prompt": tok.decode(p[1:]), "completion": tok.decode(o)}
@@ -95,7 +99,7 @@ def main(argv):
               "num_prompts": len(prompts), "prompt_len": _PROMPT_LEN.value,
               "max_new_tokens": _MAX_NEW.value, "val_seqs": len(val_tokens),
               "seed": _SEED.value, "evaluator": _EVAL_DIR.value or None,
-              "floor_samples": _FLOOR.value}
+              "floor_samples": _FLOOR.value, "frequency_penalty": _PENALTY.value}
   out = os.path.abspath(_OUT.value)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w", encoding="utf-8") as f:

@@ -189,3 +189,20 @@ def test_evaluate_cli(workdir, tmp_path):
   for r in rows[1:]:
     assert 0 <= r["agree"] <= 1 and 0 <= r["acc_all"] <= 1
     assert all(f"nll_{j}" in r for j in range(1, r["k"] + 1))
+
+
+def test_evaluate_frequency_penalty_applies_to_the_pflm_rows_only(workdir):
+  from kforcing_jax.serving import quality
+
+  teacher = stage_io.load_stage(workdir, "teacher")
+  k2 = stage_io.load_stage(workdir, "k2", load_tokenizer=False)
+  val = np.asarray(quality.held_out(teacher, workdir, 4))
+  prompts = [[teacher.tokenizer.eos_id] + r[:5].tolist() for r in val]
+  run = lambda penalty: quality.evaluate(teacher, [k2], prompts, val, 12, 8, 0,
+                                         progress=lambda m: None, floor_samples=0,
+                                         frequency_penalty=penalty)
+  (rows0, s0), (rows5, s5) = run(0.0), run(5.0)
+  assert s0["teacher@k1"] == s5["teacher@k1"] and rows0[0]["gen_ppl"] == rows5[0]["gen_ppl"]
+  assert s0["k2@k2"] != s5["k2@k2"]
+  assert rows5[2]["entropy"] > rows0[2]["entropy"] and rows5[2]["rep_2"] <= rows0[2]["rep_2"]
+  assert rows5[2]["nll_2"] == rows0[2]["nll_2"]  # the one-pass window metrics are argmax-free

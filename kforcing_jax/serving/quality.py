@@ -216,7 +216,8 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
              progress: Callable[[str], None] = print,
              windows: Sequence[int] | None = None,
              lossless: Sequence | None = None,
-             floor_samples: int = 32) -> tuple[list[dict], dict]:
+             floor_samples: int = 32,
+             frequency_penalty: float = 0.0) -> tuple[list[dict], dict]:
   """Rows per (stage, k) as described above; also returns the samples per (stage, k).
 
   `teacher` and each of `stages` are stage_io.LoadedStage; `evaluator` an optional AR
@@ -225,6 +226,8 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
   (speculative.VerifiedEngine, VerifySpec) pairs: rows for the lossless methods, with their
   acceptance (pflm_verified's samples equal the teacher's, so agree = 1 by construction).
   `floor_samples`: rollouts behind the teacher row's blind_j / prefix_j (0: not computed).
+  `frequency_penalty`: the reference code's anti-repetition option for the PFLM rows (the
+  paper reports pure argmax, 0); the AR teacher row always samples without it.
   """
   from kforcing_jax.serving import speculative
 
@@ -234,7 +237,8 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
   jobs = [(teacher, ar_engine, ar_spec)]
   for st in stages:
     engine = decode.Engine.from_stage(st)
-    jobs += [(st, engine, decode.DecodeSpec(k=k, max_new_tokens=max_new_tokens))
+    jobs += [(st, engine, decode.DecodeSpec(k=k, max_new_tokens=max_new_tokens,
+                                            frequency_penalty=frequency_penalty))
              for k in range(1, st.k + 1) if windows is None or k in windows]
   for engine, vspec in lossless or ():
     jobs.append((engine.drafter, engine, dataclasses.replace(vspec,
