@@ -266,7 +266,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
       row["tokens_per_pass"] = sum(len(o) for o in outs) / max(counts["passes"], 1)
     elif spec.ar:
       row["data_nll"] = data_nll(teacher.graphdef, teacher.params, val_tokens)
-      kmax = max([s.k for s in stages] or [0])
+      kmax = max([stage.k for stage in stages] or [0])
       if kmax and floor_samples:
         row.update(offset_floors(teacher.graphdef, teacher.params, val_tokens, kmax,
                                  floor_samples, seed))
@@ -309,7 +309,8 @@ def table(rows: list[dict]) -> str:
   for r in rows:
     for name, label in (("blind", "z-blind"), ("prefix", "prefix-known")):
       if f"{name}_1" in r:
-        cells = "".join(f"{r[name + c[3:]]:>9.3f}" if c.startswith("nll_") and name + c[3:] in r
-                        else f"{'-':>9}" for c in cols)
+        ref = {c: r.get(c.replace("nll", name, 1)) for c in cols if c.startswith("nll_")}
+        cells = "".join(f"{ref[c]:>9.3f}" if ref.get(c) is not None else f"{'-':>9}"
+                        for c in cols)
         lines.append(f"{label:<14}{r['stage']:<9}{'':>3}" + cells)
   return "\n".join(lines)
