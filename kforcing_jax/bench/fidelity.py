@@ -83,6 +83,11 @@ TEACHERS = {
     # and 3/4 of the width (about the same parameters and step time).
     "default": DEFAULT,
     "default_l8": DEFAULT + (("model.n_layers", 8), ("model.d_model", 192), ("model.n_heads", 3)),
+    # The default's settings at one id per byte, trained 1000 steps instead of 300 (~24 min):
+    # a sharper teacher, to see whether the byte-level student's small gap survives it.
+    "v259_long": DEFAULT + (("data.bpe_vocab_size", 259),
+                            ("stage_overrides.teacher.train.num_steps", 1000),
+                            ("stage_overrides.teacher.optim.warmup_steps", 50)),
 }
 
 # Budget unit: ~5 min of distillation on the 2-core CPU (120 k4 steps of batch 8); the chains
@@ -140,6 +145,13 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             + (("distill.target", "ar_rollout"),),
             "the default's settings as a chain AR -> k1 (300 steps) -> k4 (100), both on "
             "AR-teacher targets"),
+    Variant("default_k4_600", "default", "teacher,k4",
+            _steps("k4", 600, 1e-3) + (("stage_overrides.k4.train.eval_every", 100),),
+            "the default's recipe with the k4 stage 3.75x longer (600 steps, ~37 min)"),
+    Variant("v259_long_k4_900", "v259_long", "teacher,k4",
+            _steps("k4", 900, 1e-3) + (("stage_overrides.k4.train.eval_every", 100),),
+            "bytes with the default's other settings, the longest budget measured: teacher "
+            "1000 steps, AR -> k4 900 steps (~35 min)"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),
