@@ -4,6 +4,7 @@ edge cases (z = 0, z -> 1, zero-probability ids) and independence of the batch a
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from kforcing_jax.distill import sampling
 
@@ -40,8 +41,10 @@ def _naive_f32_inverse_cdf(logits, z):
   return np.where(ge.any(-1), ge.argmax(-1), logits.shape[-1] - 1)
 
 
-def test_inverse_cdf_matches_float64_reference_exactly():
-  rows, n_z, v = 64, 200, 5000
+@pytest.mark.parametrize("rows,v", [(64, 5000), (8, 50257)])
+def test_inverse_cdf_matches_float64_reference_exactly(rows, v):
+  # V = 5000 pads its last block of 128 ids; 50257 (GPT-2 + mask) uses blocks of 256.
+  n_z = 200
   k1, k2 = jax.random.split(jax.random.key(0))
   logits = 3.0 * jax.random.normal(k1, (rows, v), jnp.float32)
   z = jax.random.uniform(k2, (rows, n_z), jnp.float32)
