@@ -91,6 +91,30 @@ def test_efficient_two_stream_attention_equals_dense_mask(n, k):
     assert float(jnp.abs(h_fast2[:, :, n_valid:] - h_fast[:, :, n_valid:]).max()) > 1e-3
 
 
+@pytest.mark.parametrize("n,k,chunks", [(6, 3, (1, 1, 1)), (9, 4, (1, 2, 1))])
+def test_cached_window_pass_equals_full_window_pass(n, k, chunks):
+  """Feeding the window in chunks through a window cache (the AR rollout's rounds) gives the
+  hidden states of one full window pass."""
+  graphdef, params = _pflm()
+  tokens = _tokens(n + 31 * k, 2, n)
+  x = jax.random.normal(jax.random.key(n * k), (2, n, k, CFG.d_model))
+
+  @jax.jit
+  def run(p, tokens, x):
+    m = model_lib.merge(graphdef, p)
+    _, kvs = m.context_pass(tokens)
+    full = m.window_pass(kvs, x)
+    cache, outs, start = m.init_window_cache(2, n, k), [], 0
+    for c in chunks:
+      h, cache = m.window_pass(kvs, x[:, :, start:start + c], cache=cache, start=start)
+      outs.append(h)
+      start += c
+    return full, jnp.concatenate(outs, axis=2)
+
+  full, chunked = run(params, tokens, x)
+  np.testing.assert_allclose(chunked, full, **TOL)
+
+
 # ---- the attention rules, through gradients ----
 
 

@@ -1,9 +1,10 @@
 """Teacher rollouts that make distillation targets: R rounds inside one `jax.lax.scan`.
 
 The context stream never sees window tokens, so its per-layer (k, v) are computed ONCE and
-reused by every round. Each round runs the window stream over a fixed buffer of W slots per
-context position (the tokens produced so far, then this round's noise), masking slots not yet
-in use, so one compiled body serves every round.
+reused by every round. A PFLM teacher's round runs the window stream over a fixed buffer of W
+slots per context position (the tokens produced so far, then this round's noise), masking slots
+not yet in use, so one compiled body serves every round. The AR teacher's round computes only
+its one new slot per window, reading the earlier slots' (k, v) from a window cache.
 """
 
 import jax
@@ -58,19 +59,20 @@ def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: j
   if rounds == 1:
     return (produced, logits0[:, :, None]) if with_logits else produced
   w = rounds - 1  # window slots hold y_0 .. y_(R-2)
-  slot_W = jnp.arange(w)
 
-  def one_round(produced_BxNxR, r):
-    x = teacher.embed(produced_BxNxR[..., :w])
-    h = teacher.window_pass(ctx_kvs, x, valid_W=slot_W < r)
-    h_r = jax.lax.dynamic_index_in_dim(h, r - 1, axis=2, keepdims=False)
+  def one_round(carry, r):
+    # Round r feeds y_(r-1) at window slot r-1; the earlier slots' (k, v) are in the cache.
+    produced_BxNxR, cache = carry
+    y_prev = jax.lax.dynamic_slice_in_dim(produced_BxNxR, r - 1, 1, axis=2)
+    h, cache = teacher.window_pass(ctx_kvs, teacher.embed(y_prev), cache=cache, start=r - 1)
     z_r = jax.lax.dynamic_index_in_dim(z_BxNxR, r, axis=2, keepdims=False)
-    logits_r = teacher.logits(h_r).astype(jnp.float32) / tau
+    logits_r = teacher.logits(h[:, :, 0]).astype(jnp.float32) / tau
     y = sampling.inverse_cdf(logits_r, z_r)
     produced_BxNxR = jax.lax.dynamic_update_index_in_dim(produced_BxNxR, y, r, axis=2)
-    return produced_BxNxR, (logits_r if with_logits else None)
+    return (produced_BxNxR, cache), (logits_r if with_logits else None)
 
-  produced, rest_RxBxNxV = jax.lax.scan(one_round, produced, jnp.arange(1, rounds))
+  (produced, _), rest_RxBxNxV = jax.lax.scan(
+      one_round, (produced, teacher.init_window_cache(b, n, w)), jnp.arange(1, rounds))
   if not with_logits:
     return produced
   logits = jnp.concatenate([logits0[None], rest_RxBxNxV], axis=0)

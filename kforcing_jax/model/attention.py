@@ -56,19 +56,22 @@ def decode_mask(start: jax.Array, pad_B: jax.Array, n_new: int, n_keys: int) -> 
 
 def window_attention(q_BxHxNxWxK: jax.Array, kc_BxHxNxK: jax.Array, vc_BxHxNxK: jax.Array,
                      kw_BxHxNxWxK: jax.Array, vw_BxHxNxWxK: jax.Array,
-                     valid_W: jax.Array | None = None) -> jax.Array:
+                     valid_W: jax.Array | None = None, q_slot0: jax.Array | int = 0) -> jax.Array:
   """Efficient form: O(N*W*N + N*W*W) scores, one softmax across context and window keys.
 
-  `valid_W` masks window slots that hold nothing yet (fixed-size rollout buffers).
+  `valid_W` masks window slots that hold nothing yet (fixed-size rollout buffers). The queries
+  are window slots q_slot0, q_slot0 + 1, ...; the keys are slots 0.. of the window: fewer
+  queries than keys is a rollout round that reads earlier rounds' cached keys.
   """
-  n, w = q_BxHxNxWxK.shape[2], q_BxHxNxWxK.shape[3]
+  n, w = q_BxHxNxWxK.shape[2], kw_BxHxNxWxK.shape[3]
+  q_slots = q_slot0 + jnp.arange(q_BxHxNxWxK.shape[3])
   scale = q_BxHxNxWxK.shape[-1] ** -0.5
   s_ctx = jnp.einsum("bhnwk,bhsk->bhnws", q_BxHxNxWxK, kc_BxHxNxK,
                      preferred_element_type=jnp.float32) * scale
   s_win = jnp.einsum("bhnwk,bhnuk->bhnwu", q_BxHxNxWxK, kw_BxHxNxWxK,
                      preferred_element_type=jnp.float32) * scale
   stair_Nx1xS = (jnp.arange(n)[None, :] <= jnp.arange(n)[:, None])[:, None, :]
-  win_WxU = jnp.arange(w)[None, :] <= jnp.arange(w)[:, None]
+  win_WxU = jnp.arange(w)[None, :] <= q_slots[:, None]
   if valid_W is not None:
     win_WxU = win_WxU & valid_W[None, :]
   s_ctx = jnp.where(stair_Nx1xS, s_ctx, NEG_INF)

@@ -125,21 +125,41 @@ class Transformer(nnx.Module):
     return self.run_blocks(self.embed(tokens_BxN), _positions(tokens_BxN.shape),
                            lambda i, q, k, v: attention.causal_attention(q, k, v))
 
-  def window_pass(self, ctx_kvs, x_BxNxWxD: jax.Array, valid_W: jax.Array | None = None):
+  def window_pass(self, ctx_kvs, x_BxNxWxD: jax.Array, valid_W: jax.Array | None = None,
+                  cache: tuple | None = None, start: jax.Array | int = 0):
     """Hidden states (B, N, W, D) of the window tokens of every context position t (rotary
-    positions t+1..t+W), attending to the context's (k, v) with one joint softmax."""
+    positions t+1..t+W), attending to the context's (k, v) with one joint softmax.
+
+    cache (per-layer (k, v), each (B, H, N, S, K), from `init_window_cache`): x holds window
+    slots start..start+W-1 only; they attend to the cached slots before them and to each other,
+    and their (k, v) are written into the cache. Returns (hidden, cache) then: a rollout round
+    computes just its new slots instead of the whole window again.
+    """
     b, n, w, d = x_BxNxWxD.shape
-    pos = (jnp.arange(n)[:, None] + 1 + jnp.arange(w)[None, :]).reshape(1, n * w)
+    pos = (jnp.arange(n)[:, None] + 1 + start + jnp.arange(w)[None, :]).reshape(1, n * w)
+    new_cache = None if cache is None else list(cache)
 
     def attend(i, q, k, v):
       split = lambda a: a.reshape(b, a.shape[1], n, w, a.shape[-1])
       kc, vc = ctx_kvs[i]
-      out = attention.window_attention(split(q), kc, vc, split(k), split(v), valid_W)
+      kw, vw = split(k), split(v)
+      if cache is not None:
+        put = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), start, 3)
+        kw, vw = put(cache[i][0], kw), put(cache[i][1], vw)
+        new_cache[i] = (kw, vw)
+      out = attention.window_attention(split(q), kc, vc, kw, vw, valid_W, q_slot0=start)
       return out.reshape(q.shape)
 
     h, _ = self.run_blocks(x_BxNxWxD.reshape(b, n * w, d).astype(RESIDUAL_DTYPE),
                            jnp.broadcast_to(pos, (b, n * w)), attend)
-    return h.reshape(b, n, w, d)
+    h = h.reshape(b, n, w, d)
+    return h if cache is None else (h, tuple(new_cache))
+
+  def init_window_cache(self, batch: int, n: int, slots: int) -> tuple:
+    """Empty per-layer window (k, v) for `window_pass(cache=...)`: (B, H, N, slots, K) each."""
+    shape = (batch, self.cfg.n_heads, n, slots, self.cfg.head_dim)
+    dt = jnp.dtype(self.cfg.dtype)
+    return tuple((jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(self.cfg.n_layers))
 
   def window_pass_dense(self, tokens_BxN, x_BxNxWxD, valid_W=None):
     """Reference for `window_pass`: one sequence [context ; windows] under the dense
