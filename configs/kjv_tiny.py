@@ -61,11 +61,12 @@ def get_config():
   # Per stage (each gets its own AdamW and lr schedule). A distillation step costs ~5-7 teacher
   # steps per sequence (N*k noise tokens plus the teacher's rollout), so the PFLM stages take
   # many small batches rather than few large ones.
-  distill = lambda steps: dict(train=dict(num_steps=steps),
-                               optim=dict(warmup_steps=max(1, steps // 10)), batch_size=8)
-  c.stage_overrides.teacher = dict(train=dict(num_steps=300))
-  c.stage_overrides.draft = dict(train=dict(num_steps=150), optim=dict(warmup_steps=15))
-  c.stage_overrides.k1 = distill(60)
-  c.stage_overrides.k2 = distill(40)
-  c.stage_overrides.k4 = distill(160)
+  so = c.stage_overrides
+  so.teacher.train.num_steps = 300
+  so.draft.train.num_steps = 150
+  so.draft.optim.warmup_steps = 15
+  for stage, steps in (("k1", 60), ("k2", 40), ("k4", 160)):
+    so[stage].train.num_steps = steps
+    so[stage].optim.warmup_steps = max(1, steps // 10)
+    so[stage].batch_size = 8
   return c

@@ -144,6 +144,35 @@ def test_stage_overrides_merge_and_validate():
   config_check.validate(c, n_devices=8)
 
 
+def test_command_line_sets_any_overridable_field_of_a_preset_stage():
+  """Preset stages hold typed placeholders for every overridable field, so the command line can
+  set fields the config file left alone (ml_collections cannot add a field there)."""
+  from absl import flags
+  from ml_collections import config_flags
+  def parse(*overrides):
+    argv = ["prog", "--config", os.path.join(ROOT, "configs", "kjv_tiny.py"), *overrides]
+    fv = flags.FlagValues()  # config_flags reads the overrides from argv, as train.py does
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+  c = parse("--config.stage_overrides.k4.optim.lr=1e-4",
+            "--config.stage_overrides.k4.train.eval_every=80",
+            "--config.stage_overrides.k2.optim.schedule=constant",
+            "--config.stage_overrides.k8.batch_size=16")
+  k4 = config_check.stage_config(c, "k4")
+  # Set on the command line, from the file (warmup 16, batch 8), and unset (the base value).
+  assert (k4.optim.lr, k4.train.eval_every, k4.optim.warmup_steps, k4.batch_size) == (
+      1e-4, 80, 16, 8)
+  assert k4.optim.b2 == c.optim.b2 and k4.train.log_every == c.train.log_every
+  assert config_check.stage_config(c, "k2").optim.schedule == "constant"
+  assert config_check.stage_config(c, "k8").batch_size == 16
+  assert config_check.stage_config(c, "teacher").optim.lr == c.optim.lr
+  config_check.validate(c, n_devices=8)
+  with pytest.raises(flags.IllegalFlagValueError):  # typed: a string is not a float
+    parse("--config.stage_overrides.k4.optim.lr=fast")
+
+
 OVERRIDE_BAD = [
     # (stage, override dict, expected substring)
     ("k4", {"optim": {"warmup_steps": 500}}, "config.stage_overrides.k4.optim.warmup_steps: 500 "

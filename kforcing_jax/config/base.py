@@ -118,9 +118,33 @@ def base_config() -> ml_collections.ConfigDict:
   # and then on the command line: --config.stage_overrides.k4.optim.lr=1e-4.
   # Each stage gets its own optimizer and lr schedule; a stage's warm-up must be shorter than
   # its steps. Overrides for a stage not in `stages` are ignored (so one config file can serve
-  # several chains); a malformed stage name or an unknown field is an error.
+  # several chains); a malformed stage name or an unknown field is an error. The stages in
+  # PRESET_STAGES start with every overridable field present and None (= the base value), so a
+  # config file sets `c.stage_overrides.k4.train.num_steps = 160` and the command line can set
+  # any of their fields; other stages take `stage_override(c)` or a plain dict.
   c.stage_overrides = ml_collections.ConfigDict()
+  for stage in PRESET_STAGES:
+    c.stage_overrides[stage] = stage_override(c)
   return c
+
+
+PRESET_STAGES = ("teacher", "draft", "k1", "k2", "k4", "k8")
+
+
+def stage_override(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A stage_overrides entry holding every field a stage may override, each a typed None
+  placeholder (ml_collections cannot add a field from the command line, only set one)."""
+  from kforcing_jax.config import check
+
+  out = ml_collections.ConfigDict()
+  for group, names in check.OVERRIDABLE.items():
+    if group == "batch_size":
+      out.batch_size = ml_collections.config_dict.placeholder(int)
+      continue
+    out[group] = ml_collections.ConfigDict(
+        {name: ml_collections.config_dict.placeholder(type(c[group][name]))
+         for name in (names or c[group].keys())})
+  return out
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -84,6 +84,8 @@ def _check_override(config: ml_collections.ConfigDict, stage: str, over) -> None
   for group, value in over.items():
     _require(group in OVERRIDABLE, f"{where}.{group}",
              f"cannot be set per stage; allowed: {sorted(OVERRIDABLE)}")
+    if value is None:  # an unset placeholder (config.base.stage_override): the base value
+      continue
     if group == "batch_size":
       _require(isinstance(value, int), f"{where}.batch_size", f"must be an int, got {value!r}")
       continue
@@ -93,6 +95,8 @@ def _check_override(config: ml_collections.ConfigDict, stage: str, over) -> None
     for name, v in value.items():
       _require(name in allowed, f"{where}.{group}.{name}",
                f"is not a {group} field that a stage can override; allowed: {sorted(allowed)}")
+      if v is None:
+        continue
       base = config[group][name]
       ok = isinstance(v, type(base)) or (isinstance(base, float) and isinstance(v, int))
       _require(ok and not (isinstance(v, bool) and not isinstance(base, bool)),
@@ -108,11 +112,14 @@ def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collection
     return out
   _check_override(config, stage, over)
   for group, value in over.items():
+    if value is None:
+      continue
     if group == "batch_size":
       out.batch_size = value
     else:
       for name, v in value.items():
-        out[group][name] = type(config[group][name])(v)
+        if v is not None:
+          out[group][name] = type(config[group][name])(v)
   return out
 
 
