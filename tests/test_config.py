@@ -39,7 +39,7 @@ def test_config_file_validates(path):
 BAD = [
     # (field path, value, n_devices, expected substring)
     ("batch_size", 30, 8, "config.batch_size: global batch 30 is not divisible by the data axis"),
-    ("model.n_heads", 3, 8, "config.model.d_model: 256 is not divisible by model.n_heads=3"),
+    ("model.n_heads", 3, 8, "config.model.d_model: 128 is not divisible by model.n_heads=3"),
     ("mesh.model", 3, 8, "config.mesh.model: 3 does not divide the 8 available devices"),
     ("mesh.data", 2, 8, "config.mesh.data: mesh.data * mesh.model = 2 * 1 = 2, but there are 8"),
     ("stages", "teacher,k3x", 8, "config.stages: unknown stage 'k3x'"),
@@ -56,6 +56,7 @@ BAD = [
     ("optim.b2", 1.5, 8, "config.optim.b2: must be in [0, 1)"),
     ("train.num_steps", 0, 8, "config.train.num_steps: must be >= 1"),
     ("seq_len", 1, 8, "config.seq_len: must be >= 2"),
+    ("train.head_bias_init", "normal", 8, "config.train.head_bias_init: must be one of"),
     ("data.val_fraction", 0.0, 8, "config.data.val_fraction: must be in (0, 1)"),
     ("model.vocab_size", 0, 8, "config.model.vocab_size: must be -1"),
     ("stages", "teacher,draft,draft", 8, "config.stages: repeats a stage"),
@@ -94,7 +95,7 @@ def test_bad_config_fails_with_clear_message(field, value, n_devices, message):
 def test_cross_field_cases():
   c = load(os.path.join(ROOT, "configs", "kjv_tiny.py"))
   c.mesh.model = 8
-  with pytest.raises(config_check.ConfigError, match=r"config.model.n_heads: 4 heads are not "
+  with pytest.raises(config_check.ConfigError, match=r"config.model.n_heads: 2 heads are not "
                      r"divisible by the model axis \(mesh.model=8\)"):
     config_check.validate(c, n_devices=8)
   c = load(os.path.join(ROOT, "configs", "kjv_tiny.py"))
@@ -161,9 +162,9 @@ def test_command_line_sets_any_overridable_field_of_a_preset_stage():
             "--config.stage_overrides.k2.optim.schedule=constant",
             "--config.stage_overrides.k8.batch_size=16")
   k4 = config_check.stage_config(c, "k4")
-  # Set on the command line, from the file (warmup 16, batch 8), and unset (the base value).
+  # Set on the command line, from the file (warmup 48, batch 8), and unset (the base value).
   assert (k4.optim.lr, k4.train.eval_every, k4.optim.warmup_steps, k4.batch_size) == (
-      1e-4, 80, 16, 8)
+      1e-4, 80, 48, 8)
   assert k4.optim.b2 == c.optim.b2 and k4.train.log_every == c.train.log_every
   assert config_check.stage_config(c, "k2").optim.schedule == "constant"
   assert config_check.stage_config(c, "k8").batch_size == 16

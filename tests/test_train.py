@@ -9,6 +9,7 @@ import pytest
 
 from kforcing_jax.training import checkpoint, trainer
 from kforcing_jax.config import base as config_base
+from kforcing_jax.data import pipeline
 from kforcing_jax.observe import metrics_log
 from kforcing_jax.parallel import sharding
 
@@ -152,3 +153,26 @@ def test_per_stage_settings_and_validation_against_the_ar_teacher(tmp_path, data
   assert {"val_ar_nll_1", "val_ar_nll_2", "val_ar_acc_1", "val_ar_acc_2"} <= set(k2)
   assert k2["val_ar_nll_2"] != pytest.approx(k2["val_nll_2"], rel=1e-3)
   assert "ema" not in out["k2"]["state"] and "ema" in out["k1"]["state"]
+
+
+def test_unigram_head_bias_starts_the_teacher_at_the_unigram_distribution(tmp_path, data_dir):
+  """train.head_bias_init: step 1's loss (lr 0 in warm-up) is log V for the zero bias and the
+  smoothed unigram's cross-entropy on that batch for "unigram", recomputed here from the data."""
+  first = {}
+  for init in ("zeros", "unigram"):
+    cfg = tiny_config(data_dir, steps=3)
+    cfg.train.log_every, cfg.train.head_bias_init = 1, init
+    workdir = str(tmp_path / init)
+    trainer.run(cfg, workdir)
+    first[init] = _train_losses(workdir, "teacher")[1]
+  s = trainer.setup(cfg, workdir)
+  v = s.model_cfg.vocab_size
+  # Uniform over every id but the mask id, whose logit the model pins at -1000.
+  assert first["zeros"] == pytest.approx(math.log(v - 1), abs=1e-4)
+  counts = pipeline.unigram_counts(cfg.data, s.tokenizer, vocab_size=v, workdir=workdir)
+  log_p = np.log((counts + 1.0) / (counts.sum() + v))
+  batch = next(pipeline.make_train_iterator(cfg.data, s.tokenizer, seq_len=cfg.seq_len,
+                                            global_batch_size=cfg.batch_size, seed=cfg.seed,
+                                            workdir=workdir))
+  assert first["unigram"] == pytest.approx(-log_p[batch[:, 1:]].mean(), abs=1e-3)
+  assert first["unigram"] < first["zeros"] - 0.5

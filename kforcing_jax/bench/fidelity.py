@@ -63,10 +63,15 @@ def _steps(stage: str, n: int, lr: float | None = None, warmup: int | None = Non
 
 # Every teacher and variant starts from the base config plus STUDY_BASE, so that a variant means
 # the same when the default config changes: the study's reference point is the authors' noise
-# encoder (noise_max_freq 1) and the BPE trainer's id order.
-STUDY_BASE = (("data.bpe_id_order", "merges"), ("model.noise_max_freq", 1.0))
+# encoder (noise_max_freq 1), the BPE trainer's id order, 4 layers of width 256 and a teacher
+# whose output bias starts at zero (the authors' initialisation).
+STUDY_BASE = (("data.bpe_id_order", "merges"), ("model.noise_max_freq", 1.0),
+              ("model.d_model", 256), ("model.n_heads", 4), ("model.n_layers", 4),
+              ("train.head_bias_init", "zeros"))
 
-# configs/kjv_tiny.py's departures from STUDY_BASE (and its 8192 ids).
+# The embedded default's departures from STUDY_BASE as of 2026-12-02 (8192 ids by frequency,
+# noise features to 1000 cycles); configs/kjv_tiny.py is now this at width 128 with a unigram
+# output bias (default_d128_unigram).
 DEFAULT = (("data.bpe_vocab_size", 8192), ("data.bpe_id_order", "frequency"),
            ("model.noise_max_freq", 1000.0))
 
@@ -83,6 +88,14 @@ TEACHERS = {
     # and 3/4 of the width (about the same parameters and step time).
     "default": DEFAULT,
     "default_l8": DEFAULT + (("model.n_layers", 8), ("model.d_model", 192), ("model.n_heads", 3)),
+    # The default at half the width (configs/kjv_tiny.py since 2026-12-03): a d=128 step costs
+    # about half a d=256 one, so the same wall time buys the k4 student ~3x the steps (and its
+    # teacher is weaker).
+    "default_d128": DEFAULT + (("model.d_model", 128), ("model.n_heads", 2)),
+    # ... and its teacher starting at the unigram distribution (configs/kjv_tiny.py since
+    # 2026-12-04): 300 steps then reach a lower data NLL, with less probability on rare ids.
+    "default_d128_unigram": DEFAULT + (("model.d_model", 128), ("model.n_heads", 2),
+                                       ("train.head_bias_init", "unigram")),
     # The default's settings at one id per byte, trained 1000 steps instead of 300 (~24 min):
     # a sharper teacher, to see whether the byte-level student's small gap survives it.
     "v259_long": DEFAULT + (("data.bpe_vocab_size", 259),
@@ -152,6 +165,13 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             _steps("k4", 900, 1e-3) + (("stage_overrides.k4.train.eval_every", 100),),
             "bytes with the default's other settings, the longest budget measured: teacher "
             "1000 steps, AR -> k4 900 steps (~35 min)"),
+    Variant("default_d128_k4_480", "default_d128", "teacher,k4", _steps("k4", 480, 1e-3),
+            "the default at width 128 (2 heads; own teacher, 300 steps), AR -> k4 for 480 "
+            "steps: about the default's distillation wall time"),
+    Variant("default_d128_unigram_k4_480", "default_d128_unigram", "teacher,k4",
+            _steps("k4", 480, 1e-3),
+            "configs/kjv_tiny.py without its draft: width 128, unigram output bias at the "
+            "teacher's start, AR -> k4 for 480 steps"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),

@@ -109,6 +109,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 4  # Validation batches per pass (each of batch_size sequences).
   c.train.ckpt_every = 200  # Steps between checkpoints (a final one is always written).
   c.train.keep_checkpoints = 2  # Checkpoints kept per stage (older ones are deleted).
+  # Output bias of an AR model trained from scratch (teacher, draft): "zeros" (the authors') or
+  # "unigram", the log of the training split's smoothed token frequencies, so the first step
+  # already predicts the unigram distribution instead of the uniform one. Adam moves the bias
+  # ~lr per step, so in a few hundred steps a zero bias cannot get down to the log-frequency of
+  # rare ids; their leftover mass makes a short-trained teacher's samples higher in entropy
+  # than its data NLL. PFLM stages start from their predecessor's weights either way.
+  c.train.head_bias_init = "zeros"
 
   # ---- per-stage settings ----
   # stage_overrides.<stage> holds fields that differ for that stage, as nested dicts mirroring

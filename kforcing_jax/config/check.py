@@ -65,6 +65,8 @@ def parse_stages(stages: str) -> list[str]:
   return names
 
 
+HEAD_BIAS_INITS = ("zeros", "unigram")
+
 # What a stage may override (config.stage_overrides.<stage>): anything that changes how long and
 # how fast a stage trains, nothing that changes the model or the data.
 OVERRIDABLE = {"optim": None,  # every optim field
@@ -191,6 +193,8 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
            f"must be >= {MIN_BPE_VOCAB} (256 bytes + eos + mask), got {d.bpe_vocab_size}")
   _require(d.worker_count >= 0, "data.worker_count", f"must be >= 0, got {d.worker_count}")
   _require(config.seq_len >= 2, "seq_len", f"must be >= 2, got {config.seq_len}")
+  _require(config.train.head_bias_init in HEAD_BIAS_INITS, "train.head_bias_init",
+           f"must be one of {HEAD_BIAS_INITS}, got {config.train.head_bias_init!r}")
 
   data, model = mesh_shape(config, n_devices)
   _require(m.n_heads % model == 0, "model.n_heads",

@@ -189,6 +189,21 @@ def make_eval_batches(data_cfg, tokenizer, *, seq_len: int, global_batch_size: i
           for b in batches]
 
 
+def unigram_counts(data_cfg, tokenizer, *, vocab_size: int, workdir: str,
+                   max_chars: int = 2**24) -> np.ndarray:
+  """Count of every id (documents + eos) in the training split: all of it for the small
+  sources (their cached token stream), the first `max_chars` characters for catalog ones.
+  The same on every process, so an initialisation built from it is too."""
+  if data_cfg.source != "tfds":
+    texts, key = open_split(data_cfg, "train", workdir)
+    stream = np.load(_stream_path(tokenizer, texts, key, workdir), mmap_mode="r")
+  else:
+    docs = list(iter_texts(data_cfg, "train", workdir, max_chars=max_chars))
+    stream = np.concatenate([np.asarray(ids + [tokenizer.eos_id], np.int32)
+                             for ids in tokenizer.encode_batch(docs)] or [np.zeros(0, np.int32)])
+  return np.bincount(np.asarray(stream), minlength=vocab_size)[:vocab_size].astype(np.int64)
+
+
 def _check_args(seq_len: int, global_batch_size: int, process_index: int,
                 process_count: int) -> int:
   if seq_len < 1:
@@ -206,6 +221,13 @@ def _check_args(seq_len: int, global_batch_size: int, process_index: int,
 def _cached_rows(data_cfg, tokenizer, split: str, workdir: str, seq_len: int) -> np.ndarray:
   """Rows (n, seq_len) of the split's token stream; the stream is cached per tokenizer."""
   texts, key = open_split(data_cfg, split, workdir)
+  stream = np.load(_stream_path(tokenizer, texts, key, workdir), mmap_mode="r")
+  n = len(stream) // seq_len
+  return np.asarray(stream[:n * seq_len]).reshape(n, seq_len)
+
+
+def _stream_path(tokenizer, texts: grain.MapDataset, key: str, workdir: str) -> str:
+  """The cached flat token stream of a small source's split, written on first use."""
   path = os.path.join(workdir, "data_cache", f"{key}-tok{tokenizer.fingerprint}.npy")
   if not os.path.exists(path):
     stream = _tokenize_all(texts, tokenizer, key)
@@ -214,9 +236,7 @@ def _cached_rows(data_cfg, tokenizer, split: str, workdir: str, seq_len: int) ->
     with open(tmp, "wb") as f:
       np.save(f, stream)
     os.replace(tmp, path)
-  stream = np.load(path, mmap_mode="r")
-  n = len(stream) // seq_len
-  return np.asarray(stream[:n * seq_len]).reshape(n, seq_len)
+  return path
 
 
 def _tokenize_all(texts: grain.MapDataset, tokenizer, key: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kforcing_jax.model import attention, layers
@@ -221,6 +222,18 @@ def split_params(model: nnx.Module):
   """(graphdef, params as a plain nested dict): the pytree we optimise and checkpoint."""
   graphdef, state = nnx.split(model)
   return graphdef, nnx.to_pure_dict(state)
+
+
+def with_unigram_head_bias(params: dict, counts_V: np.ndarray) -> dict:
+  """`params` with the output bias set to log of the add-one-smoothed unigram frequencies
+  (`counts_V`: count per id), placed on the bias's own sharding. With the zero-initialised head
+  the model then starts at the unigram distribution (config train.head_bias_init)."""
+  bias = params["head_bias"]
+  counts = np.zeros(bias.shape, np.float64)
+  counts[:min(len(counts_V), len(counts))] = counts_V[:len(counts)]
+  log_p = np.log((counts + 1.0) / (counts.sum() + len(counts))).astype(np.float32)
+  new = jax.make_array_from_callback(bias.shape, bias.sharding, lambda idx: log_p[idx])
+  return {**params, "head_bias": new}
 
 
 def merge(graphdef, params: dict) -> Transformer:

@@ -128,7 +128,14 @@ def run_teacher_stage(s: Setup, stage: str = config_check.TEACHER) -> dict:
   """Train an AR model (the teacher, or the speculative-decoding draft) with next-token
   cross-entropy on the data."""
   factory, abstract, graphdef = _stage_model(s, stage)
-  return train_loop(s, stage, factory, abstract, ar_loss_fn(graphdef))
+  init_params = None
+  if s.config.train.head_bias_init == "unigram":
+    counts = pipeline.unigram_counts(s.config.data, s.tokenizer, workdir=s.workdir,
+                                     vocab_size=s.model_cfg.vocab_size)
+    log.info("[%s] output bias from the unigram frequencies of %s training tokens", stage,
+             f"{int(counts.sum()):,}")
+    init_params = lambda fresh: model_lib.with_unigram_head_bias(fresh, counts)
+  return train_loop(s, stage, factory, abstract, ar_loss_fn(graphdef), init_params=init_params)
 
 
 def load_stage_params(s: Setup, stage: str) -> dict:
