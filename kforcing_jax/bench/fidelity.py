@@ -172,6 +172,10 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             _steps("k4", 480, 1e-3),
             "configs/kjv_tiny.py without its draft: width 128, unigram output bias at the "
             "teacher's start, AR -> k4 for 480 steps"),
+    Variant("default_d128_unigram_k4_800", "default_d128_unigram", "teacher,k4",
+            _steps("k4", 800, 1e-3),
+            "the default's teacher, AR -> k4 for 800 steps (what the rest of the 25-minute "
+            "budget would buy)"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),
