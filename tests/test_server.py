@@ -246,7 +246,10 @@ def test_queue_limit_429_then_sigterm_drains_and_exits(workdir):  # noqa: F811
       data += chunk
     sock.close()
     text = data.decode()
-    assert "[DONE]" in text and '"finish_reason": "length"' in text
+    # It ends normally: max_tokens, or EOS. (Which one depends on the fixture's BPE, and the
+    # tokenizers library's BPE trainer breaks ties differently from one process to the next.)
+    assert "[DONE]" in text and ('"finish_reason": "length"' in text or
+                                 '"finish_reason": "stop"' in text)
     assert s.proc.wait(timeout=60) == 0
   finally:
     s.stop()
