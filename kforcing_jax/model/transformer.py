@@ -229,8 +229,9 @@ def with_unigram_head_bias(params: dict, counts_V: np.ndarray) -> dict:
   (`counts_V`: count per id), placed on the bias's own sharding. With the zero-initialised head
   the model then starts at the unigram distribution (config train.head_bias_init)."""
   bias = params["head_bias"]
-  counts = np.zeros(bias.shape, np.float64)
-  counts[:min(len(counts_V), len(counts))] = counts_V[:len(counts)]
+  if counts_V.shape != bias.shape:
+    raise ValueError(f"counts of shape {counts_V.shape} for an output bias of shape {bias.shape}")
+  counts = counts_V.astype(np.float64)
   log_p = np.log((counts + 1.0) / (counts.sum() + len(counts))).astype(np.float32)
   new = jax.make_array_from_callback(bias.shape, bias.sharding, lambda idx: log_p[idx])
   return {**params, "head_bias": new}

@@ -5,6 +5,7 @@ Each stage resumes from its own latest checkpoint when the work dir has one. A n
 """
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -128,13 +129,19 @@ def run_teacher_stage(s: Setup, stage: str = config_check.TEACHER) -> dict:
   """Train an AR model (the teacher, or the speculative-decoding draft) with next-token
   cross-entropy on the data."""
   factory, abstract, graphdef = _stage_model(s, stage)
-  init_params = None
-  if s.config.train.head_bias_init == "unigram":
-    counts = pipeline.unigram_counts(s.config.data, s.tokenizer, workdir=s.workdir,
-                                     vocab_size=s.model_cfg.vocab_size)
+
+  @functools.cache  # a new run only (not on resume), once for the params and the EMA
+  def counts():
+    c = pipeline.unigram_counts(s.config.data, s.tokenizer, workdir=s.workdir,
+                                vocab_size=s.model_cfg.vocab_size)
     log.info("[%s] output bias from the unigram frequencies of %s training tokens", stage,
-             f"{int(counts.sum()):,}")
-    init_params = lambda fresh: model_lib.with_unigram_head_bias(fresh, counts)
+             f"{int(c.sum()):,}")
+    return c
+
+  def unigram_bias(fresh: dict) -> dict:
+    return model_lib.with_unigram_head_bias(fresh, counts())
+
+  init_params = unigram_bias if s.config.train.head_bias_init == "unigram" else None
   return train_loop(s, stage, factory, abstract, ar_loss_fn(graphdef), init_params=init_params)
 
 
