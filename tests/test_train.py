@@ -128,9 +128,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir
 def test_per_stage_settings_and_validation_against_the_ar_teacher(tmp_path, data_dir):
   """Each stage trains with its own steps, schedule, batch and optimizer (k2 even drops the
   clipping that k1 used, so its optimizer state has another structure: loading k1 must not
-  depend on it); every PFLM stage also reports NLL_j / acc_j against the AR teacher's targets."""
+  depend on it); the PFLM stages are deeper than the teacher (model.pflm_n_layers, checked
+  against the checkpoints' architecture); every PFLM stage also reports NLL_j / acc_j against the AR teacher's targets."""
   import ml_collections
   cfg = tiny_config(data_dir, stages="teacher,k1,k2", steps=4)
+  cfg.model.pflm_n_layers = 3  # the PFLM stages one block deeper than the teacher
   cfg.stage_overrides = ml_collections.ConfigDict({
       "k1": {"train": {"num_steps": 6}, "optim": {"lr": 1e-2, "warmup_steps": 3,
                                                    "schedule": "constant"}, "batch_size": 16},
@@ -146,6 +148,9 @@ def test_per_stage_settings_and_validation_against_the_ar_teacher(tmp_path, data
   assert max(s for st, s in lr if st == "k1") == 6 and max(s for st, s in lr if st == "k2") == 2
   meta = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", "k1")).read_meta()
   assert meta["config"]["batch_size"] == 16
+  layers = {st: checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", st)).read_meta()[
+      "model_config"]["n_layers"] for st in ("teacher", "k1", "k2")}
+  assert layers == {"teacher": 2, "k1": 3, "k2": 3}
   k1, k2 = out["k1"]["val"], out["k2"]["val"]
   # Right after the teacher the stage's own targets ARE the AR teacher's targets.
   assert k1["val_ar_nll_1"] == pytest.approx(k1["val_nll_1"], rel=1e-6)

@@ -176,6 +176,17 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             _steps("k4", 800, 1e-3),
             "the default's teacher, AR -> k4 for 800 steps (what the rest of the 25-minute "
             "budget would buy)"),
+    Variant("default_d128_unigram_k4_480_lr2e-3", "default_d128_unigram", "teacher,k4",
+            _steps("k4", 480, 2e-3),
+            "the default's teacher, AR -> k4 for 480 steps at twice the default's peak lr"),
+    Variant("default_d128_unigram_k4_240_b16", "default_d128_unigram", "teacher,k4",
+            _steps("k4", 240, 1e-3, batch=16),
+            "the default's teacher, AR -> k4 for 240 steps of 16 sequences (the default's "
+            "sequences in half the steps)"),
+    Variant("default_d128_unigram_k4_480_l8", "default_d128_unigram", "teacher,k4",
+            _steps("k4", 480, 1e-3) + (("model.pflm_n_layers", 8),),
+            "the default's teacher (4 blocks), AR -> k4 for 480 steps with a student of 8 "
+            "blocks (4 appended as identities: model.pflm_n_layers)"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),

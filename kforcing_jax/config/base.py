@@ -41,6 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.d_model = 256  # Residual width d.
   c.model.n_layers = 4  # Transformer blocks.
+  # Blocks of the PFLM stages; 0 = n_layers. More than the teacher's: the student appends the
+  # extra blocks with zero output projections, so it starts as an exact copy of its teacher and
+  # gets depth to decode z_1..z_(j-1) before offset j (the teacher keeps its own depth).
+  c.model.pflm_n_layers = 0
   c.model.n_heads = 4  # Attention heads; head_dim = d_model // n_heads (64 in the paper).
   c.model.mlp_ratio = 4  # MLP hidden width = mlp_ratio * d_model.
   c.model.rope_base = 10000.0  # Rotary embedding base.

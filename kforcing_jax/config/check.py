@@ -160,6 +160,9 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
   _require(dc.tau > 0, "distill.tau", f"must be > 0, got {dc.tau}")
   m = config.model
   _require(m.n_layers >= 1, "model.n_layers", f"must be >= 1, got {m.n_layers}")
+  _require(m.pflm_n_layers == 0 or m.pflm_n_layers >= m.n_layers, "model.pflm_n_layers",
+           f"must be 0 (the teacher's depth) or >= model.n_layers={m.n_layers}, got "
+           f"{m.pflm_n_layers}")
   _require(m.n_heads >= 1, "model.n_heads", f"must be >= 1, got {m.n_heads}")
   _require(m.d_model % m.n_heads == 0, "model.d_model",
            f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")

@@ -99,7 +99,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def stage_model_config(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelConfig,
                        stage: str) -> model_lib.ModelConfig:
-  """A stage's architecture: the run's, except the draft's width, depth and heads."""
+  """A stage's architecture: the run's, except the draft's width, depth and heads, and the
+  PFLM stages' depth when model.pflm_n_layers is set."""
+  if config_check.stage_k(stage) > 0 and config.model.pflm_n_layers:
+    return dataclasses.replace(model_cfg, n_layers=config.model.pflm_n_layers)
   if stage != config_check.DRAFT:
     return model_cfg
   d = config.draft
