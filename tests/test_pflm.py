@@ -303,7 +303,8 @@ def test_deeper_student_starts_as_its_teacher_and_its_extra_blocks_train():
   student = pflm_lib.init_from(t_params, s_fresh)
   assert sorted(student["blocks"]) == list(range(deep_cfg.n_layers))
   for i in range(CFG.n_layers, deep_cfg.n_layers):
-    np.testing.assert_array_equal(student["blocks"][i]["attn_qkv"], s_fresh["blocks"][i]["attn_qkv"])
+    fresh_qkv = s_fresh["blocks"][i]["attn_qkv"]
+    np.testing.assert_array_equal(student["blocks"][i]["attn_qkv"], fresh_qkv)
     assert not np.any(student["blocks"][i]["mlp_out"])
   tokens = _tokens(53, 2, 7)
   z = jax.random.uniform(jax.random.key(54), (2, 7, 3))
