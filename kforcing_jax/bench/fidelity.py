@@ -183,10 +183,13 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             _steps("k4", 240, 1e-3, batch=16),
             "the default's teacher, AR -> k4 for 240 steps of 16 sequences (the default's "
             "sequences in half the steps)"),
-    Variant("default_d128_unigram_k4_480_l8", "default_d128_unigram", "teacher,k4",
-            _steps("k4", 480, 1e-3) + (("model.pflm_n_layers", 8),),
-            "the default's teacher (4 blocks), AR -> k4 for 480 steps with a student of 8 "
-            "blocks (4 appended as identities: model.pflm_n_layers)"),
+    Variant("default_d128_unigram_k4_480_lr2e-3_l8", "default_d128_unigram", "teacher,k4",
+            _steps("k4", 480, 2e-3) + (("model.pflm_n_layers", 8),),
+            "as default_d128_unigram_k4_480_lr2e-3 with a student of 8 blocks (the teacher's "
+            "4, then 4 appended as identities: model.pflm_n_layers)"),
+    Variant("default_d128_unigram_k4_480_lr4e-3", "default_d128_unigram", "teacher,k4",
+            _steps("k4", 480, 4e-3),
+            "the default's teacher, AR -> k4 for 480 steps at 4x the default's peak lr"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),
@@ -230,8 +233,12 @@ def train_variant(out_dir: str, v: Variant, teacher_dir: str) -> str:
     os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
     shutil.copytree(os.path.join(teacher_dir, "checkpoints", "teacher"),
                     os.path.join(workdir, "checkpoints", "teacher"))
-    for f in ("tokenizer.json", "tokenizer_meta.json", "metrics.jsonl"):
+    for f in ("tokenizer.json", "tokenizer_meta.json"):
       shutil.copy(os.path.join(teacher_dir, f), os.path.join(workdir, f))
+    # The teacher's rows only: a teacher dir merged from a full run also logs its later stages.
+    with open(os.path.join(teacher_dir, "metrics.jsonl")) as src, \
+         open(os.path.join(workdir, "metrics.jsonl"), "w") as dst:
+      dst.writelines(line for line in src if json.loads(line).get("stage") == "teacher")
   config = _config(_CONFIG.value, TEACHERS[v.teacher] + (("stages", v.stages),) + v.overrides,
                    out_dir)
   trainer.run(config, workdir)
