@@ -6,6 +6,7 @@ teacher's backbone and head (`init_from`).
 
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from kforcing_jax.model import transformer as model_lib
@@ -65,6 +66,6 @@ def init_from(teacher_params: dict, student_params: dict) -> dict:
                      f"{len(t_blocks)}")
   if len(s_blocks) > len(t_blocks):
     out["blocks"] = {i: t_blocks[i] if i in t_blocks else {
-        **b, **{n: jax.numpy.zeros_like(b[n]) for n in _BRANCH_OUTPUTS}}
+        **b, **{n: jnp.zeros_like(b[n]) for n in _BRANCH_OUTPUTS}}
         for i, b in s_blocks.items()}
   return out
