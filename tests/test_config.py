@@ -58,6 +58,7 @@ BAD = [
     ("seq_len", 1, 8, "config.seq_len: must be >= 2"),
     ("train.head_bias_init", "normal", 8, "config.train.head_bias_init: must be one of"),
     ("model.pflm_n_layers", 2, 8, "config.model.pflm_n_layers: must be 0 (the teacher's depth)"),
+    ("distill.offset_weight_growth", -0.5, 8, "config.distill.offset_weight_growth: must be >= 0"),
     ("data.val_fraction", 0.0, 8, "config.data.val_fraction: must be in (0, 1)"),
     ("model.vocab_size", 0, 8, "config.model.vocab_size: must be -1"),
     ("stages", "teacher,draft,draft", 8, "config.stages: repeats a stage"),

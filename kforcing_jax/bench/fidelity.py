@@ -194,6 +194,10 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
     Variant("default_d128_unigram_k4_480_lr4e-3", "default_d128_unigram", "teacher,k4",
             _steps("k4", 480, 4e-3),
             "the default's teacher, AR -> k4 for 480 steps at 4x the default's peak lr"),
+    Variant("default_d128_unigram_k4_480_lr2e-3_ow1", "default_d128_unigram", "teacher,k4",
+            _steps("k4", 480, 2e-3) + (("distill.offset_weight_growth", 1.0),),
+            "as default_d128_unigram_k4_480_lr2e-3 with offset j's loss weighted 1 + (j - 1) "
+            "(0.4 / 0.8 / 1.2 / 1.6: distill.offset_weight_growth=1)"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),

@@ -35,6 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
   # the previous stage only initialises the student (a curriculum with no drift along the chain).
   c.distill.target = "self_forcing"
   c.distill.tau = 1.0  # Sampling temperature (fed to the noise encoder too); the paper uses 1.
+  # Loss weight of offset j grows as 1 + growth * (j - 1), scaled to mean 1; 0 = uniform (the
+  # paper). Later offsets are the hard ones (the student decodes z_1..z_(j-1) implicitly); a
+  # positive growth moves capacity to them from offset 1, which is far below the teacher's NLL.
+  c.distill.offset_weight_growth = 0.0
   # Teacher weights and student init come from the previous stage's EMA when EMA is on.
 
   # ---- model (spec section 2) ----

@@ -158,6 +158,8 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
            "distill.target",
            "noise_inversion distils the AR teacher directly: use stages='teacher,k<n>'")
   _require(dc.tau > 0, "distill.tau", f"must be > 0, got {dc.tau}")
+  _require(dc.offset_weight_growth >= 0, "distill.offset_weight_growth",
+           f"must be >= 0 (0 = uniform over offsets), got {dc.offset_weight_growth}")
   m = config.model
   _require(m.n_layers >= 1, "model.n_layers", f"must be >= 1, got {m.n_layers}")
   _require(m.pflm_n_layers == 0 or m.pflm_n_layers >= m.n_layers, "model.pflm_n_layers",

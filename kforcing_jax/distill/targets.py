@@ -24,9 +24,17 @@ class StageSpec:
   teacher_k: int  # 0 = the AR teacher
   target: str = "self_forcing"  # or "noise_inversion" (see stage_spec for "ar_rollout")
   tau: float = 1.0
+  offset_weight_growth: float = 0.0  # config.distill.offset_weight_growth
 
 
-def stage_spec(stage: str, prev: str, target: str, tau: float) -> tuple[StageSpec, str]:
+def offset_weights(k: int, growth: float) -> jax.Array:
+  """Loss weight of offsets 1..k, 1 + growth * (j - 1), scaled to mean 1 (growth 0: uniform)."""
+  w = 1.0 + growth * jnp.arange(k, dtype=jnp.float32)
+  return w / w.mean()
+
+
+def stage_spec(stage: str, prev: str, target: str, tau: float,
+               offset_weight_growth: float = 0.0) -> tuple[StageSpec, str]:
   """(spec, the stage whose frozen weights make the targets) of distillation stage `stage`.
 
   self_forcing: the previous stage makes the targets (the paper's chain); ar_rollout: the AR
@@ -38,9 +46,11 @@ def stage_spec(stage: str, prev: str, target: str, tau: float) -> tuple[StageSpe
 
   k = config_check.stage_k(stage)
   if target == "ar_rollout":
-    spec = StageSpec(student_k=k, teacher_k=0, target="self_forcing", tau=tau)
+    spec = StageSpec(student_k=k, teacher_k=0, target="self_forcing", tau=tau,
+                     offset_weight_growth=offset_weight_growth)
     return spec, config_check.TEACHER
-  return StageSpec(student_k=k, teacher_k=config_check.stage_k(prev), target=target, tau=tau), prev
+  return StageSpec(student_k=k, teacher_k=config_check.stage_k(prev), target=target, tau=tau,
+                   offset_weight_growth=offset_weight_growth), prev
 
 
 def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.Array,
@@ -64,14 +74,16 @@ def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.A
 
 
 def student_loss(student: pflm_lib.PFLM, tokens_BxN, z_BxNxK, targets_BxNxK, weights_BxNxK,
-                 tau: float = 1.0):
-  """Mean cross-entropy over positions and offsets; per-offset NLL_j / acc_j and acc_all."""
+                 tau: float = 1.0, offset_weights_K: jax.Array | None = None):
+  """Cross-entropy averaged over positions and offsets (offset j weighted by offset_weights_K[j],
+  default uniform); per-offset NLL_j / acc_j (unweighted) and acc_all."""
   logits = student.noise_logits(tokens_BxN, z_BxNxK, tau)
   nll = losses.token_nll(logits, targets_BxNxK)
   hit = (logits.argmax(-1) == targets_BxNxK).astype(jnp.float32)
   w = weights_BxNxK
   per_offset = lambda x: (x * w).sum((0, 1)) / jnp.maximum(w.sum((0, 1)), 1.0)
-  loss = (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
+  lw = w if offset_weights_K is None else w * offset_weights_K
+  loss = (nll * lw).sum() / jnp.maximum(w.sum(), 1.0)
   full = (w.min(-1) > 0).astype(jnp.float32)
   aux = {"acc_all": (hit.min(-1) * full).sum() / jnp.maximum(full.sum(), 1.0)}
   nll_j, acc_j = per_offset(nll), per_offset(hit)
@@ -92,6 +104,7 @@ def make_loss_fn(spec: StageSpec, student_graphdef, teacher_graphdef):
     teacher = model_lib.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
     targets, weights, z = jax.lax.stop_gradient(make_targets(spec, teacher, tokens_BxN, z, u))
     student = model_lib.merge(student_graphdef, params)
-    return student_loss(student, tokens_BxN, z, targets, weights, spec.tau)
+    return student_loss(student, tokens_BxN, z, targets, weights, spec.tau,
+                        offset_weights(spec.student_k, spec.offset_weight_growth))
 
   return loss_fn

@@ -165,7 +165,8 @@ def run_distill_stage(s: Setup, stage: str, prev: str) -> dict:
   """Distil a frozen teacher (the previous stage, or the AR teacher with target ar_rollout)
   into a PFLM(k) that starts from the previous stage's weights."""
   cfg = config_check.stage_config(s.config, stage)
-  spec, source = distill.stage_spec(stage, prev, cfg.distill.target, cfg.distill.tau)
+  spec, source = distill.stage_spec(stage, prev, cfg.distill.target, cfg.distill.tau,
+                                    cfg.distill.offset_weight_growth)
   _, _, teacher_graphdef = _stage_model(s, source)
   factory, abstract, graphdef = _stage_model(s, stage)
   init_from = load_stage_params(s, prev)
