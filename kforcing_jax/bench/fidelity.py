@@ -187,6 +187,10 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             _steps("k4", 2400, 2e-3),
             "configs/kjv_small.py without its draft: the default's teacher, AR -> k4 for 2400 "
             "steps at lr 2e-3 (~53 min)"),
+    Variant("default_d128_unigram_k4_5600_lr2e-3", "default_d128_unigram", "teacher,k4",
+            _steps("k4", 5600, 2e-3) + (("stage_overrides.k4.train.eval_every", 400),),
+            "the default's teacher, AR -> k4 for 5600 steps at lr 2e-3 (~2 h): the longest "
+            "budget measured"),
     Variant("default_d128_unigram_k4_480_lr2e-3_l8", "default_d128_unigram", "teacher,k4",
             _steps("k4", 480, 2e-3) + (("model.pflm_n_layers", 8),),
             "as default_d128_unigram_k4_480_lr2e-3 with a student of 8 blocks (the teacher's "
