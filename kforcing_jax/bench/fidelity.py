@@ -189,7 +189,7 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             "steps at lr 2e-3 (~53 min)"),
     Variant("default_d128_unigram_k4_5600_lr2e-3", "default_d128_unigram", "teacher,k4",
             _steps("k4", 5600, 2e-3) + (("stage_overrides.k4.train.eval_every", 400),),
-            "the default's teacher, AR -> k4 for 5600 steps at lr 2e-3 (~2 h): the longest "
+            "the default's teacher, AR -> k4 for 5600 steps at lr 2e-3 (~2.5 h): the longest "
             "budget measured"),
     Variant("default_d128_unigram_k4_480_lr2e-3_l8", "default_d128_unigram", "teacher,k4",
             _steps("k4", 480, 2e-3) + (("model.pflm_n_layers", 8),),
