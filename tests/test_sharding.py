@@ -130,3 +130,20 @@ def test_incomplete_save_never_shadows_latest_good(tmp_path):
   for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(_host(restored))):
     np.testing.assert_array_equal(a, b)
   ckpt.close()
+
+
+def test_ema_follows_its_warmup_formula_step_by_step():
+  """EMA after step t+1 = d_t * EMA + (1 - d_t) * params, d_t = min(decay, (1+t)/(10+t)),
+  recomputed on the host from the raw params the step returned."""
+  trainer = Trainer(_mesh(1, 1))
+  state = trainer.init()
+  ema_ref = _host(state["ema"])
+  for t, b in enumerate(_batches(4)):
+    state, _ = trainer.step(state, sharding.global_batch(b, trainer.mesh))
+    d = min(0.9, (1 + t) / (10 + t))
+    ema_ref = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_ref, _host(state["params"]))
+    for got, want in zip(jax.tree.leaves(_host(state["ema"])), jax.tree.leaves(ema_ref)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # The first steps' decay is far below the configured one: the start weights fade quickly.
+  assert float(train_step.ema_decay_at(0.999, 0)) == pytest.approx(0.1)
+  assert float(train_step.ema_decay_at(0.999, 100_000)) == pytest.approx(0.999)

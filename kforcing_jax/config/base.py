@@ -107,7 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-6
   c.optim.weight_decay = 0.0
   c.optim.grad_clip = 1.0  # Global-norm clipping; 0 disables.
-  c.optim.ema_decay = 0.0  # EMA of parameters (0 = off; the paper uses 0.999).
+  c.optim.ema_decay = 0.0  # EMA of parameters (0 = off; the paper uses 0.999), warmed up from
+  # min(ema_decay, (1 + step) / (10 + step)); evaluation and the next stage read the EMA.
 
   # ---- training loop ----
   c.train = ml_collections.ConfigDict()

@@ -17,6 +17,16 @@ import optax
 LossFn = Callable[[Any, Any, jax.Array, Any], tuple[jax.Array, dict]]
 
 
+def ema_decay_at(ema_decay: float, step: jax.Array) -> jax.Array:
+  """EMA decay for the update after `step`: min(ema_decay, (1 + step) / (10 + step)).
+
+  The warm-up keeps a stage's starting weights (its predecessor's, which ignore the noise) from
+  lingering in the average: with a flat 0.999 they would still weigh 0.999^2400 = 9% after a
+  2400-step stage; the paper's 500K-step stages never notice."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(ema_decay), (1.0 + step) / (10.0 + step))
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     ema_decay: float, seed: int, state_sh, batch_sh, metrics_sh, frozen_sh=()):
   """Returns step(state, batch, frozen=()) -> (state, metrics); the input state is donated."""
@@ -30,8 +40,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     params = optax.apply_updates(state["params"], updates)
     new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     if "ema" in state:
-      new["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                                state["ema"], params)
+      decay = ema_decay_at(ema_decay, state["step"])
+      new["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": jnp.asarray(schedule(state["step"]), jnp.float32), **aux}
     return new, metrics
