@@ -270,13 +270,16 @@ def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init
             for i, b in enumerate(eval_batches)]
       prefix = "val_" if name == "params" else "val_ema_"
       out.update({prefix + k: float(np.mean([m[k] for m in ms])) for k in ms[0]})
+    # val_ar_* scores the weights the stage hands on: its EMA when kept, else its params.
+    handed_on = "ema" if ema else "params"
     if ar_eval is not None:
-      ms = [jax.device_get(ar_eval(state["params"], b, i, ar_targets[1]))
+      ms = [jax.device_get(ar_eval(state[handed_on], b, i, ar_targets[1]))
             for i, b in enumerate(eval_batches)]
       out.update({"val_ar_" + k: float(np.mean([m[k] for m in ms])) for k in ms[0]})
     elif ar_targets is not None:
-      out.update({"val_ar_" + k[4:]: v for k, v in list(out.items()) if k.startswith("val_")
-                  and not k.startswith("val_ema_")})
+      src = "val_ema_" if ema else "val_"
+      out.update({"val_ar_" + k[len(src):]: v for k, v in list(out.items())
+                  if k.startswith(src) and (ema or not k.startswith("val_ema_"))})
     if ref_nll is not None:
       out["val_teacher_data_nll"] = ref_nll
     s.writer.write({"stage": stage, "step": step, **out,
