@@ -191,6 +191,14 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             _steps("k4", 5600, 2e-3) + (("stage_overrides.k4.train.eval_every", 400),),
             "the default's teacher, AR -> k4 for 5600 steps at lr 2e-3 (~2.5 h): the longest "
             "budget measured"),
+    Variant("default_d128_unigram_k4_480_lr2e-3_ema", "default_d128_unigram", "teacher,k4",
+            _steps("k4", 480, 2e-3) + (("stage_overrides.k4.optim.ema_decay", 0.999),),
+            "as default_d128_unigram_k4_480_lr2e-3, evaluated on an EMA of the student's "
+            "weights (decay 0.999 with the (1 + t) / (10 + t) warm-up)"),
+    Variant("default_d128_unigram_k4_2400_lr2e-3_ema", "default_d128_unigram", "teacher,k4",
+            _steps("k4", 2400, 2e-3) + (("stage_overrides.k4.optim.ema_decay", 0.999),),
+            "as default_d128_unigram_k4_2400_lr2e-3 (configs/kjv_small.py), evaluated on an "
+            "EMA of the student's weights (decay 0.999 with warm-up)"),
     Variant("default_d128_unigram_k4_480_lr2e-3_l8", "default_d128_unigram", "teacher,k4",
             _steps("k4", 480, 2e-3) + (("model.pflm_n_layers", 8),),
             "as default_d128_unigram_k4_480_lr2e-3 with a student of 8 blocks (the teacher's "
