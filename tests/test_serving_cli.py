@@ -170,6 +170,8 @@ def test_evaluate_cli(workdir, tmp_path):
   assert [(r["method"], r["stage"], r["k"]) for r in rows] == [
       ("ar", "teacher", 1), ("pflm", "k2", 1), ("pflm", "k2", 2), ("pflm_verified", "k2", 2),
       ("spec", "draft", 4), ("spec_dynamic", "draft", 4)]
+  # Entropy per block offset: the teacher split by the largest k (2), each PFLM row by its k.
+  assert [len(r["entropy_by_offset"]) for r in rows] == [2, 1, 2, 2, 2, 2]
   for r in rows:
     assert r["gen_ppl"] > 1 and r["eval_ppl"] > 1
     assert r["eval_ppl"] != pytest.approx(r["gen_ppl"], rel=1e-3)

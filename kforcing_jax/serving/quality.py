@@ -5,7 +5,10 @@ fixed-length completions (no EOS stop) from per-row uniform streams (seed, row):
   gen_ppl        exp(mean NLL of the completion tokens) under the AR teacher (and, optionally,
                  under any other AR checkpoint: `eval_ppl`, re-tokenising the text if its
                  tokenizer differs). Low Gen-PPL alone can mean dull text: read it next to
-  entropy        the mean unigram entropy (nats) of each sample's tokens, and
+  entropy        the mean unigram entropy (nats) of each sample's tokens (`entropy_by_offset`:
+                 the unigram entropy of all samples' tokens pooled by their offset in a k-token
+                 block, which shows where a PFLM's samples lose diversity; the AR and lossless
+                 rows, whose samples follow the teacher, are split by the largest k), and
   rep_n          the fraction of a sample's n-grams that already occurred earlier in it (n=2, 4).
   agree          the fraction of completion tokens equal to the AR teacher's own inverse-CDF
                  rollout from the SAME uniforms (a perfect PFLM gives 1.0), and `prefix`, the
@@ -91,6 +94,17 @@ def text_stats(samples: Sequence[Sequence[int]]) -> dict:
         reps[n].append(1.0 - len(set(grams)) / len(grams))
   mean = lambda x: float(np.mean(x)) if x else float("nan")
   return {"entropy": mean(ent), "rep_2": mean(reps[2]), "rep_4": mean(reps[4])}
+
+
+def entropy_by_offset(samples: Sequence[Sequence[int]], k: int) -> list[float]:
+  """Unigram entropy (nats) of the tokens at completion positions i with i % k == j, pooled
+  over all samples, for j = 0..k-1 (offset j + 1 of every k-token block)."""
+  out = []
+  for j in range(k):
+    c = collections.Counter(t for s in samples for t in list(s)[j::k])
+    n = sum(c.values())
+    out.append(float(-sum(v / n * math.log(v / n) for v in c.values())) if n else float("nan"))
+  return out
 
 
 def agreement(samples: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> dict:
@@ -259,6 +273,8 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
     row = {"stage": st.stage, "k": k, "method": method,
            "gen_ppl": math.exp(s / n), **text_stats(outs), **agreement(outs, reference),
            "n_samples": len(outs), "gen_seconds": gen_s}
+    row["entropy_by_offset"] = entropy_by_offset(
+        outs, max([stage.k for stage in stages] or [1]) if verified or spec.ar else k)
     if evaluator is not None:
       row["eval_ppl"] = _evaluator_ppl(evaluator, tok, prompts, outs)
     if verified:
