@@ -195,6 +195,10 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             _steps("k4", 480, 2e-3) + (("stage_overrides.k4.optim.ema_decay", 0.999),),
             "as default_d128_unigram_k4_480_lr2e-3, evaluated on an EMA of the student's "
             "weights (decay 0.999 with the (1 + t) / (10 + t) warm-up)"),
+    Variant("default_d128_unigram_k4_480_lr2e-3_f10000", "default_d128_unigram", "teacher,k4",
+            _steps("k4", 480, 2e-3) + (("model.noise_max_freq", 10000.0),),
+            "as default_d128_unigram_k4_480_lr2e-3 with noise features up to 10000 cycles "
+            "over [0, 1] (the default: 1000)"),
     Variant("default_d128_unigram_k4_2400_lr2e-3_ema", "default_d128_unigram", "teacher,k4",
             _steps("k4", 2400, 2e-3) + (("stage_overrides.k4.optim.ema_decay", 0.999),),
             "as default_d128_unigram_k4_2400_lr2e-3 (configs/kjv_small.py), evaluated on an "
