@@ -41,7 +41,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     if "ema" in state:
       decay = ema_decay_at(ema_decay, state["step"])
-      new["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
+      new["ema"] = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
+                                state["ema"], params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": jnp.asarray(schedule(state["step"]), jnp.float32), **aux}
     return new, metrics
