@@ -258,6 +258,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
     jobs.append((engine.drafter, engine, dataclasses.replace(vspec,
                                                              max_new_tokens=max_new_tokens)))
   rows, samples = [], {}
+  kmax = max([stage.k for stage in stages] or [0])
   note = metrics_log.Progress(len(jobs), progress).step
   reference = None
   for i, (st, engine, spec) in enumerate(jobs):
@@ -273,8 +274,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
     row = {"stage": st.stage, "k": k, "method": method,
            "gen_ppl": math.exp(s / n), **text_stats(outs), **agreement(outs, reference),
            "n_samples": len(outs), "gen_seconds": gen_s}
-    row["entropy_by_offset"] = entropy_by_offset(
-        outs, max([stage.k for stage in stages] or [1]) if verified or spec.ar else k)
+    row["entropy_by_offset"] = entropy_by_offset(outs, max(kmax, 1) if verified or spec.ar else k)
     if evaluator is not None:
       row["eval_ppl"] = _evaluator_ppl(evaluator, tok, prompts, outs)
     if verified:
@@ -282,7 +282,6 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
       row["tokens_per_pass"] = sum(len(o) for o in outs) / max(counts["passes"], 1)
     elif spec.ar:
       row["data_nll"] = data_nll(teacher.graphdef, teacher.params, val_tokens)
-      kmax = max([stage.k for stage in stages] or [0])
       if kmax and floor_samples:
         row.update(offset_floors(teacher.graphdef, teacher.params, val_tokens, kmax,
                                  floor_samples, seed))

@@ -279,7 +279,7 @@ def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init
     elif ar_targets is not None:
       src = "val_ema_" if ema else "val_"
       out.update({"val_ar_" + k[len(src):]: v for k, v in list(out.items())
-                  if k.startswith(src) and (ema or not k.startswith("val_ema_"))})
+                  if k.startswith(src)})
     if ref_nll is not None:
       out["val_teacher_data_nll"] = ref_nll
     s.writer.write({"stage": stage, "step": step, **out,
