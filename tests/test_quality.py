@@ -17,3 +17,21 @@ def test_entropy_by_offset_pools_each_block_offset_over_samples():
   assert quality.entropy_by_offset(samples, 1) == pytest.approx([-sum(x * math.log(x) for x in p)])
   # A ragged tail (3 tokens, k=2): offset 1 gets 2 tokens, offset 2 one.
   assert quality.entropy_by_offset([[7, 8, 9]], 2) == pytest.approx([math.log(2), 0.0])
+
+
+def test_gaps_to_data_nll_pair_rows_so_text_difficulty_cancels():
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  difficulty = rng.uniform(2.0, 6.0, 64)  # rows differ by nats in how hard their text is
+  noise = 0.01 * rng.standard_normal((64, 2))
+  row_nll = difficulty[:, None] + np.array([-0.5, 0.1]) + noise
+  got = quality.gaps_to_data_nll(row_nll, difficulty)
+  assert got["gap_1"] == pytest.approx(-0.5, abs=0.01)
+  assert got["gap_2"] == pytest.approx(0.1, abs=0.01)
+  # The standard error is the noise's (0.01 / 8), not the difficulty's spread (~1.2 / 8).
+  for j in (1, 2):
+    assert got[f"gap_se_{j}"] == pytest.approx(np.std(noise[:, j - 1], ddof=1) / 8, rel=1e-6)
+    assert got[f"gap_se_{j}"] < 0.01
+  # One row: no spread to estimate.
+  assert math.isnan(quality.gaps_to_data_nll(row_nll[:1], difficulty[:1])["gap_se_1"])

@@ -191,6 +191,11 @@ def test_evaluate_cli(workdir, tmp_path):
   for r in rows[1:]:
     assert 0 <= r["agree"] <= 1 and 0 <= r["acc_all"] <= 1
     assert all(f"nll_{j}" in r for j in range(1, r["k"] + 1))
+    # Paired by row over rows of equal length, the mean gap is the gap of the means.
+    for j in range(1, r["k"] + 1):
+      assert r[f"gap_{j}"] == pytest.approx(r[f"nll_{j}"] - nll, abs=1e-4)
+      assert r[f"gap_se_{j}"] > 0
+  assert "gap to data" in stdout and "s.e." in stdout
 
 
 def test_evaluate_frequency_penalty_applies_to_the_pflm_rows_only(workdir):

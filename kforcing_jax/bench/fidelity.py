@@ -316,6 +316,9 @@ def summary_row(name: str, rows: list[dict]) -> dict:
          "rep_2": s["rep_2"], "teacher_rep_2": t["rep_2"], "agree": s["agree"],
          **{f"nll_{j}": s[f"nll_{j}"] for j in range(1, k + 1)},
          **{f"acc_{j}": s[f"acc_{j}"] for j in range(1, k + 1)},
+         # NLL_j - data NLL paired by row, with its standard error (absent from older runs).
+         **{f"{name}_{j}": s[f"{name}_{j}"] for name in ("gap", "gap_se")
+            for j in range(1, k + 1) if f"{name}_{j}" in s},
          # The teacher's reference points (quality.offset_floors; absent from older runs).
          **{f"{name}_{j}": t[f"{name}_{j}"] for name in ("blind", "prefix")
             for j in range(1, k + 1) if f"{name}_{j}" in t}}

@@ -73,21 +73,32 @@ def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.A
   return rollout.pflm_rollout(teacher, tokens_BxN, z_BxNxK, spec.teacher_k, spec.tau), ones, z_BxNxK
 
 
+def window_scores(student: pflm_lib.PFLM, tokens_BxN, z_BxNxK, targets_BxNxK,
+                  tau: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Per-window (NLL, argmax hit) of the student against targets, each (B, N, K)."""
+  logits = student.noise_logits(tokens_BxN, z_BxNxK, tau)
+  nll = losses.token_nll(logits, targets_BxNxK)
+  return nll, (logits.argmax(-1) == targets_BxNxK).astype(jnp.float32)
+
+
 def student_loss(student: pflm_lib.PFLM, tokens_BxN, z_BxNxK, targets_BxNxK, weights_BxNxK,
                  tau: float = 1.0, offset_weights_K: jax.Array | None = None):
   """Cross-entropy averaged over positions and offsets (offset j weighted by offset_weights_K[j],
   default uniform); per-offset NLL_j / acc_j (unweighted) and acc_all."""
-  logits = student.noise_logits(tokens_BxN, z_BxNxK, tau)
-  nll = losses.token_nll(logits, targets_BxNxK)
-  hit = (logits.argmax(-1) == targets_BxNxK).astype(jnp.float32)
-  w = weights_BxNxK
+  nll, hit = window_scores(student, tokens_BxN, z_BxNxK, targets_BxNxK, tau)
+  return summarize_windows(nll, hit, weights_BxNxK, offset_weights_K)
+
+
+def summarize_windows(nll_BxNxK, hit_BxNxK, weights_BxNxK, offset_weights_K=None):
+  """(loss, aux) of `student_loss` from per-window scores."""
+  nll, hit, w = nll_BxNxK, hit_BxNxK, weights_BxNxK
   per_offset = lambda x: (x * w).sum((0, 1)) / jnp.maximum(w.sum((0, 1)), 1.0)
   lw = w if offset_weights_K is None else w * offset_weights_K
   loss = (nll * lw).sum() / jnp.maximum(w.sum(), 1.0)
   full = (w.min(-1) > 0).astype(jnp.float32)
   aux = {"acc_all": (hit.min(-1) * full).sum() / jnp.maximum(full.sum(), 1.0)}
   nll_j, acc_j = per_offset(nll), per_offset(hit)
-  for j in range(targets_BxNxK.shape[-1]):
+  for j in range(nll.shape[-1]):
     aux[f"nll_{j + 1}"] = nll_j[j]
     aux[f"acc_{j + 1}"] = acc_j[j]
   return loss, aux

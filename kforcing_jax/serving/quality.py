@@ -20,6 +20,8 @@ fixed-length completions (no EOS stop) from per-row uniform streams (seed, row):
                  (`offset_floors`): `blind_j`, what a student that ignores the noise scores,
                  and `prefix_j`, what one that decodes offsets < j exactly but ignores z_j
                  scores. nll_j - prefix_j is what the student loses to an imperfect prefix.
+                 `gap_j` / `gap_se_j`: nll_j minus the teacher's data NLL, paired row by row
+                 on the same validation rows, and its standard error over rows.
 """
 
 import collections
@@ -51,23 +53,26 @@ def _nll_fn(graphdef):
 
   @jax.jit
   def nll(params, tokens_BxL, mask_BxL):
-    """Summed NLL of the tokens where mask (positions >= 1) under the causal model."""
+    """Per-row summed NLL of the tokens where mask (positions >= 1) under the causal model,
+    and per-row token counts."""
     logits = model_lib.merge(graphdef, params)(tokens_BxL[:, :-1])
     tok_nll = losses.token_nll(logits, tokens_BxL[:, 1:])
     m = mask_BxL[:, 1:].astype(jnp.float32)
-    return (tok_nll * m).sum(), m.sum()
+    return (tok_nll * m).sum(-1), m.sum(-1)
   _NLL_FNS[graphdef] = nll
   return nll
 
 
-def continuation_nll(graphdef, params, pairs: Sequence[tuple[list[int], list[int]]],
-                     batch_size: int = 32) -> tuple[float, int]:
-  """(summed NLL, token count) of each continuation given its context, under an AR model."""
+def continuation_nll_rows(graphdef, params, pairs: Sequence[tuple[list[int], list[int]]],
+                          batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+  """Per pair: (summed NLL, token count) of the continuation given its context, under an AR
+  model."""
   fn = _nll_fn(graphdef)
   length = decode.bucket_len(max(len(c) + len(t) for c, t in pairs))
-  total, count = 0.0, 0
+  sums, counts = [], []
   for lo in range(0, len(pairs), batch_size):
     chunk = list(pairs[lo:lo + batch_size])
+    real = len(chunk)
     chunk += [([0], [])] * (batch_size - len(chunk))  # fixed shape: empty rows count nothing
     toks = np.zeros((batch_size, length), np.int32)
     mask = np.zeros((batch_size, length), bool)
@@ -75,8 +80,16 @@ def continuation_nll(graphdef, params, pairs: Sequence[tuple[list[int], list[int
       toks[r, :len(ctx) + len(cont)] = ctx + cont
       mask[r, len(ctx):len(ctx) + len(cont)] = True
     s, n = fn(params, toks, mask)
-    total, count = total + float(s), count + int(n)
-  return total, count
+    sums.append(np.asarray(s, np.float64)[:real])
+    counts.append(np.asarray(n, np.int64)[:real])
+  return np.concatenate(sums), np.concatenate(counts)
+
+
+def continuation_nll(graphdef, params, pairs: Sequence[tuple[list[int], list[int]]],
+                     batch_size: int = 32) -> tuple[float, int]:
+  """(summed NLL, token count) of all continuations given their contexts, under an AR model."""
+  s, n = continuation_nll_rows(graphdef, params, pairs, batch_size)
+  return float(s.sum()), int(n.sum())
 
 
 def text_stats(samples: Sequence[Sequence[int]]) -> dict:
@@ -121,22 +134,59 @@ def agreement(samples: Sequence[Sequence[int]], reference: Sequence[Sequence[int
 # ---- per-offset metrics against the AR teacher's rollout ----
 
 
+# Rows per jitted call of the per-offset metrics: (rows, N, k, V) float32 logits are ~1 GB at
+# 64 rows of 128 tokens, k=4 and 8192 ids.
+ROW_CHUNK = 32
+
+
+def _row_chunks(tokens_BxN, z_BxNxK):
+  """(tokens, z) in fixed-size row chunks (the last one padded by repeating row 0) and the
+  number of real rows in each: one compile, bounded memory, the same uniforms per row."""
+  b = len(tokens_BxN)
+  size = min(ROW_CHUNK, b)
+  for lo in range(0, b, size):
+    idx = np.arange(lo, lo + size)
+    real = int(min(size, b - lo))
+    idx[real:] = 0
+    yield tokens_BxN[idx], z_BxNxK[idx], real
+
+
 def offset_metrics(student_graphdef, student_params, teacher_graphdef, teacher_params,
                    tokens_BxN: np.ndarray, k: int, seed: int = 0) -> dict:
-  """NLL_j / acc_j / acc_all of a PFLM window of k against AR inverse-CDF rollout targets."""
+  """NLL_j / acc_j / acc_all of a PFLM window of k against AR inverse-CDF rollout targets, and
+  `row_nll`, each row's mean NLL_j (a (B, k) list: for paired comparisons row by row)."""
 
   @jax.jit
-  def run(sp, tp, tokens, key):
-    b, n = tokens.shape
-    z = jax.random.uniform(key, (b, n, k), jnp.float32)
+  def run(sp, tp, tokens, z):
     teacher = model_lib.merge(teacher_graphdef, tp)
     targets = rollout.ar_rollout(teacher, tokens, z)
-    student = model_lib.merge(student_graphdef, sp)
-    loss, aux = distill.student_loss(student, tokens, z, targets, jnp.ones(targets.shape))
-    return {"nll": loss, **aux}
+    nll, hit = distill.window_scores(model_lib.merge(student_graphdef, sp), tokens, z, targets)
+    return nll, hit
 
-  out = run(student_params, teacher_params, jnp.asarray(tokens_BxN), jax.random.key(seed))
-  return {name: float(v) for name, v in out.items()}
+  tokens = np.asarray(tokens_BxN)
+  z = np.asarray(jax.random.uniform(jax.random.key(seed), (*tokens.shape, k), jnp.float32))
+  nll, hit = [], []
+  for tok_c, z_c, real in _row_chunks(tokens, z):
+    n_c, h_c = run(student_params, teacher_params, jnp.asarray(tok_c), jnp.asarray(z_c))
+    nll.append(np.asarray(n_c)[:real])
+    hit.append(np.asarray(h_c)[:real])
+  nll, hit = np.concatenate(nll), np.concatenate(hit)
+  loss, aux = distill.summarize_windows(jnp.asarray(nll), jnp.asarray(hit), jnp.ones(nll.shape))
+  return {"nll": float(loss), **{name: float(v) for name, v in aux.items()},
+          "row_nll": nll.mean(1).tolist()}
+
+
+def gaps_to_data_nll(row_nll_BxK, data_nll_B) -> dict:
+  """gap_j: mean over rows of (row's NLL_j - the teacher's data NLL on that row), and gap_se_j,
+  its standard error over rows. Pairing by row removes most of the row-to-row spread of the
+  text's difficulty that two separate means would carry (16 rows: offset 4's gap read +0.02
+  where 64 rows give +0.08 +- 0.03)."""
+  d = np.asarray(row_nll_BxK, np.float64) - np.asarray(data_nll_B, np.float64)[:, None]
+  se = d.std(0, ddof=1) / math.sqrt(len(d)) if len(d) > 1 else np.full(d.shape[1], np.nan)
+  out = {}
+  for j in range(d.shape[1]):
+    out[f"gap_{j + 1}"], out[f"gap_se_{j + 1}"] = float(d[:, j].mean()), float(se[j])
+  return out
 
 
 def offset_floors(teacher_graphdef, teacher_params, tokens_BxN: np.ndarray, k: int,
@@ -155,35 +205,46 @@ def offset_floors(teacher_graphdef, teacher_params, tokens_BxN: np.ndarray, k: i
   """
 
   @jax.jit
-  def one(tp, tokens, key):
-    b, n = tokens.shape
-    z = jax.random.uniform(key, (b, n, k), jnp.float32)
+  def one(tp, tokens, z):
     ys, logits = rollout.ar_rollout(model_lib.merge(teacher_graphdef, tp), tokens, z,
                                     with_logits=True)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return ys, jnp.exp(logp), -(jnp.exp(logp) * logp).sum(-1)
 
-  tokens = jnp.asarray(tokens_BxN)
+  @jax.jit
+  def floors(p_sum, ent_sum, y):
+    p_hat = p_sum / samples
+    blind = -jnp.log(jnp.take_along_axis(p_hat, y[..., None], axis=-1)[..., 0])
+    blind_lo = -(p_hat * jnp.log(jnp.maximum(p_hat, 1e-30))).sum(-1)
+    return {"blind": blind.sum(1), "blind_lo": blind_lo.sum(1), "prefix": (ent_sum / samples).sum(1)}
+
+  tokens = np.asarray(tokens_BxN)
   keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0x5EED), samples + 1)
-  p_sum, ent_sum = 0.0, 0.0
-  for m in range(samples):
-    _, p, ent = one(teacher_params, tokens, keys[m])
-    p_sum, ent_sum = p_sum + p, ent_sum + ent
-  p_hat = p_sum / samples
-  y, _, _ = one(teacher_params, tokens, keys[samples])
-  blind = -jnp.log(jnp.take_along_axis(p_hat, y[..., None], axis=-1)[..., 0])
-  blind_lo = -(p_hat * jnp.log(jnp.maximum(p_hat, 1e-30))).sum(-1)
-  mean_j = lambda x: np.asarray(x.mean((0, 1)))
-  out = {}
-  for name, x in (("blind", blind), ("blind_lo", blind_lo), ("prefix", ent_sum / samples)):
-    out.update({f"{name}_{j + 1}": float(v) for j, v in enumerate(mean_j(x))})
-  return out
+  zs = [np.asarray(jax.random.uniform(key, (*tokens.shape, k), jnp.float32)) for key in keys]
+  sums = {"blind": 0.0, "blind_lo": 0.0, "prefix": 0.0}
+  chunks = [list(_row_chunks(tokens, z)) for z in zs]  # per sample: the same row chunks
+  for c in range(len(chunks[0])):
+    tok_c, _, real = chunks[0][c]
+    p_sum, ent_sum = 0.0, 0.0
+    for m in range(samples):
+      _, p, ent = one(teacher_params, jnp.asarray(tok_c), jnp.asarray(chunks[m][c][1]))
+      p_sum, ent_sum = p_sum + p, ent_sum + ent
+    y, _, _ = one(teacher_params, jnp.asarray(tok_c), jnp.asarray(chunks[samples][c][1]))
+    for name, x in floors(p_sum, ent_sum, y).items():
+      sums[name] = sums[name] + np.asarray(x, np.float64)[:real].sum(0)
+  count = tokens.shape[0] * tokens.shape[1]
+  return {f"{name}_{j + 1}": float(v / count) for name, x in sums.items() for j, v in enumerate(x)}
+
+
+def data_nll_rows(graphdef, params, tokens_BxN: np.ndarray) -> np.ndarray:
+  """Each row's mean NLL of its tokens 1.. under an AR model."""
+  pairs = [([int(r[0])], [int(t) for t in r[1:]]) for r in tokens_BxN]
+  s, n = continuation_nll_rows(graphdef, params, pairs, batch_size=len(pairs))
+  return s / n
 
 
 def data_nll(graphdef, params, tokens_BxN: np.ndarray) -> float:
-  pairs = [([int(r[0])], [int(t) for t in r[1:]]) for r in tokens_BxN]
-  s, n = continuation_nll(graphdef, params, pairs, batch_size=len(pairs))
-  return s / n
+  return float(data_nll_rows(graphdef, params, tokens_BxN).mean())  # rows of equal length
 
 
 # ---- held-out prompts and the whole evaluation ----
@@ -281,13 +342,15 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
       row["acceptance"] = counts["accepted"] / max(counts["drafted"], 1)
       row["tokens_per_pass"] = sum(len(o) for o in outs) / max(counts["passes"], 1)
     elif spec.ar:
-      row["data_nll"] = data_nll(teacher.graphdef, teacher.params, val_tokens)
+      data_rows = data_nll_rows(teacher.graphdef, teacher.params, val_tokens)
+      row["data_nll"] = float(data_rows.mean())  # rows of equal length: the token mean
       if kmax and floor_samples:
         row.update(offset_floors(teacher.graphdef, teacher.params, val_tokens, kmax,
                                  floor_samples, seed))
     else:
       row.update(offset_metrics(st.graphdef, st.params, teacher.graphdef, teacher.params,
                                 val_tokens, spec.k, seed))
+      row.update(gaps_to_data_nll(row.pop("row_nll"), data_rows))
     rows.append(row)
     samples[f"{method}:{st.stage}@k{k}" if verified else f"{st.stage}@k{k}"] = outs
     note(f"{method} {st.stage} k={k}: gen_ppl {row['gen_ppl']:.1f}, agree {row['agree']:.3f}")
@@ -328,4 +391,14 @@ def table(rows: list[dict]) -> str:
         cells = "".join(f"{ref[c]:>9.3f}" if ref.get(c) is not None else f"{'-':>9}"
                         for c in cols)
         lines.append(f"{label:<14}{r['stage']:<9}{'':>3}" + cells)
+  # Each stage's full window: NLL_j - data NLL paired by row, and its standard error.
+  full = {}
+  for r in rows:
+    if r.get("method") == "pflm" and "gap_1" in r and r["k"] >= full.get(r["stage"], r)["k"]:
+      full[r["stage"]] = r
+  for r in full.values():
+    for name, label, fmt in (("gap", "gap to data", "+9.3f"), ("gap_se", "  s.e.", "9.3f")):
+      cells = "".join(f"{r[c.replace('nll', name, 1)]:>{fmt}}" if c.startswith("nll_") and
+                      c.replace("nll", name, 1) in r else f"{'':>9}" for c in cols)
+      lines.append(f"{label:<14}{r['stage']:<9}{r['k']:>3}" + cells)
   return "\n".join(lines)
