@@ -213,3 +213,12 @@ def test_evaluate_frequency_penalty_applies_to_the_pflm_rows_only(workdir):
   assert s0["k2@k2"] != s5["k2@k2"]
   assert rows5[2]["entropy"] > rows0[2]["entropy"] and rows5[2]["rep_2"] <= rows0[2]["rep_2"]
   assert rows5[2]["nll_2"] == rows0[2]["nll_2"]  # the one-pass window metrics are argmax-free
+
+
+def test_evaluate_asking_for_more_rows_than_the_split_has_is_one_line(workdir, tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-m", "kforcing_jax.evaluate", f"--workdir={workdir}",
+                        f"--out={tmp_path / 'e.json'}", "--val_seqs=100000"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "100000 held-out rows asked for" in out.stderr

@@ -178,7 +178,7 @@ def make_eval_batches(data_cfg, tokenizer, *, seq_len: int, global_batch_size: i
     n = min(num_batches, n_rows // global_batch_size)
     batches = list(rows[:n * global_batch_size].reshape(n, global_batch_size, seq_len))
   if not batches:
-    raise ValueError(
+    raise config_check.UserError(
         f"The {data_cfg.source} validation split packs into {n_rows} rows of seq_len={seq_len}, "
         f"fewer than one batch (batch_size={global_batch_size}); raise data.val_fraction or lower "
         "batch_size / seq_len.")

@@ -254,6 +254,7 @@ def held_out(teacher, workdir: str, n_rows: int, seq_len: int | None = None):
   """(n_rows, seq_len) validation rows of the run's own data config."""
   import ml_collections
 
+  from kforcing_jax.config import check as config_check
   from kforcing_jax.data import pipeline
 
   cfg = teacher.meta.get("config")
@@ -262,8 +263,12 @@ def held_out(teacher, workdir: str, n_rows: int, seq_len: int | None = None):
                      "converted checkpoint?): evaluation needs its data config for held-out prompts")
   cfg = ml_collections.ConfigDict(cfg)
   seq_len = seq_len or cfg.seq_len
-  batches = pipeline.make_eval_batches(cfg.data, teacher.tokenizer, seq_len=seq_len,
-                                       global_batch_size=n_rows, num_batches=1, workdir=workdir)
+  try:
+    batches = pipeline.make_eval_batches(cfg.data, teacher.tokenizer, seq_len=seq_len,
+                                         global_batch_size=n_rows, num_batches=1, workdir=workdir)
+  except config_check.UserError as e:
+    raise config_check.UserError(f"{n_rows} held-out rows asked for (prompts / validation "
+                                 f"sequences), more than there are: {e}") from None
   return batches[0]
 
 
