@@ -40,7 +40,8 @@ _LOSSLESS = flags.DEFINE_bool("lossless", True, "Also rows for the lossless meth
                               "the 'draft' stage, spec and spec_dynamic.")
 _GAMMA = flags.DEFINE_integer("gamma", 4, "spec/spec_dynamic: draft tokens per teacher pass.")
 _FLOOR = flags.DEFINE_integer("floor_samples", 32, "Teacher rollouts behind the z-blind and "
-                              "prefix-known reference points of NLL_j (0: skip them).")
+                              "prefix-known reference points of NLL_j, on the first 32 "
+                              "validation rows (0: skip them).")
 _PENALTY = flags.DEFINE_float("frequency_penalty", 0.0, "PFLM rows: subtract penalty * count "
                               "from the logits before each argmax (the reference code's "
                               "option; the paper and the default report pure argmax, 0).")
