@@ -142,16 +142,15 @@ FLOOR_ROWS = 32
 ROW_CHUNK = 32
 
 
-def _row_chunks(tokens_BxN, z_BxNxK):
-  """(tokens, z) in fixed-size row chunks (the last one padded by repeating row 0) and the
-  number of real rows in each: one compile, bounded memory, the same uniforms per row."""
-  b = len(tokens_BxN)
+def _row_chunks(b: int):
+  """Row indices of fixed-size chunks of b rows (the last one padded with row 0) and the number
+  of real rows in each: one compile and bounded memory, each row keeping its own uniforms."""
   size = min(ROW_CHUNK, b)
   for lo in range(0, b, size):
     idx = np.arange(lo, lo + size)
     real = int(min(size, b - lo))
     idx[real:] = 0
-    yield tokens_BxN[idx], z_BxNxK[idx], real
+    yield idx, real
 
 
 def offset_metrics(student_graphdef, student_params, teacher_graphdef, teacher_params,
@@ -169,8 +168,8 @@ def offset_metrics(student_graphdef, student_params, teacher_graphdef, teacher_p
   tokens = np.asarray(tokens_BxN)
   z = np.asarray(jax.random.uniform(jax.random.key(seed), (*tokens.shape, k), jnp.float32))
   nll, hit = [], []
-  for tok_c, z_c, real in _row_chunks(tokens, z):
-    n_c, h_c = run(student_params, teacher_params, jnp.asarray(tok_c), jnp.asarray(z_c))
+  for idx, real in _row_chunks(len(tokens)):
+    n_c, h_c = run(student_params, teacher_params, jnp.asarray(tokens[idx]), jnp.asarray(z[idx]))
     nll.append(np.asarray(n_c)[:real])
     hit.append(np.asarray(h_c)[:real])
   nll, hit = np.concatenate(nll), np.concatenate(hit)
@@ -219,20 +218,20 @@ def offset_floors(teacher_graphdef, teacher_params, tokens_BxN: np.ndarray, k: i
     p_hat = p_sum / samples
     blind = -jnp.log(jnp.take_along_axis(p_hat, y[..., None], axis=-1)[..., 0])
     blind_lo = -(p_hat * jnp.log(jnp.maximum(p_hat, 1e-30))).sum(-1)
-    return {"blind": blind.sum(1), "blind_lo": blind_lo.sum(1), "prefix": (ent_sum / samples).sum(1)}
+    return {"blind": blind.sum(1), "blind_lo": blind_lo.sum(1),
+            "prefix": (ent_sum / samples).sum(1)}
 
   tokens = np.asarray(tokens_BxN)
   keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0x5EED), samples + 1)
   zs = [np.asarray(jax.random.uniform(key, (*tokens.shape, k), jnp.float32)) for key in keys]
   sums = {"blind": 0.0, "blind_lo": 0.0, "prefix": 0.0}
-  chunks = [list(_row_chunks(tokens, z)) for z in zs]  # per sample: the same row chunks
-  for c in range(len(chunks[0])):
-    tok_c, _, real = chunks[0][c]
+  for idx, real in _row_chunks(len(tokens)):
+    tok_c = jnp.asarray(tokens[idx])
     p_sum, ent_sum = 0.0, 0.0
-    for m in range(samples):
-      _, p, ent = one(teacher_params, jnp.asarray(tok_c), jnp.asarray(chunks[m][c][1]))
+    for z in zs[:samples]:
+      _, p, ent = one(teacher_params, tok_c, jnp.asarray(z[idx]))
       p_sum, ent_sum = p_sum + p, ent_sum + ent
-    y, _, _ = one(teacher_params, jnp.asarray(tok_c), jnp.asarray(chunks[samples][c][1]))
+    y, _, _ = one(teacher_params, tok_c, jnp.asarray(zs[samples][idx]))
     for name, x in floors(p_sum, ent_sum, y).items():
       sums[name] = sums[name] + np.asarray(x, np.float64)[:real].sum(0)
   count = tokens.shape[0] * tokens.shape[1]
@@ -242,12 +241,9 @@ def offset_floors(teacher_graphdef, teacher_params, tokens_BxN: np.ndarray, k: i
 def data_nll_rows(graphdef, params, tokens_BxN: np.ndarray) -> np.ndarray:
   """Each row's mean NLL of its tokens 1.. under an AR model."""
   pairs = [([int(r[0])], [int(t) for t in r[1:]]) for r in tokens_BxN]
-  s, n = continuation_nll_rows(graphdef, params, pairs, batch_size=len(pairs))
+  s, n = continuation_nll_rows(graphdef, params, pairs)  # in batches of 32: bounded memory
   return s / n
 
-
-def data_nll(graphdef, params, tokens_BxN: np.ndarray) -> float:
-  return float(data_nll_rows(graphdef, params, tokens_BxN).mean())  # rows of equal length
 
 
 # ---- held-out prompts and the whole evaluation ----
