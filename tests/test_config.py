@@ -59,6 +59,8 @@ BAD = [
     ("train.head_bias_init", "normal", 8, "config.train.head_bias_init: must be one of"),
     ("model.pflm_n_layers", 2, 8, "config.model.pflm_n_layers: must be 0 (the teacher's depth)"),
     ("distill.offset_weight_growth", -0.5, 8, "config.distill.offset_weight_growth: must be >= 0"),
+    ("distill.cdf_blur", 1.0, 8, "config.distill.cdf_blur: must be in [0, 1)"),
+    ("distill.cdf_blur", -0.01, 8, "config.distill.cdf_blur: must be in [0, 1)"),
     ("data.val_fraction", 0.0, 8, "config.data.val_fraction: must be in (0, 1)"),
     ("model.vocab_size", 0, 8, "config.model.vocab_size: must be -1"),
     ("stages", "teacher,draft,draft", 8, "config.stages: repeats a stage"),
@@ -95,6 +97,12 @@ def test_bad_config_fails_with_clear_message(field, value, n_devices, message):
 
 
 def test_cross_field_cases():
+  c = load(os.path.join(ROOT, "configs", "kjv_tiny.py"))
+  c.stages, c.distill.cdf_blur = "teacher,k1,k2", 0.01  # k2 learns from k1's argmax rollout
+  with pytest.raises(config_check.ConfigError, match="config.distill.cdf_blur: blurs the AR"):
+    config_check.validate(c, n_devices=8)
+  c.distill.target = "ar_rollout"
+  config_check.validate(c, n_devices=8)
   c = load(os.path.join(ROOT, "configs", "kjv_tiny.py"))
   c.mesh.model = 8
   with pytest.raises(config_check.ConfigError, match=r"config.model.n_heads: 2 heads are not "

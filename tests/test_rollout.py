@@ -2,6 +2,8 @@
 independent round-by-round / token-by-token computations, target reproducibility across batch
 composition and sharding, and the noise-inversion baseline."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,7 +162,7 @@ def _all_targets(ar, pf, tokens, z4, u):
       "noise_inv": (distill.StageSpec(student_k=3, teacher_k=0, target="noise_inversion"), ar,
                     z4[..., :3]),
   }
-  return {name: distill.make_targets(spec, teacher, tokens, z, u[..., :z.shape[-1]])
+  return {name: distill.make_targets(spec, teacher, tokens, z, u[..., :z.shape[-1]])[:3]
           for name, (spec, teacher, z) in specs.items()}
 
 
@@ -259,7 +261,8 @@ def test_noise_inversion_targets_are_next_tokens():
     teacher = model_lib.merge(graphdef, params)
     return distill.make_targets(spec, teacher, tokens, jnp.zeros_like(u), u), teacher(tokens)
 
-  (targets, weights, z), logits = run(params, tokens, u)
+  (targets, weights, z, soft), logits = run(params, tokens, u)
+  assert soft is None
   targets, weights, z = np.asarray(targets), np.asarray(weights), np.asarray(z)
   toks, logits = np.asarray(tokens), np.asarray(logits)
   probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
@@ -362,3 +365,59 @@ def test_offset_metrics_and_floors_in_row_chunks_match_one_batch(monkeypatch):
       np.testing.assert_allclose(chunked[name], whole[name], rtol=1e-5, err_msg=name)
   for name in whole_floors:
     np.testing.assert_allclose(chunked_floors[name], whole_floors[name], rtol=1e-5, err_msg=name)
+
+
+# ---- soft targets: the AR teacher's inverse-CDF blurred over z (distill.cdf_blur) ----
+
+
+def test_blurred_targets_match_a_monte_carlo_over_z_and_reach_both_limits():
+  """blurred_targets(q, z, s) is the law of inverse_cdf(q, z') for z' ~ U[z - s, z + s] clipped
+  to [0, 1]: checked against 20000 such draws through the exact sampler; s -> 0 gives the one-hot
+  target, the whole interval gives q itself."""
+  logits = jax.random.normal(jax.random.key(70), (3, 40)) * 2.0
+  z = jnp.array([0.004, 0.5, 0.97])
+  sigma = 0.05
+  soft = np.asarray(sampling.blurred_targets(logits, z, sigma))
+  np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-5)
+  m = 20000
+  lo, hi = jnp.clip(z - sigma, 0, 1), jnp.clip(z + sigma, 0, 1)
+  zs = lo + (hi - lo) * jax.random.uniform(jax.random.key(71), (m, 3))
+  ids = np.asarray(jax.jit(sampling.inverse_cdf)(jnp.broadcast_to(logits, (m, 3, 40)), zs))
+  freq = np.stack([np.bincount(ids[:, r], minlength=40) / m for r in range(3)])
+  assert (soft > 0).sum(-1).min() >= 2  # a real spread, not the one-hot
+  np.testing.assert_allclose(soft, freq, atol=0.015)
+  hard = np.asarray(sampling.inverse_cdf(logits, z))
+  tiny = np.asarray(sampling.blurred_targets(logits, z, 1e-6))
+  np.testing.assert_array_equal(tiny.argmax(-1), hard)
+  assert tiny.max(-1).min() > 0.999
+  np.testing.assert_allclose(sampling.blurred_targets(logits, z, 0.9999), jax.nn.softmax(logits),
+                             atol=1e-5)
+
+
+def test_soft_targets_train_the_loss_but_metrics_stay_against_the_one_hot_targets():
+  """distill.cdf_blur: make_targets returns the blurred AR rollout; student_loss averages the
+  cross-entropy against it (recomputed here from the student's logits), while NLL_j / acc_j are
+  the same as without soft targets."""
+  b, n, k = 2, 6, 3
+  ar_graphdef, ar_params = _ar(seed=8)
+  graphdef, params = _pflm(seed=9)
+  student = model_lib.merge(graphdef, params)
+  tokens = _tokens(80, b, n)
+  z = jax.random.uniform(jax.random.key(81), (b, n, k))
+  spec = distill.StageSpec(student_k=k, teacher_k=0, cdf_blur=0.05)
+  teacher = model_lib.merge(ar_graphdef, ar_params)
+  targets, weights, z_out, soft = distill.make_targets(spec, teacher, tokens, z, z)
+  hard_targets = distill.make_targets(dataclasses.replace(spec, cdf_blur=0.0), teacher, tokens,
+                                      z, z)
+  np.testing.assert_array_equal(targets, hard_targets[0])
+  assert hard_targets[3] is None and soft.shape == (b, n, k, CFG.vocab_size)
+  # z lies inside its own window, so the one-hot target always keeps some of the mass.
+  assert (np.take_along_axis(np.asarray(soft), np.asarray(targets)[..., None], -1) > 0).all()
+  loss, aux = distill.student_loss(student, tokens, z, targets, weights, soft_BxNxKxV=soft)
+  plain, aux_plain = distill.student_loss(student, tokens, z, targets, weights)
+  logp = jax.nn.log_softmax(student.noise_logits(tokens, z).astype(jnp.float32), -1)
+  np.testing.assert_allclose(loss, -(np.asarray(soft) * np.asarray(logp)).sum(-1).mean(),
+                             rtol=1e-5)
+  assert abs(float(loss) - float(plain)) > 1e-3
+  for name in aux:
+    np.testing.assert_allclose(aux[name], aux_plain[name], rtol=1e-6)

@@ -39,6 +39,13 @@ def base_config() -> ml_collections.ConfigDict:
   # paper). Later offsets are the hard ones (the student decodes z_1..z_(j-1) implicitly); a
   # positive growth moves capacity to them from offset 1, which is far below the teacher's NLL.
   c.distill.offset_weight_growth = 0.0
+  # Soft targets from the AR teacher: the distribution of inverse_cdf(q, z') for z' uniform on
+  # [z - cdf_blur, z + cdf_blur] (clipped to [0, 1]) instead of the one-hot inverse_cdf(q, z).
+  # A student that cannot yet resolve z finer than that would be best off predicting exactly
+  # this; the soft label gives it that optimum without the hard label's sampling noise, and
+  # brings the teacher's whole distribution q into the loss. 0 = one-hot (the paper). NLL_j and
+  # acc_j are always reported against the one-hot targets. Needs the AR teacher's targets.
+  c.distill.cdf_blur = 0.0
   # Teacher weights and student init come from the previous stage's EMA when EMA is on.
 
   # ---- model (spec section 2) ----

@@ -14,6 +14,12 @@ def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
   return lse_BxL - picked_BxL
 
 
+def soft_token_nll(logits_BxLxV: jax.Array, probs_BxLxV: jax.Array) -> jax.Array:
+  """Per-position cross-entropy against a target distribution (B, L)."""
+  logits = logits_BxLxV.astype(jnp.float32)
+  return jax.nn.logsumexp(logits, axis=-1) - (probs_BxLxV * logits).sum(-1)
+
+
 def next_token_loss(model: model_lib.Transformer, tokens_BxL: jax.Array):
   """AR teacher loss: mean NLL of tokens[1:] given tokens[:-1]; aux = {'accuracy'}."""
   logits = model(tokens_BxL[:, :-1])

@@ -138,3 +138,15 @@ def invert_noise(logits_xV: jax.Array, ids_x: jax.Array, u_x: jax.Array) -> jax.
   width = upper - lower
   z = lower + width * (0.001 + 0.998 * u_x)
   return jnp.clip(z, 0.0, jnp.nextafter(jnp.float32(1.0), jnp.float32(0.0)))
+
+
+def blurred_targets(logits_xV: jax.Array, z_x: jax.Array, sigma: float) -> jax.Array:
+  """Soft inverse-CDF targets: the distribution of inverse_cdf(logits, z') for z' uniform on
+  [z - sigma, z + sigma] clipped to [0, 1] (sigma -> 0: one-hot at inverse_cdf(logits, z); the
+  whole interval: softmax(logits)). Float32 CDF: these are soft labels, not samples."""
+  p = jax.nn.softmax(logits_xV.astype(jnp.float32), axis=-1)
+  c = jnp.cumsum(p, axis=-1)
+  z = z_x.astype(jnp.float32)[..., None]
+  lo, hi = jnp.clip(z - sigma, 0.0, 1.0), jnp.clip(z + sigma, 0.0, 1.0)
+  w = jnp.clip(c, lo, hi) - jnp.clip(c - p, lo, hi)
+  return w / jnp.maximum(w.sum(-1, keepdims=True), 1e-30)

@@ -25,6 +25,7 @@ class StageSpec:
   target: str = "self_forcing"  # or "noise_inversion" (see stage_spec for "ar_rollout")
   tau: float = 1.0
   offset_weight_growth: float = 0.0  # config.distill.offset_weight_growth
+  cdf_blur: float = 0.0  # config.distill.cdf_blur
 
 
 def offset_weights(k: int, growth: float) -> jax.Array:
@@ -34,7 +35,7 @@ def offset_weights(k: int, growth: float) -> jax.Array:
 
 
 def stage_spec(stage: str, prev: str, target: str, tau: float,
-               offset_weight_growth: float = 0.0) -> tuple[StageSpec, str]:
+               offset_weight_growth: float = 0.0, cdf_blur: float = 0.0) -> tuple[StageSpec, str]:
   """(spec, the stage whose frozen weights make the targets) of distillation stage `stage`.
 
   self_forcing: the previous stage makes the targets (the paper's chain); ar_rollout: the AR
@@ -47,15 +48,16 @@ def stage_spec(stage: str, prev: str, target: str, tau: float,
   k = config_check.stage_k(stage)
   if target == "ar_rollout":
     spec = StageSpec(student_k=k, teacher_k=0, target="self_forcing", tau=tau,
-                     offset_weight_growth=offset_weight_growth)
+                     offset_weight_growth=offset_weight_growth, cdf_blur=cdf_blur)
     return spec, config_check.TEACHER
   return StageSpec(student_k=k, teacher_k=config_check.stage_k(prev), target=target, tau=tau,
-                   offset_weight_growth=offset_weight_growth), prev
+                   offset_weight_growth=offset_weight_growth, cdf_blur=cdf_blur), prev
 
 
 def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.Array,
                  u_BxNxK: jax.Array):
-  """(targets (B, N, k), weights (B, N, k), z the student sees (B, N, k))."""
+  """(targets (B, N, k), weights (B, N, k), z the student sees (B, N, k), soft targets
+  (B, N, k, V) or None): soft targets only with spec.cdf_blur > 0 (an AR teacher's rollout)."""
   b, n, k = z_BxNxK.shape
   ones = jnp.ones((b, n, k), jnp.float32)
   if spec.target == "noise_inversion":
@@ -67,34 +69,48 @@ def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.A
     idx_NxK = jnp.minimum(idx_NxK, n - 2)
     targets = tokens_BxN[:, idx_NxK + 1]
     z = sampling.invert_noise(logits_BxNxV[:, idx_NxK], targets, u_BxNxK)
-    return targets, ones * valid_NxK, z
+    return targets, ones * valid_NxK, z, None
   if spec.teacher_k == 0:
-    return rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, spec.tau), ones, z_BxNxK
-  return rollout.pflm_rollout(teacher, tokens_BxN, z_BxNxK, spec.teacher_k, spec.tau), ones, z_BxNxK
+    if spec.cdf_blur > 0:
+      targets, logits = rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, spec.tau,
+                                           with_logits=True)
+      return targets, ones, z_BxNxK, sampling.blurred_targets(logits, z_BxNxK, spec.cdf_blur)
+    return rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, spec.tau), ones, z_BxNxK, None
+  targets = rollout.pflm_rollout(teacher, tokens_BxN, z_BxNxK, spec.teacher_k, spec.tau)
+  return targets, ones, z_BxNxK, None
 
 
 def window_scores(student: pflm_lib.PFLM, tokens_BxN, z_BxNxK, targets_BxNxK,
-                  tau: float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """Per-window (NLL, argmax hit) of the student against targets, each (B, N, K)."""
+                  tau: float = 1.0, soft_BxNxKxV: jax.Array | None = None):
+  """Per-window (NLL, argmax hit) of the student against targets, each (B, N, K); with soft
+  targets also the per-window cross-entropy against them (the training loss's terms)."""
   logits = student.noise_logits(tokens_BxN, z_BxNxK, tau)
   nll = losses.token_nll(logits, targets_BxNxK)
-  return nll, (logits.argmax(-1) == targets_BxNxK).astype(jnp.float32)
+  hit = (logits.argmax(-1) == targets_BxNxK).astype(jnp.float32)
+  if soft_BxNxKxV is None:
+    return nll, hit
+  return nll, hit, losses.soft_token_nll(logits, soft_BxNxKxV)
 
 
 def student_loss(student: pflm_lib.PFLM, tokens_BxN, z_BxNxK, targets_BxNxK, weights_BxNxK,
-                 tau: float = 1.0, offset_weights_K: jax.Array | None = None):
+                 tau: float = 1.0, offset_weights_K: jax.Array | None = None,
+                 soft_BxNxKxV: jax.Array | None = None):
   """Cross-entropy averaged over positions and offsets (offset j weighted by offset_weights_K[j],
-  default uniform); per-offset NLL_j / acc_j (unweighted) and acc_all."""
-  nll, hit = window_scores(student, tokens_BxN, z_BxNxK, targets_BxNxK, tau)
-  return summarize_windows(nll, hit, weights_BxNxK, offset_weights_K)
+  default uniform), against the soft targets when given; per-offset NLL_j / acc_j (unweighted,
+  always against the hard targets) and acc_all."""
+  scores = window_scores(student, tokens_BxN, z_BxNxK, targets_BxNxK, tau, soft_BxNxKxV)
+  return summarize_windows(*scores[:2], weights_BxNxK, offset_weights_K, *scores[2:])
 
 
-def summarize_windows(nll_BxNxK, hit_BxNxK, weights_BxNxK, offset_weights_K=None):
-  """(loss, aux) of `student_loss` from per-window scores."""
+def summarize_windows(nll_BxNxK, hit_BxNxK, weights_BxNxK, offset_weights_K=None,
+                      train_nll_BxNxK=None):
+  """(loss, aux) of `student_loss` from per-window scores; the loss averages train_nll (default
+  nll)."""
   nll, hit, w = nll_BxNxK, hit_BxNxK, weights_BxNxK
   per_offset = lambda x: (x * w).sum((0, 1)) / jnp.maximum(w.sum((0, 1)), 1.0)
   lw = w if offset_weights_K is None else w * offset_weights_K
-  loss = (nll * lw).sum() / jnp.maximum(w.sum(), 1.0)
+  train = nll if train_nll_BxNxK is None else train_nll_BxNxK
+  loss = (train * lw).sum() / jnp.maximum(w.sum(), 1.0)
   full = (w.min(-1) > 0).astype(jnp.float32)
   aux = {"acc_all": (hit.min(-1) * full).sum() / jnp.maximum(full.sum(), 1.0)}
   nll_j, acc_j = per_offset(nll), per_offset(hit)
@@ -113,9 +129,10 @@ def make_loss_fn(spec: StageSpec, student_graphdef, teacher_graphdef):
     z = jax.random.uniform(kz, (b, n, spec.student_k), jnp.float32)
     u = jax.random.uniform(ku, (b, n, spec.student_k), jnp.float32)
     teacher = model_lib.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
-    targets, weights, z = jax.lax.stop_gradient(make_targets(spec, teacher, tokens_BxN, z, u))
+    targets, weights, z, soft = jax.lax.stop_gradient(
+        make_targets(spec, teacher, tokens_BxN, z, u))
     student = model_lib.merge(student_graphdef, params)
     return student_loss(student, tokens_BxN, z, targets, weights, spec.tau,
-                        offset_weights(spec.student_k, spec.offset_weight_growth))
+                        offset_weights(spec.student_k, spec.offset_weight_growth), soft)
 
   return loss_fn

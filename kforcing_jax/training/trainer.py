@@ -166,7 +166,8 @@ def run_distill_stage(s: Setup, stage: str, prev: str) -> dict:
   into a PFLM(k) that starts from the previous stage's weights."""
   cfg = config_check.stage_config(s.config, stage)
   spec, source = distill.stage_spec(stage, prev, cfg.distill.target, cfg.distill.tau,
-                                    cfg.distill.offset_weight_growth)
+                                    cfg.distill.offset_weight_growth,
+                                    cfg.distill.cdf_blur)
   _, _, teacher_graphdef = _stage_model(s, source)
   factory, abstract, graphdef = _stage_model(s, stage)
   init_from = load_stage_params(s, prev)
