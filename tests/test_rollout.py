@@ -370,28 +370,45 @@ def test_offset_metrics_and_floors_in_row_chunks_match_one_batch(monkeypatch):
 # ---- soft targets: the AR teacher's inverse-CDF blurred over z (distill.cdf_blur) ----
 
 
+def _dense(ids_xW, w_xW, v):
+  """Scatter (window ids, weights) to a dense (..., V) distribution."""
+  ids, w = np.asarray(ids_xW), np.asarray(w_xW)
+  out = np.zeros(ids.shape[:-1] + (v,))
+  np.add.at(out.reshape(-1, v), (np.arange(out.size // v)[:, None], ids.reshape(-1, ids.shape[-1])),
+            w.reshape(-1, w.shape[-1]))
+  return out
+
+
 def test_blurred_targets_match_a_monte_carlo_over_z_and_reach_both_limits():
-  """blurred_targets(q, z, s) is the law of inverse_cdf(q, z') for z' ~ U[z - s, z + s] clipped
-  to [0, 1]: checked against 20000 such draws through the exact sampler; s -> 0 gives the one-hot
-  target, the whole interval gives q itself."""
-  logits = jax.random.normal(jax.random.key(70), (3, 40)) * 2.0
+  """blurred_window(q, z, ids, s, r) is the law of inverse_cdf(q, z') for z' ~ U[z - s, z + s]
+  clipped to [0, 1]: checked against 20000 such draws through the exact sampler (r covering the
+  whole vocabulary); s -> 0 gives the one-hot target, the whole interval gives q itself; a small
+  r keeps the law on the r ids either side of the target, renormalised."""
+  v = 40
+  logits = jax.random.normal(jax.random.key(70), (3, v)) * 2.0
   z = jnp.array([0.004, 0.5, 0.97])
+  ids = sampling.inverse_cdf(logits, z)
   sigma = 0.05
-  soft = np.asarray(sampling.blurred_targets(logits, z, sigma))
+  win, w = sampling.blurred_window(logits, z, ids, sigma, radius=v)
+  soft = _dense(win, w, v)
   np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-5)
   m = 20000
   lo, hi = jnp.clip(z - sigma, 0, 1), jnp.clip(z + sigma, 0, 1)
   zs = lo + (hi - lo) * jax.random.uniform(jax.random.key(71), (m, 3))
-  ids = np.asarray(jax.jit(sampling.inverse_cdf)(jnp.broadcast_to(logits, (m, 3, 40)), zs))
-  freq = np.stack([np.bincount(ids[:, r], minlength=40) / m for r in range(3)])
+  draws = np.asarray(jax.jit(sampling.inverse_cdf)(jnp.broadcast_to(logits, (m, 3, v)), zs))
+  freq = np.stack([np.bincount(draws[:, r], minlength=v) / m for r in range(3)])
   assert (soft > 0).sum(-1).min() >= 2  # a real spread, not the one-hot
   np.testing.assert_allclose(soft, freq, atol=0.015)
-  hard = np.asarray(sampling.inverse_cdf(logits, z))
-  tiny = np.asarray(sampling.blurred_targets(logits, z, 1e-6))
-  np.testing.assert_array_equal(tiny.argmax(-1), hard)
+  tiny = _dense(*sampling.blurred_window(logits, z, ids, 1e-6, radius=v), v)
+  np.testing.assert_array_equal(tiny.argmax(-1), np.asarray(ids))
   assert tiny.max(-1).min() > 0.999
-  np.testing.assert_allclose(sampling.blurred_targets(logits, z, 0.9999), jax.nn.softmax(logits),
-                             atol=1e-5)
+  whole = _dense(*sampling.blurred_window(logits, z, ids, 0.9999, radius=v), v)
+  np.testing.assert_allclose(whole, jax.nn.softmax(logits), atol=1e-5)
+  r = 2
+  win2, w2 = sampling.blurred_window(logits, z, ids, sigma, radius=r)
+  near = np.abs(np.arange(v)[None] - np.asarray(ids)[:, None]) <= r
+  cut = np.where(near, soft, 0.0)
+  np.testing.assert_allclose(_dense(win2, w2, v), cut / cut.sum(-1, keepdims=True), atol=1e-5)
 
 
 def test_soft_targets_train_the_loss_but_metrics_stay_against_the_one_hot_targets():
@@ -410,14 +427,20 @@ def test_soft_targets_train_the_loss_but_metrics_stay_against_the_one_hot_target
   hard_targets = distill.make_targets(dataclasses.replace(spec, cdf_blur=0.0), teacher, tokens,
                                       z, z)
   np.testing.assert_array_equal(targets, hard_targets[0])
-  assert hard_targets[3] is None and soft.shape == (b, n, k, CFG.vocab_size)
-  # z lies inside its own window, so the one-hot target always keeps some of the mass.
-  assert (np.take_along_axis(np.asarray(soft), np.asarray(targets)[..., None], -1) > 0).all()
-  loss, aux = distill.student_loss(student, tokens, z, targets, weights, soft_BxNxKxV=soft)
+  assert hard_targets[3] is None
+  # Made round by round inside the rollout's scan = made afterwards from every round's logits.
+  _, logits = rollout.ar_rollout(teacher, tokens, z, with_logits=True)
+  ids_ref, w_ref = sampling.blurred_window(logits, z, targets, 0.05, distill.BLUR_RADIUS)
+  np.testing.assert_array_equal(soft[0], ids_ref)
+  np.testing.assert_allclose(soft[1], w_ref, atol=1e-6)
+  dense = _dense(*soft, CFG.vocab_size)
+  assert dense.shape == (b, n, k, CFG.vocab_size)
+  # z lies inside its own bin, so the one-hot target always keeps some of the mass.
+  assert (np.take_along_axis(dense, np.asarray(targets)[..., None], -1) > 0).all()
+  loss, aux = distill.student_loss(student, tokens, z, targets, weights, soft=soft)
   plain, aux_plain = distill.student_loss(student, tokens, z, targets, weights)
   logp = jax.nn.log_softmax(student.noise_logits(tokens, z).astype(jnp.float32), -1)
-  np.testing.assert_allclose(loss, -(np.asarray(soft) * np.asarray(logp)).sum(-1).mean(),
-                             rtol=1e-5)
+  np.testing.assert_allclose(loss, -(dense * np.asarray(logp)).sum(-1).mean(), rtol=1e-5)
   assert abs(float(loss) - float(plain)) > 1e-3
   for name in aux:
     np.testing.assert_allclose(aux[name], aux_plain[name], rtol=1e-6)

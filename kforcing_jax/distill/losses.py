@@ -14,10 +14,12 @@ def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
   return lse_BxL - picked_BxL
 
 
-def soft_token_nll(logits_BxLxV: jax.Array, probs_BxLxV: jax.Array) -> jax.Array:
-  """Per-position cross-entropy against a target distribution (B, L)."""
+def soft_token_nll(logits_BxLxV: jax.Array, ids_BxLxW: jax.Array,
+                   weights_BxLxW: jax.Array) -> jax.Array:
+  """Per-position cross-entropy against a distribution on W ids per position (B, L)."""
   logits = logits_BxLxV.astype(jnp.float32)
-  return jax.nn.logsumexp(logits, axis=-1) - (probs_BxLxV * logits).sum(-1)
+  picked = jnp.take_along_axis(logits, ids_BxLxW, axis=-1)
+  return jax.nn.logsumexp(logits, axis=-1) - (weights_BxLxW * picked).sum(-1)
 
 
 def next_token_loss(model: model_lib.Transformer, tokens_BxL: jax.Array):

@@ -43,21 +43,32 @@ def pflm_rollout(teacher: pflm_lib.PFLM, tokens_BxN: jax.Array, z_BxNxRK: jax.Ar
 
 
 def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: jax.Array,
-               tau: float = 1.0, with_logits: bool = False):
+               tau: float = 1.0, with_logits: bool = False,
+               blur: tuple[float, int] | None = None):
   """An AR teacher as a k=1 inverse-CDF sampler, rolled out R rounds -> targets (B, N, R), and
-  with_logits: also the logits / tau each round sampled from (B, N, R, V), float32.
+  with_logits: also the logits / tau each round sampled from (B, N, R, V), float32; or
+  blur=(sigma, radius): also each target's soft version (`sampling.blurred_window`: ids and
+  weights, each (B, N, R, 2 radius + 1)), made round by round so no (B, N, R, V) tensor is kept.
 
   Round 0 samples from the context's own logits; round r >= 1 feeds y_0..y_(r-1) back as real
   tokens at positions t+1..t+r and samples from the hidden state of y_(r-1). R = 1 gives the
   stage-1 (AR -> PFLM(1)) targets; R = k distils AR -> PFLM(k) in one stage.
   """
   b, n, rounds = z_BxNxR.shape
+
+  def sample(logits, z):
+    y = sampling.inverse_cdf(logits, z)
+    if blur is not None:
+      return y, sampling.blurred_window(logits, z, y, *blur)
+    return y, (logits if with_logits else None)
+
   h_ctx, ctx_kvs = teacher.context_pass(tokens_BxN)
   logits0 = teacher.logits(h_ctx).astype(jnp.float32) / tau
-  y0 = sampling.inverse_cdf(logits0, z_BxNxR[..., 0])
+  y0, extra0 = sample(logits0, z_BxNxR[..., 0])
   produced = jnp.zeros((b, n, rounds), jnp.int32).at[..., 0].set(y0)
+  extra = with_logits or blur is not None
   if rounds == 1:
-    return (produced, logits0[:, :, None]) if with_logits else produced
+    return (produced, jax.tree.map(lambda x: x[:, :, None], extra0)) if extra else produced
   w = rounds - 1  # window slots hold y_0 .. y_(R-2)
 
   def one_round(carry, r):
@@ -66,14 +77,14 @@ def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: j
     y_prev = jax.lax.dynamic_slice_in_dim(produced_BxNxR, r - 1, 1, axis=2)
     h, cache = teacher.window_pass(ctx_kvs, teacher.embed(y_prev), cache=cache, start=r - 1)
     z_r = jax.lax.dynamic_index_in_dim(z_BxNxR, r, axis=2, keepdims=False)
-    logits_r = teacher.logits(h[:, :, 0]).astype(jnp.float32) / tau
-    y = sampling.inverse_cdf(logits_r, z_r)
+    y, extra_r = sample(teacher.logits(h[:, :, 0]).astype(jnp.float32) / tau, z_r)
     produced_BxNxR = jax.lax.dynamic_update_index_in_dim(produced_BxNxR, y, r, axis=2)
-    return (produced_BxNxR, cache), (logits_r if with_logits else None)
+    return (produced_BxNxR, cache), extra_r
 
-  (produced, _), rest_RxBxNxV = jax.lax.scan(
+  (produced, _), rest = jax.lax.scan(
       one_round, (produced, teacher.init_window_cache(b, n, w)), jnp.arange(1, rounds))
-  if not with_logits:
+  if not extra:
     return produced
-  logits = jnp.concatenate([logits0[None], rest_RxBxNxV], axis=0)
-  return produced, jnp.moveaxis(logits, 0, 2)
+  stacked = jax.tree.map(lambda first, later: jnp.concatenate([first[None], later], axis=0),
+                         extra0, rest)
+  return produced, jax.tree.map(lambda x: jnp.moveaxis(x, 0, 2), stacked)

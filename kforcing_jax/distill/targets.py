@@ -18,6 +18,11 @@ from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.model import pflm as pflm_lib
 
 
+# Soft targets (config.distill.cdf_blur) live on the target id and this many ids either side:
+# in the frequent ids a blur of +- 0.01 spans a few of them; in the rare tail it is cut at +- 128.
+BLUR_RADIUS = 128
+
+
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
   student_k: int
@@ -56,8 +61,9 @@ def stage_spec(stage: str, prev: str, target: str, tau: float,
 
 def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.Array,
                  u_BxNxK: jax.Array):
-  """(targets (B, N, k), weights (B, N, k), z the student sees (B, N, k), soft targets
-  (B, N, k, V) or None): soft targets only with spec.cdf_blur > 0 (an AR teacher's rollout)."""
+  """(targets (B, N, k), weights (B, N, k), z the student sees (B, N, k), soft targets or None):
+  soft targets, (ids, weights) on the BLUR_RADIUS ids either side of each target, only with
+  spec.cdf_blur > 0 (an AR teacher's rollout)."""
   b, n, k = z_BxNxK.shape
   ones = jnp.ones((b, n, k), jnp.float32)
   if spec.target == "noise_inversion":
@@ -72,33 +78,33 @@ def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.A
     return targets, ones * valid_NxK, z, None
   if spec.teacher_k == 0:
     if spec.cdf_blur > 0:
-      targets, logits = rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, spec.tau,
-                                           with_logits=True)
-      return targets, ones, z_BxNxK, sampling.blurred_targets(logits, z_BxNxK, spec.cdf_blur)
+      targets, soft = rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, spec.tau,
+                                         blur=(spec.cdf_blur, BLUR_RADIUS))
+      return targets, ones, z_BxNxK, soft
     return rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, spec.tau), ones, z_BxNxK, None
   targets = rollout.pflm_rollout(teacher, tokens_BxN, z_BxNxK, spec.teacher_k, spec.tau)
   return targets, ones, z_BxNxK, None
 
 
 def window_scores(student: pflm_lib.PFLM, tokens_BxN, z_BxNxK, targets_BxNxK,
-                  tau: float = 1.0, soft_BxNxKxV: jax.Array | None = None):
+                  tau: float = 1.0, soft=None):
   """Per-window (NLL, argmax hit) of the student against targets, each (B, N, K); with soft
   targets also the per-window cross-entropy against them (the training loss's terms)."""
   logits = student.noise_logits(tokens_BxN, z_BxNxK, tau)
   nll = losses.token_nll(logits, targets_BxNxK)
   hit = (logits.argmax(-1) == targets_BxNxK).astype(jnp.float32)
-  if soft_BxNxKxV is None:
+  if soft is None:
     return nll, hit
-  return nll, hit, losses.soft_token_nll(logits, soft_BxNxKxV)
+  return nll, hit, losses.soft_token_nll(logits, *soft)
 
 
 def student_loss(student: pflm_lib.PFLM, tokens_BxN, z_BxNxK, targets_BxNxK, weights_BxNxK,
                  tau: float = 1.0, offset_weights_K: jax.Array | None = None,
-                 soft_BxNxKxV: jax.Array | None = None):
+                 soft=None):
   """Cross-entropy averaged over positions and offsets (offset j weighted by offset_weights_K[j],
-  default uniform), against the soft targets when given; per-offset NLL_j / acc_j (unweighted,
-  always against the hard targets) and acc_all."""
-  scores = window_scores(student, tokens_BxN, z_BxNxK, targets_BxNxK, tau, soft_BxNxKxV)
+  default uniform), against the soft targets (ids, weights) when given; per-offset NLL_j / acc_j
+  (unweighted, always against the one-hot targets) and acc_all."""
+  scores = window_scores(student, tokens_BxN, z_BxNxK, targets_BxNxK, tau, soft)
   return summarize_windows(*scores[:2], weights_BxNxK, offset_weights_K, *scores[2:])
 
 
