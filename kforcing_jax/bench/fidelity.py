@@ -214,14 +214,6 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             _steps("k4", 480, 2e-3) + (("distill.offset_weight_growth", 1.0),),
             "as default_d128_unigram_k4_480_lr2e-3 with offset j's loss weighted 1 + (j - 1) "
             "(0.4 / 0.8 / 1.2 / 1.6: distill.offset_weight_growth=1)"),
-    Variant("default_d128_unigram_k4_480_lr2e-3_blur05", "default_d128_unigram", "teacher,k4",
-            _steps("k4", 480, 2e-3) + (("distill.cdf_blur", 0.05),),
-            "as default_d128_unigram_k4_480_lr2e-3 on soft targets: the AR teacher's "
-            "inverse-CDF blurred over z +- 0.05 (distill.cdf_blur)"),
-    Variant("default_d128_unigram_k4_480_lr2e-3_blur01", "default_d128_unigram", "teacher,k4",
-            _steps("k4", 480, 2e-3) + (("distill.cdf_blur", 0.01),),
-            "as default_d128_unigram_k4_480_lr2e-3 on soft targets blurred over z +- 0.01: "
-            "the current default"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),
