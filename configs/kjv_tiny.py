@@ -3,16 +3,19 @@ plus the small AR draft model of the speculative-decoding baseline.
 
 Run (offline, 2 CPU cores):
   python -m kforcing_jax.train --config configs/kjv_tiny.py --workdir runs/kjv_tiny
-Measured on an idle 2-core machine (2026-12-04): 17 min 40 s wall for the three stages, peak
-memory 2.3 GB (15 min 32 s earlier that day: these VMs drift; --config.stages=teacher,k4 skips the
-draft, ~2 min). Teacher validation loss from 5.91 (the unigram distribution it starts at) to 4.28
-nats/token after 300 steps; draft 4.60 after 150; k4 per-offset NLL against the AR teacher's
-targets 2.99 / 4.04 / 4.48 / 4.59 after 480 steps at lr 2e-3 (`val_ar_nll_j`; teacher data NLL
-4.17; a rerun on 2026-12-05 reproduced them to the last digit). Then `python -m
+Measured on an idle 2-core machine (2026-12-05, `/usr/bin/time -v`): 22 min 22 s wall for the
+three stages, peak memory 2.5 GB. The same command without soft targets took 17 min 40 s on
+2026-12-04; that day's teacher and draft stages ran 13-18% faster than on 2026-12-05 and its k4
+stage 34% faster, while soft targets add 3% to the k4 loss gradient (the two timed
+interleaved at these shapes), so most of the difference is this VM's drift (--config.stages=teacher,k4 skips the
+draft, ~2 min). Teacher validation loss from 5.91 (the unigram distribution it starts at) to
+4.28 nats/token after 300 steps; draft 4.60 after 150; k4 per-offset NLL against the AR
+teacher's one-hot targets 2.84 / 3.97 / 4.44 / 4.56 after 480 steps (`val_ar_nll_j`; teacher
+data NLL 4.17; one-hot training: 2.99 / 4.04 / 4.48 / 4.59). Then `python -m
 kforcing_jax.evaluate --workdir runs/kjv_tiny --out runs/kjv_tiny/eval.json --num_prompts 32
---max_new_tokens 64` (3 min; per-offset metrics on 128 validation rows): k4@k4 Gen-PPL 74.3 vs
-the teacher's 74.5 (1.00x), unigram entropy 3.08 vs 3.66 (0.84x), NLL_j 3.07 / 4.07 / 4.48 /
-4.63 vs data NLL 4.28 (gaps -1.21 / -0.20 / +0.20 / +0.36, standard error 0.04). Offsets 3-4
+--max_new_tokens 64` (3 min; per-offset metrics on 128 validation rows): k4@k4 Gen-PPL 78.1 vs
+the teacher's 74.5 (1.05x), unigram entropy 3.08 vs 3.66 (0.84x), NLL_j 2.93 / 4.01 / 4.44 /
+4.60 vs data NLL 4.28 (gaps -1.35 / -0.26 / +0.16 / +0.33, standard error 0.04). Offsets 3-4
 and the entropy do not yet match the teacher at this budget: see configs/kjv_small.py and the
 README's fidelity study.
 metrics.jsonl, tensorboard/ and loss_curve.png in the work dir. Smoke test:
