@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kforcing_jax.config import base as config_base, check as config_check
+from kforcing_jax.config import check as config_check
 from kforcing_jax.bench import fidelity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,9 +68,9 @@ def test_curve_table_and_plot(tmp_path):
 
 def test_every_variant_is_a_valid_config():
   base = os.path.join(ROOT, "configs", "kjv_tiny.py")
-  for v in fidelity.VARIANTS:
-    c = config_base.load_config_file(base)
-    fidelity._apply(c, fidelity.TEACHERS[v.teacher] + (("stages", v.stages),) + v.overrides)
+  for v in fidelity.VARIANTS:  # built as the study builds them (STUDY_BASE included)
+    c = fidelity._config(base, fidelity.TEACHERS[v.teacher] + (("stages", v.stages),) +
+                         v.overrides, "/nonexistent")
     config_check.validate(c, n_devices=1)
 
 

@@ -411,6 +411,16 @@ def test_blurred_targets_match_a_monte_carlo_over_z_and_reach_both_limits():
   np.testing.assert_allclose(_dense(win2, w2, v), cut / cut.sum(-1, keepdims=True), atol=1e-5)
 
 
+def test_cdf_blur_applies_only_where_the_ar_teacher_makes_the_targets():
+  blur = lambda stage, prev, target: distill.stage_spec(stage, prev, target, 1.0,
+                                                        cdf_blur=0.01)[0].cdf_blur
+  assert blur("k1", "teacher", "self_forcing") == 0.01  # the chain's first stage
+  assert blur("k4", "teacher", "self_forcing") == 0.01  # single-stage AR -> k4
+  assert blur("k2", "k1", "self_forcing") == 0.0  # k1's argmax rollout: no CDF
+  assert blur("k4", "k2", "ar_rollout") == 0.01
+  assert blur("k4", "teacher", "noise_inversion") == 0.0
+
+
 def test_soft_targets_train_the_loss_but_metrics_stay_against_the_one_hot_targets():
   """distill.cdf_blur: make_targets returns the blurred AR rollout; student_loss averages the
   cross-entropy against it (recomputed here from the student's logits), while NLL_j / acc_j are

@@ -63,11 +63,11 @@ def _steps(stage: str, n: int, lr: float | None = None, warmup: int | None = Non
 
 # Every teacher and variant starts from the base config plus STUDY_BASE, so that a variant means
 # the same when the default config changes: the study's reference point is the authors' noise
-# encoder (noise_max_freq 1), the BPE trainer's id order, 4 layers of width 256 and a teacher
-# whose output bias starts at zero (the authors' initialisation).
+# encoder (noise_max_freq 1), the BPE trainer's id order, 4 layers of width 256, a teacher
+# whose output bias starts at zero (the authors' initialisation) and one-hot targets.
 STUDY_BASE = (("data.bpe_id_order", "merges"), ("model.noise_max_freq", 1.0),
               ("model.d_model", 256), ("model.n_heads", 4), ("model.n_layers", 4),
-              ("train.head_bias_init", "zeros"))
+              ("train.head_bias_init", "zeros"), ("distill.cdf_blur", 0.0))
 
 # The embedded default's departures from STUDY_BASE as of 2026-12-02 (8192 ids by frequency,
 # noise features to 1000 cycles); configs/kjv_tiny.py is now this at width 128 with a unigram

@@ -44,7 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   # A student that cannot yet resolve z finer than that would be best off predicting exactly
   # this; the soft label gives it that optimum without the hard label's sampling noise, and
   # brings the teacher's whole distribution q into the loss. 0 = one-hot (the paper). NLL_j and
-  # acc_j are always reported against the one-hot targets. Needs the AR teacher's targets.
+  # acc_j are always reported against the one-hot targets. Applies to stages whose targets are the
+  # AR teacher's rollout (the first PFLM stage, or every one with target ar_rollout); a PFLM
+  # teacher's argmax rollout and noise inversion keep one-hot targets.
   c.distill.cdf_blur = 0.0
   # Teacher weights and student init come from the previous stage's EMA when EMA is on.
 

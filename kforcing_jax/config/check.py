@@ -162,11 +162,6 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
            f"must be >= 0 (0 = uniform over offsets), got {dc.offset_weight_growth}")
   _require(0.0 <= dc.cdf_blur < 1.0, "distill.cdf_blur",
            f"must be in [0, 1) (0 = one-hot targets), got {dc.cdf_blur}")
-  pflm_teachers = {prev for prev, name in chain(stages) if stage_k(name) > 0}
-  _require(dc.cdf_blur == 0 or dc.target == "ar_rollout" or (
-      dc.target == "self_forcing" and pflm_teachers <= {TEACHER}), "distill.cdf_blur",
-           "blurs the AR teacher's inverse-CDF, so every PFLM stage needs the AR teacher's "
-           "targets: use distill.target='ar_rollout' (or stages='teacher,k<n>')")
   m = config.model
   _require(m.n_layers >= 1, "model.n_layers", f"must be >= 1, got {m.n_layers}")
   _require(m.pflm_n_layers == 0 or m.pflm_n_layers >= m.n_layers, "model.pflm_n_layers",

@@ -51,12 +51,14 @@ def stage_spec(stage: str, prev: str, target: str, tau: float,
   from kforcing_jax.config import check as config_check
 
   k = config_check.stage_k(stage)
-  if target == "ar_rollout":
-    spec = StageSpec(student_k=k, teacher_k=0, target="self_forcing", tau=tau,
-                     offset_weight_growth=offset_weight_growth, cdf_blur=cdf_blur)
-    return spec, config_check.TEACHER
-  return StageSpec(student_k=k, teacher_k=config_check.stage_k(prev), target=target, tau=tau,
-                   offset_weight_growth=offset_weight_growth, cdf_blur=cdf_blur), prev
+  teacher_k = 0 if target == "ar_rollout" else config_check.stage_k(prev)
+  # Only an AR teacher's inverse-CDF has bins to blur: a PFLM teacher's argmax rollout and
+  # noise inversion's real tokens keep one-hot targets.
+  blur = cdf_blur if teacher_k == 0 and target != "noise_inversion" else 0.0
+  spec = StageSpec(student_k=k, teacher_k=teacher_k,
+                   target="self_forcing" if target == "ar_rollout" else target, tau=tau,
+                   offset_weight_growth=offset_weight_growth, cdf_blur=blur)
+  return spec, config_check.TEACHER if target == "ar_rollout" else prev
 
 
 def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.Array,
