@@ -64,7 +64,8 @@ def _interrupt_after(monkeypatch, n_batches):
 
 def test_teacher_then_k2_end_to_end_and_resume_bit_exact(tmp_path, data_dir, monkeypatch):
   """An interrupted run resumed from its checkpoints equals an uninterrupted one bit for bit
-  (params, EMA, optimizer state and every later loss), through a teacher and a k2 stage."""
+  (params, EMA, optimizer state and every later loss), through a teacher and a k2 stage; run
+  once more when finished, it is a no-op."""
   cfg = tiny_config(data_dir, stages="teacher,k2", steps=8)
   ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
   ref = trainer.run(cfg, ref_dir)
@@ -98,14 +99,14 @@ def test_teacher_then_k2_end_to_end_and_resume_bit_exact(tmp_path, data_dir, mon
     assert ref_losses == {s: cut_losses[s] for s in ref_losses}  # resume also logs its 1st step
   assert ref["k2"]["val"] == resumed["k2"]["val"]
 
-
-def test_restored_run_is_complete_noop(tmp_path, data_dir):
-  cfg = tiny_config(data_dir, steps=4)
-  first = trainer.run(cfg, str(tmp_path / "w"))
-  again = trainer.run(cfg, str(tmp_path / "w"))  # resumes at step 4 == num_steps: nothing to do
-  for x, y in zip(jax.tree.leaves(_host(first["teacher"]["state"])),
-                  jax.tree.leaves(_host(again["teacher"]["state"]))):
-    np.testing.assert_array_equal(x, y)
+  # A finished run started again resumes every stage at its last step: nothing changes.
+  n_lines = len(metrics_log.read_jsonl(os.path.join(cut_dir, "metrics.jsonl")))
+  again = trainer.run(cfg, cut_dir)
+  for stage in ("teacher", "k2"):
+    for x, y in zip(jax.tree.leaves(_host(resumed[stage]["state"])),
+                    jax.tree.leaves(_host(again[stage]["state"]))):
+      np.testing.assert_array_equal(x, y)
+  assert len(metrics_log.read_jsonl(os.path.join(cut_dir, "metrics.jsonl"))) == n_lines
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
