@@ -93,6 +93,7 @@ def main(argv):
                                    lossless=lossless, floor_samples=_FLOOR.value,
                                    frequency_penalty=_PENALTY.value)
   print(quality.table(rows))
+  print(quality.miss_table(rows))
   tok = teacher.tokenizer
   shown = {name: [{"prompt": tok.decode(p[1:]), "completion": tok.decode(o)}
                   for p, o in zip(prompts[:_SHOW.value], outs[:_SHOW.value])]

@@ -35,3 +35,31 @@ def test_gaps_to_data_nll_pair_rows_so_text_difficulty_cancels():
     assert got[f"gap_se_{j}"] < 0.01
   # One row: no spread to estimate.
   assert math.isnan(quality.gaps_to_data_nll(row_nll[:1], difficulty[:1])["gap_se_1"])
+
+
+def test_miss_anatomy_buckets_by_bin_width_chains_hits_and_compares_entropies():
+  import numpy as np
+
+  # 4 windows of k=2. Offset 1: hits in windows 0 and 2; offset 2: hits in windows 0 and 1.
+  pred = np.array([[5, 7], [9, 9], [6, 1], [5, 2]])
+  target = np.array([[5, 7], [8, 9], [6, 3], [4, 3]])
+  q = np.array([[0.5, 0.005], [0.05, 0.2], [0.001, 0.05], [0.2, 0.02]])
+  got = quality.miss_anatomy(pred, target, q)
+  # Offset 1: targets with q < .01: window 2 (hit); .01-.1: window 1 (miss); >= .1: 0 (hit), 3 (miss).
+  assert got["q_share_1"] == pytest.approx([0.25, 0.25, 0.5])
+  assert got["acc_q_1"] == pytest.approx([1.0, 0.0, 0.5])
+  # Offset 2: q < .01: window 0 (hit); .01-.1: windows 2, 3 (misses); >= .1: window 1 (hit).
+  assert got["q_share_2"] == pytest.approx([0.25, 0.5, 0.25])
+  assert got["acc_q_2"] == pytest.approx([1.0, 0.0, 1.0])
+  # After a hit at offset 1 (windows 0, 2), offset 2 hits once of twice.
+  assert got["acc_after_hits_2"] == pytest.approx(0.5) and "acc_after_hits_1" not in got
+  # Entropies of the argmax ids {5, 9, 6, 5} and the targets {5, 8, 6, 4} at offset 1.
+  h = lambda ps: -sum(p * math.log(p) for p in ps)
+  assert got["argmax_entropy_1"] == pytest.approx(h([0.5, 0.25, 0.25]))
+  assert got["target_entropy_1"] == pytest.approx(math.log(4))
+  assert got["target_entropy_2"] == pytest.approx(h([0.25, 0.25, 0.5]))
+  # An empty bucket has no accuracy; no window with all earlier offsets hit has none either.
+  none = quality.miss_anatomy(np.array([[1, 1]]), np.array([[2, 1]]), np.array([[0.5, 0.5]]))
+  assert none["acc_q_1"] == [None, None, 0.0] and none["acc_after_hits_2"] is None
+  assert "where each stage's full window misses" in quality.miss_table(
+      [{"method": "pflm", "stage": "k2", "k": 2, "acc_1": 0.5, "acc_2": 0.5, **got}])

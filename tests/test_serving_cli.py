@@ -196,6 +196,15 @@ def test_evaluate_cli(workdir, tmp_path):
       assert r[f"gap_{j}"] == pytest.approx(r[f"nll_{j}"] - nll, abs=1e-4)
       assert r[f"gap_se_{j}"] > 0
   assert "gap to data" in stdout and "s.e." in stdout
+  # Where the full window misses: its shares over the q(y_j) bins sum to 1, and acc_j is their
+  # share-weighted mean of the bins' accuracies.
+  assert "where each stage's full window misses" in stdout
+  full = rows[-1]
+  for j in (1, 2):
+    assert sum(full[f"q_share_{j}"]) == pytest.approx(1.0)
+    assert sum(s * a for s, a in zip(full[f"q_share_{j}"], full[f"acc_q_{j}"]) if s) == \
+        pytest.approx(full[f"acc_{j}"], abs=1e-6)
+    assert 0 <= full[f"argmax_entropy_{j}"] and 0 < full[f"target_entropy_{j}"]
 
 
 def test_evaluate_frequency_penalty_applies_to_the_pflm_rows_only(workdir):

@@ -22,6 +22,9 @@ fixed-length completions (no EOS stop) from per-row uniform streams (seed, row):
                  scores. nll_j - prefix_j is what the student loses to an imperfect prefix.
                  `gap_j` / `gap_se_j`: nll_j minus the teacher's data NLL, paired row by row
                  on the same validation rows, and its standard error over rows.
+                 `miss_anatomy` (the full window's row): acc_j by the width of the target's
+                 inverse-CDF bin, acc_j after hits at the earlier offsets, and the entropy of
+                 the student's argmax tokens against the targets'.
 """
 
 import collections
@@ -161,21 +164,58 @@ def offset_metrics(student_graphdef, student_params, teacher_graphdef, teacher_p
   @jax.jit
   def run(sp, tp, tokens, z):
     teacher = model_lib.merge(teacher_graphdef, tp)
-    targets = rollout.ar_rollout(teacher, tokens, z)
-    nll, hit = distill.window_scores(model_lib.merge(student_graphdef, sp), tokens, z, targets)
-    return nll, hit
+    targets, logits = rollout.ar_rollout(teacher, tokens, z, with_logits=True)
+    logq = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+    student = model_lib.merge(student_graphdef, sp)
+    s_logits = student.noise_logits(tokens, z)
+    nll = losses.token_nll(s_logits, targets)
+    return nll, s_logits.argmax(-1), targets, jnp.exp(logq)
 
   tokens = np.asarray(tokens_BxN)
   z = np.asarray(jax.random.uniform(jax.random.key(seed), (*tokens.shape, k), jnp.float32))
-  nll, hit = [], []
+  parts = []
   for idx, real in _row_chunks(len(tokens)):
-    n_c, h_c = run(student_params, teacher_params, jnp.asarray(tokens[idx]), jnp.asarray(z[idx]))
-    nll.append(np.asarray(n_c)[:real])
-    hit.append(np.asarray(h_c)[:real])
-  nll, hit = np.concatenate(nll), np.concatenate(hit)
+    out = run(student_params, teacher_params, jnp.asarray(tokens[idx]), jnp.asarray(z[idx]))
+    parts.append([np.asarray(a)[:real] for a in out])
+  nll, pred, tgt, q = (np.concatenate(a) for a in zip(*parts))
+  hit = (pred == tgt).astype(np.float32)
   loss, aux = distill.summarize_windows(jnp.asarray(nll), jnp.asarray(hit), jnp.ones(nll.shape))
   return {"nll": float(loss), **{name: float(v) for name, v in aux.items()},
+          **miss_anatomy(pred.reshape(-1, k), tgt.reshape(-1, k), q.reshape(-1, k)),
           "row_nll": nll.mean(1).tolist()}
+
+
+# Bins of the teacher's probability of the target (= the width of its inverse-CDF bin).
+Q_BINS = (0.01, 0.1)
+
+
+def miss_anatomy(pred_WxK: np.ndarray, target_WxK: np.ndarray, q_WxK: np.ndarray) -> dict:
+  """Where a PFLM window misses, per offset j over W windows (pred: the student's argmax,
+  target: the AR rollout's token, q: the teacher's probability of that token):
+    q_share_j, acc_q_j  the share of targets whose bin is narrow / mid / wide (q < 0.01,
+                        0.01 <= q < 0.1, q >= 0.1) and acc_j within each: z must be resolved
+                        to within q to hit a bin of width q.
+    acc_after_hits_j    acc_j over windows whose offsets < j were all hit (j >= 2): how well
+                        the student chains when it read the earlier uniforms right.
+    argmax_entropy_j,   the unigram entropy (nats) of the student's argmax tokens and of the
+    target_entropy_j    targets at offset j: an argmax that falls back on frequent tokens when
+                        unsure loses diversity here, with contexts and uniforms held equal.
+  """
+  out = {}
+  edges = (0.0, *Q_BINS, math.inf)
+  for j in range(target_WxK.shape[1]):
+    hit, q = pred_WxK[:, j] == target_WxK[:, j], q_WxK[:, j]
+    masks = [(q >= lo) & (q < hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    out[f"q_share_{j + 1}"] = [float(m.mean()) for m in masks]
+    out[f"acc_q_{j + 1}"] = [float(hit[m].mean()) if m.any() else None for m in masks]
+    if j:
+      prior = np.all(pred_WxK[:, :j] == target_WxK[:, :j], axis=1)
+      out[f"acc_after_hits_{j + 1}"] = float(hit[prior].mean()) if prior.any() else None
+    for name, ids in (("argmax", pred_WxK[:, j]), ("target", target_WxK[:, j])):
+      p = np.bincount(ids) / len(ids)
+      p = p[p > 0]
+      out[f"{name}_entropy_{j + 1}"] = float(-(p * np.log(p)).sum())
+  return out
 
 
 def gaps_to_data_nll(row_nll_BxK, data_nll_B) -> dict:
@@ -409,4 +449,30 @@ def table(rows: list[dict]) -> str:
       cells = "".join(f"{r[c.replace('nll', name, 1)]:>{fmt}}" if c.startswith("nll_") and
                       c.replace("nll", name, 1) in r else f"{'':>9}" for c in cols)
       lines.append(f"{label:<14}{r['stage']:<9}{r['k']:>3}" + cells)
+  return "\n".join(lines)
+
+
+def miss_table(rows: list[dict]) -> str:
+  """`miss_anatomy` of each stage's full window, one line per offset ('' when no PFLM row)."""
+  full = {}
+  for r in rows:
+    if r.get("method") == "pflm" and "q_share_1" in r and r["k"] >= full.get(r["stage"], r)["k"]:
+      full[r["stage"]] = r
+  if not full:
+    return ""
+  fmt = lambda v: f"{v:>8.3f}" if v is not None else f"{'-':>8}"
+  head = (f"{'stage':<9}{'j':>3}{'acc_j':>8}{'after':>8} | {'share of targets by q(y_j)':^26} |"
+          f" {'acc_j by q(y_j)':^26} | {'entropy argmax/target':>21}")
+  sub = (f"{'':<9}{'':>3}{'':>8}{'hits':>8} | {'<.01':>8}{'.01-.1':>9}{'>=.1':>9} |"
+         f" {'<.01':>8}{'.01-.1':>9}{'>=.1':>9} |")
+  lines = ["where each stage's full window misses (validation windows, AR targets):", head, sub]
+  for r in full.values():
+    for j in range(1, r["k"] + 1):
+      lines.append(f"{r['stage']:<9}{j:>3}{fmt(r[f'acc_{j}'])}"
+                   f"{fmt(r.get(f'acc_after_hits_{j}'))} |"
+                   + "".join(f"{fmt(v):>9}" if i else fmt(v)
+                             for i, v in enumerate(r[f"q_share_{j}"])) + " |"
+                   + "".join(f"{fmt(v):>9}" if i else fmt(v)
+                             for i, v in enumerate(r[f"acc_q_{j}"])) + " |"
+                   + f"{r[f'argmax_entropy_{j}']:>11.2f} / {r[f'target_entropy_{j}']:.2f}")
   return "\n".join(lines)
