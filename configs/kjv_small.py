@@ -12,7 +12,7 @@ kjv_tiny.py since 2026-12-06) add ~3% to a k4 step, so expect ~63 min (the soft 
 resumed and shared the cores, so its own clock is not a measurement). k4 validation against the
 AR teacher's one-hot targets after 2400 steps: 2.28 / 3.63 / 4.22 / 4.41 (teacher data NLL 4.17;
 one-hot training 2.35 / 3.67 / 4.25 / 4.43). evaluate (128 validation rows), k4@k4: NLL_j 2.33 /
-3.68 / 4.22 / 4.46 vs the data NLL 4.28 (gaps -1.95 / -0.59 / -0.05 / +0.19, standard error
+3.68 / 4.22 / 4.46 vs the data NLL 4.28 (gaps -1.94 / -0.59 / -0.05 / +0.18, standard error
 0.04; one-hot: -1.87 / -0.56 / -0.03 / +0.20), Gen-PPL 71.5 vs 74.5 (0.96x, within the goal),
 unigram entropy 3.20 vs 3.66 (0.87x, the goal is 0.90x), rep_2 0.105 (teacher 0.042). Offset 4
 and the entropy do not meet the goals (README, "Does the student match its teacher?").
