@@ -89,15 +89,17 @@ def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.A
 
 
 def window_scores(student: pflm_lib.PFLM, tokens_BxN, z_BxNxK, targets_BxNxK,
-                  tau: float = 1.0, soft=None):
+                  tau: float = 1.0, soft=None, with_argmax: bool = False):
   """Per-window (NLL, argmax hit) of the student against targets, each (B, N, K); with soft
-  targets also the per-window cross-entropy against them (the training loss's terms)."""
+  targets also the per-window cross-entropy against them (the training loss's terms); with
+  with_argmax, last, the argmax ids themselves (evaluation's miss anatomy)."""
   logits = student.noise_logits(tokens_BxN, z_BxNxK, tau)
   nll = losses.token_nll(logits, targets_BxNxK)
-  hit = (logits.argmax(-1) == targets_BxNxK).astype(jnp.float32)
-  if soft is None:
-    return nll, hit
-  return nll, hit, losses.soft_token_nll(logits, *soft)
+  pred = logits.argmax(-1)
+  out = (nll, (pred == targets_BxNxK).astype(jnp.float32))
+  if soft is not None:
+    out += (losses.soft_token_nll(logits, *soft),)
+  return out + (pred,) if with_argmax else out
 
 
 def student_loss(student: pflm_lib.PFLM, tokens_BxN, z_BxNxK, targets_BxNxK, weights_BxNxK,

@@ -165,11 +165,10 @@ def offset_metrics(student_graphdef, student_params, teacher_graphdef, teacher_p
   def run(sp, tp, tokens, z):
     teacher = model_lib.merge(teacher_graphdef, tp)
     targets, logits = rollout.ar_rollout(teacher, tokens, z, with_logits=True)
-    logq = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
-    student = model_lib.merge(student_graphdef, sp)
-    s_logits = student.noise_logits(tokens, z)
-    nll = losses.token_nll(s_logits, targets)
-    return nll, s_logits.argmax(-1), targets, jnp.exp(logq)
+    q = jnp.exp(-losses.token_nll(logits, targets))  # the teacher's probability of each target
+    nll, hit, pred = distill.window_scores(model_lib.merge(student_graphdef, sp), tokens, z,
+                                           targets, with_argmax=True)
+    return nll, hit, pred, targets, q
 
   tokens = np.asarray(tokens_BxN)
   z = np.asarray(jax.random.uniform(jax.random.key(seed), (*tokens.shape, k), jnp.float32))
@@ -177,8 +176,7 @@ def offset_metrics(student_graphdef, student_params, teacher_graphdef, teacher_p
   for idx, real in _row_chunks(len(tokens)):
     out = run(student_params, teacher_params, jnp.asarray(tokens[idx]), jnp.asarray(z[idx]))
     parts.append([np.asarray(a)[:real] for a in out])
-  nll, pred, tgt, q = (np.concatenate(a) for a in zip(*parts))
-  hit = (pred == tgt).astype(np.float32)
+  nll, hit, pred, tgt, q = (np.concatenate(a) for a in zip(*parts))
   loss, aux = distill.summarize_windows(jnp.asarray(nll), jnp.asarray(hit), jnp.ones(nll.shape))
   return {"nll": float(loss), **{name: float(v) for name, v in aux.items()},
           **miss_anatomy(pred.reshape(-1, k), tgt.reshape(-1, k), q.reshape(-1, k)),
