@@ -468,9 +468,7 @@ def miss_table(rows: list[dict]) -> str:
     for j in range(1, r["k"] + 1):
       lines.append(f"{r['stage']:<9}{j:>3}{fmt(r[f'acc_{j}'])}"
                    f"{fmt(r.get(f'acc_after_hits_{j}'))} |"
-                   + "".join(f"{fmt(v):>9}" if i else fmt(v)
-                             for i, v in enumerate(r[f"q_share_{j}"])) + " |"
-                   + "".join(f"{fmt(v):>9}" if i else fmt(v)
-                             for i, v in enumerate(r[f"acc_q_{j}"])) + " |"
+                   + " ".join(map(fmt, r[f"q_share_{j}"])) + " |"
+                   + " ".join(map(fmt, r[f"acc_q_{j}"])) + " |"
                    + f"{r[f'argmax_entropy_{j}']:>11.2f} / {r[f'target_entropy_{j}']:.2f}")
   return "\n".join(lines)
