@@ -54,6 +54,8 @@ BAD = [
     ("optim.schedule", "linear", 8, "config.optim.schedule: must be 'constant' or 'cosine'"),
     ("optim.ema_decay", 1.0, 8, "config.optim.ema_decay: must be in [0, 1)"),
     ("optim.b2", 1.5, 8, "config.optim.b2: must be in [0, 1)"),
+    ("optim.name", "sgd", 8, "config.optim.name: must be one of ('adamw', 'muon')"),
+    ("optim.muon_beta", 1.0, 8, "config.optim.muon_beta: must be in [0, 1)"),
     ("train.num_steps", 0, 8, "config.train.num_steps: must be >= 1"),
     ("seq_len", 1, 8, "config.seq_len: must be >= 2"),
     ("train.head_bias_init", "normal", 8, "config.train.head_bias_init: must be one of"),
@@ -188,6 +190,7 @@ OVERRIDE_BAD = [
     ("k4", {"train": {"keep_checkpoints": 3}}, "config.stage_overrides.k4.train.keep_checkpoints"),
     ("k4", {"optim": {"lr": "fast"}}, "config.stage_overrides.k4.optim.lr: must be a float"),
     ("k4", {"optim": {"lr": -1.0}}, "config.stage_overrides.k4.optim.lr: must be > 0"),
+    ("k4", {"optim": {"name": "lion"}}, "config.stage_overrides.k4.optim.name: must be one of"),
     ("k4", {"batch_size": 30}, "config.stage_overrides.k4.batch_size: global batch 30"),
     ("k_4", {"train": {"num_steps": 5}}, "config.stage_overrides.k_4: 'k_4' is not a stage name"),
 ]

@@ -17,18 +17,18 @@ from kforcing_jax.training import state as train_state, step as train_step
 CFG = model_lib.ModelConfig(vocab_size=128, mask_id=127, d_model=64, n_layers=2, n_heads=4)
 
 
-def _optim():
+def _optim(name="adamw"):
   o = config_base.base_config().optim
-  o.lr, o.warmup_steps, o.ema_decay = 3e-3, 2, 0.9
+  o.lr, o.warmup_steps, o.ema_decay, o.name = 3e-3, 2, 0.9, name
   return o
 
 
 class Trainer:
   """The AR train step on a given mesh, without the data pipeline."""
 
-  def __init__(self, mesh, fsdp=False):
+  def __init__(self, mesh, fsdp=False, optim_name="adamw"):
     self.mesh = mesh
-    o = _optim()
+    o = _optim(optim_name)
     self.tx = optimizer.make_optimizer(o, 100)
     self.factory = lambda rngs: model_lib.Transformer(CFG, rngs)
     abstract = model_lib.abstract_model(CFG)
@@ -87,6 +87,32 @@ def test_sharded_equals_single_device(shape, fsdp):
   assert l1[-1] < l1[0]
   for a, b in zip(jax.tree.leaves(_host(s1["params"])), jax.tree.leaves(_host(s8["params"]))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_muon_sharded_equals_single_device_and_its_moments_follow_their_params():
+  """optim.name=muon: the blocks' matrices take orthogonalised updates (their AdamW moments are
+  masked out), the embedding and head take AdamW's, and every moment is sharded like its
+  parameter, so sharded training still equals one device."""
+  batches = _batches(5)
+  single = Trainer(_mesh(1, 1), optim_name="muon")
+  s1, l1 = single.run(single.init(), batches)
+  multi = Trainer(_mesh(2, 4), fsdp=True, optim_name="muon")
+  state = multi.init()
+  qkv_sh = state["params"]["blocks"][0]["attn_qkv"].sharding
+  moments = [(jax.tree_util.keystr(p), x) for p, x in
+             jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]]
+  qkv_moments = [x for p, x in moments if p.endswith("['blocks'][0]['attn_qkv']")]
+  head_moments = [x for p, x in moments if p.endswith("['head']")]
+  assert len(qkv_moments) == 1 and len(head_moments) == 2  # Muon's momentum; AdamW's mu, nu
+  assert qkv_moments[0].sharding.spec == qkv_sh.spec and qkv_sh.spec[0] == "data"
+  s8, l8 = multi.run(state, batches)
+  np.testing.assert_allclose(l8, l1, rtol=1e-4, atol=1e-4)
+  adamw = Trainer(_mesh(1, 1))
+  sa, _ = adamw.run(adamw.init(), batches)
+  qkv = lambda s: _host(s["params"])["blocks"][0]["attn_qkv"]
+  assert np.abs(qkv(sa) - qkv(s1)).max() > 1e-3  # the blocks' updates really changed
+  for a, b in zip(jax.tree.leaves(_host(s1["params"])), jax.tree.leaves(_host(s8["params"]))):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_checkpoint_restores_on_other_meshes(tmp_path):

@@ -107,6 +107,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- optimizer (spec section 4: AdamW, constant lr, clip 1.0, EMA 0.999) ----
   c.optim = ml_collections.ConfigDict()
+  # "adamw" (the paper) or "muon": orthogonalised momentum updates for the blocks' and the noise
+  # encoder's weight matrices, AdamW for the embedding, output head, biases and norms (one lr
+  # for both: Muon's updates are scaled to AdamW's RMS). See training/optimizer.py.
+  c.optim.name = "adamw"
+  c.optim.muon_beta = 0.95  # muon only: momentum of the orthogonalised part (Nesterov).
   c.optim.lr = 1e-4  # Peak learning rate.
   c.optim.schedule = "constant"  # "constant" or "cosine" (decays to lr * final_lr_frac).
   c.optim.warmup_steps = 0  # Linear warm-up steps from 0 to lr.

@@ -12,6 +12,7 @@ BPE_ID_ORDERS = ("merges", "frequency")
 MIN_BPE_VOCAB = 259  # 256 bytes + end-of-document + mask
 DTYPES = ("float32", "bfloat16")
 TARGETS = ("self_forcing", "ar_rollout", "noise_inversion")  # config.distill.target
+OPTIMIZERS = ("adamw", "muon")  # config.optim.name (training/optimizer.py)
 
 
 class UserError(ValueError):
@@ -228,6 +229,10 @@ def _validate_schedule(config: ml_collections.ConfigDict, prefix: str, data: int
   _require(config.batch_size % process_count == 0, prefix + "batch_size",
            f"global batch {config.batch_size} is not divisible by the {process_count} processes")
   o = config.optim
+  _require(o.name in OPTIMIZERS, prefix + "optim.name",
+           f"must be one of {OPTIMIZERS}, got {o.name!r}")
+  _require(0.0 <= o.muon_beta < 1.0, prefix + "optim.muon_beta",
+           f"must be in [0, 1), got {o.muon_beta}")
   _require(o.lr > 0, prefix + "optim.lr", f"must be > 0, got {o.lr}")
   _require(o.schedule in ("constant", "cosine"), prefix + "optim.schedule",
            f"must be 'constant' or 'cosine', got {o.schedule!r}")

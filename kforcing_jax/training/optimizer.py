@@ -1,7 +1,27 @@
-"""AdamW + global-norm clipping + lr schedule (spec section 4), built from `config.optim`."""
+"""AdamW (spec section 4) or Muon, + global-norm clipping + lr schedule, from `config.optim`."""
 
+import jax
 import ml_collections
 import optax
+from optax.contrib import MuonDimensionNumbers as _Dims
+
+# Muon orthogonalises each weight matrix's update as (reduction axes) x (output axes); other axes
+# are batch axes (q, k and v separately; each of them across all heads). Everything else (the
+# token embedding and output head, biases, norms) takes AdamW's update.
+_MUON_DIMS = {
+    "attn_qkv": _Dims(reduction_axis=0, output_axis=(2, 3)),  # (d, 3, heads, head_dim)
+    "attn_out": _Dims(reduction_axis=(0, 1), output_axis=2),  # (heads, head_dim, d)
+    "mlp_in": _Dims(), "mlp_out": _Dims(), "combined_proj": _Dims(),
+}
+
+
+def muon_dims(params) -> dict:
+  """Per parameter: its Muon dimension numbers, or None for the AdamW part."""
+  def dims(path, leaf):
+    name = getattr(path[-1], "key", None)
+    spec = _MUON_DIMS.get(name)
+    return spec if spec is not None and leaf.ndim >= 2 else None
+  return jax.tree_util.tree_map_with_path(dims, params)
 
 
 def lr_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -22,6 +42,15 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
   parts = []
   if optim.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip))
-  parts.append(optax.adamw(lr_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2,
-                           eps=optim.eps, weight_decay=optim.weight_decay))
+  lr = lr_schedule(optim, num_steps)
+  if optim.name == "muon":
+    # consistent_rms=0.2 scales the orthogonalised updates to AdamW's typical RMS, so one lr
+    # (and schedule) serves both parts (Liu et al. 2025, "Muon is scalable").
+    parts.append(optax.contrib.muon(
+        lr, beta=optim.muon_beta, weight_decay=optim.weight_decay, adam_b1=optim.b1,
+        adam_b2=optim.b2, adam_weight_decay=optim.weight_decay,
+        muon_weight_dimension_numbers=muon_dims, consistent_rms=0.2))
+  else:
+    parts.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                             weight_decay=optim.weight_decay))
   return optax.chain(*parts)

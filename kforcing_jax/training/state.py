@@ -20,13 +20,29 @@ TrainState = dict[str, Any]
 
 def state_shardings(abstract_module: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
                     fsdp: bool, ema: bool) -> TrainState:
-  """NamedShardings for every leaf: optimizer moments follow their parameter."""
+  """NamedShardings for every leaf: optimizer moments follow their parameter.
+
+  A moment is matched to its parameter by path suffix and shape (an optimizer nests the params'
+  tree under its state fields, e.g. mu['blocks'][0]['mlp_in']); anything else, such as step
+  counts, is replicated. Unlike optax.tree_map_params this also covers partitioned optimizers
+  (Muon's AdamW part), whose states hold masked params trees."""
   p_sh = sharding.param_shardings(abstract_module, mesh, fsdp)
   _, abs_params = model_lib.split_params(abstract_module)
   abs_opt = jax.eval_shape(tx.init, abs_params)
   rep = sharding.replicated(mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, p_sh,
-                                 transform_non_params=lambda _: rep)
+  shape_of = {jax.tree_util.keystr(p): x.shape
+              for p, x in jax.tree_util.tree_flatten_with_path(abs_params)[0]}
+  by_path = {jax.tree_util.keystr(p): (shape_of[jax.tree_util.keystr(p)], sh)
+             for p, sh in jax.tree_util.tree_flatten_with_path(p_sh)[0]}
+
+  def follow(path, leaf):
+    for i in range(len(path)):
+      shape, sh = by_path.get(jax.tree_util.keystr(path[i:]), (None, None))
+      if shape == leaf.shape:
+        return sh
+    return rep
+
+  opt_sh = jax.tree_util.tree_map_with_path(follow, abs_opt)
   out = {"step": rep, "params": p_sh, "opt_state": opt_sh}
   if ema:
     out["ema"] = p_sh
