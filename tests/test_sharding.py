@@ -115,9 +115,10 @@ def test_muon_sharded_equals_single_device_and_its_moments_follow_their_params()
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
-def test_checkpoint_restores_on_other_meshes(tmp_path):
+@pytest.mark.parametrize("optim_name", ["adamw", "muon"])
+def test_checkpoint_restores_on_other_meshes(tmp_path, optim_name):
   batches = _batches(6, seed=1)
-  src = Trainer(_mesh(4, 2))
+  src = Trainer(_mesh(4, 2), optim_name=optim_name)
   state, _ = src.run(src.init(), batches[:3])
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"))
   ckpt.save(3, state, {"model_config": {"d_model": CFG.d_model}})
@@ -126,7 +127,7 @@ def test_checkpoint_restores_on_other_meshes(tmp_path):
   _, ref_losses = src.run(state, batches[3:])
 
   for shape in ((2, 4), (1, 1)):
-    dst = Trainer(_mesh(*shape))
+    dst = Trainer(_mesh(*shape), optim_name=optim_name)
     restored, meta = ckpt.restore(ckpt.latest_step(), dst.abstract())
     assert meta["model_config"]["d_model"] == CFG.d_model
     leaf = restored["params"]["blocks"][0]["attn_qkv"]

@@ -83,8 +83,9 @@ class StepParts:
 
 def assemble(optim_cfg, num_steps: int, abstract, mesh, fsdp: bool, loss_fn: LossFn, frozen,
              seed: int) -> StepParts:
-  """The one train-step assembly (trainer, aot dry runs, the training-cost benchmark): AdamW and
-  its lr schedule for `num_steps`, the state / batch / frozen shardings, the jitted step."""
+  """The one train-step assembly (trainer, aot dry runs, the training-cost benchmark): the
+  optimizer of optim_cfg (AdamW or Muon) and its lr schedule for `num_steps`, the state /
+  batch / frozen shardings, the jitted step."""
   from kforcing_jax.parallel import sharding
   from kforcing_jax.training import optimizer, state as train_state
 
