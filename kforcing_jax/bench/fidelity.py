@@ -64,10 +64,13 @@ def _steps(stage: str, n: int, lr: float | None = None, warmup: int | None = Non
 # Every teacher and variant starts from the base config plus STUDY_BASE, so that a variant means
 # the same when the default config changes: the study's reference point is the authors' noise
 # encoder (noise_max_freq 1), the BPE trainer's id order, 4 layers of width 256, a teacher
-# whose output bias starts at zero (the authors' initialisation) and one-hot targets.
+# whose output bias starts at zero (the authors' initialisation), one-hot targets and AdamW.
 STUDY_BASE = (("data.bpe_id_order", "merges"), ("model.noise_max_freq", 1.0),
               ("model.d_model", 256), ("model.n_heads", 4), ("model.n_layers", 4),
-              ("train.head_bias_init", "zeros"), ("distill.cdf_blur", 0.0))
+              ("train.head_bias_init", "zeros"), ("distill.cdf_blur", 0.0),
+              ("stage_overrides.k4.optim.name", "adamw"))
+# configs/kjv_tiny.py's k4 stage since 2026-12-06: soft targets and Muon.
+_SOFT_MUON = (("distill.cdf_blur", 0.01), ("stage_overrides.k4.optim.name", "muon"))
 
 # The embedded default's departures from STUDY_BASE as of 2026-12-02 (8192 ids by frequency,
 # noise features to 1000 cycles); configs/kjv_tiny.py is now this at width 128 with a unigram
@@ -214,6 +217,17 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             _steps("k4", 480, 2e-3) + (("distill.offset_weight_growth", 1.0),),
             "as default_d128_unigram_k4_480_lr2e-3 with offset j's loss weighted 1 + (j - 1) "
             "(0.4 / 0.8 / 1.2 / 1.6: distill.offset_weight_growth=1)"),
+    Variant("default_d128_unigram_k4_480_soft_muon_lr2e-3", "default_d128_unigram",
+            "teacher,k4", _steps("k4", 480, 2e-3) + _SOFT_MUON,
+            "the default's teacher, AR -> k4 for 480 steps on soft targets with Muon at lr 2e-3"),
+    Variant("default_d128_unigram_k4_480_soft_muon_lr4e-3", "default_d128_unigram",
+            "teacher,k4", _steps("k4", 480, 4e-3) + _SOFT_MUON,
+            "configs/kjv_tiny.py's k4 stage since 2026-12-06: 480 steps on soft targets with "
+            "Muon at lr 4e-3"),
+    Variant("default_d128_unigram_k4_2400_soft_muon_lr2e-3", "default_d128_unigram",
+            "teacher,k4", _steps("k4", 2400, 2e-3) + _SOFT_MUON,
+            "configs/kjv_small.py's k4 stage since 2026-12-06: 2400 steps on soft targets with "
+            "Muon at lr 2e-3"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),
