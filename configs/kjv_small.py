@@ -33,8 +33,6 @@ def get_config():
   # Only the k4 stage differs from kjv_tiny.py: the teacher (300 steps) and draft are the same.
   k4 = c.stage_overrides.k4
   k4.train.num_steps = 2400
-  # Muon as in kjv_tiny.py, at half its lr over this 5x longer stage (the measured run below).
-  k4.optim.lr = 2e-3
   k4.optim.warmup_steps = 240
   k4.train.eval_every = 200
   k4.train.ckpt_every = 400

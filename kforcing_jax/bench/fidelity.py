@@ -224,10 +224,10 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             "teacher,k4", _steps("k4", 480, 4e-3) + _SOFT_MUON,
             "configs/kjv_tiny.py's k4 stage since 2026-12-06: 480 steps on soft targets with "
             "Muon at lr 4e-3"),
-    Variant("default_d128_unigram_k4_2400_soft_muon_lr2e-3", "default_d128_unigram",
-            "teacher,k4", _steps("k4", 2400, 2e-3) + _SOFT_MUON,
+    Variant("default_d128_unigram_k4_2400_soft_muon_lr4e-3", "default_d128_unigram",
+            "teacher,k4", _steps("k4", 2400, 4e-3) + _SOFT_MUON,
             "configs/kjv_small.py's k4 stage since 2026-12-06: 2400 steps on soft targets with "
-            "Muon at lr 2e-3"),
+            "Muon at lr 4e-3"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),
