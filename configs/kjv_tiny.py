@@ -3,21 +3,20 @@ plus the small AR draft model of the speculative-decoding baseline.
 
 Run (offline, 2 CPU cores):
   python -m kforcing_jax.train --config configs/kjv_tiny.py --workdir runs/kjv_tiny
-Measured on an idle 2-core machine (2026-12-05, `/usr/bin/time -v`): 22 min 22 s wall for the
-three stages, peak memory 2.5 GB. The same command without soft targets took 17 min 40 s on
-2026-12-04; that day's teacher and draft stages ran 13-18% faster than on 2026-12-05 and its k4
-stage 34% faster, while soft targets add 3% to the k4 loss gradient (the two timed
-interleaved at these shapes), so most of the difference is this VM's drift (--config.stages=teacher,k4 skips the
-draft, ~2 min). Teacher validation loss from 5.91 (the unigram distribution it starts at) to
-4.28 nats/token after 300 steps; draft 4.60 after 150; k4 per-offset NLL against the AR
-teacher's one-hot targets 2.84 / 3.97 / 4.44 / 4.56 after 480 steps (`val_ar_nll_j`; teacher
-data NLL 4.17; one-hot training: 2.99 / 4.04 / 4.48 / 4.59). Then `python -m
-kforcing_jax.evaluate --workdir runs/kjv_tiny --out runs/kjv_tiny/eval.json --num_prompts 32
---max_new_tokens 64` (3 min; per-offset metrics on 128 validation rows): k4@k4 Gen-PPL 78.1 vs
-the teacher's 74.5 (1.05x), unigram entropy 3.08 vs 3.66 (0.84x), NLL_j 2.93 / 4.01 / 4.44 /
-4.60 vs data NLL 4.28 (gaps -1.35 / -0.26 / +0.16 / +0.33, standard error 0.04). Offsets 3-4
-and the entropy do not yet match the teacher at this budget: see configs/kjv_small.py and the
-README's fidelity study.
+Measured on an idle 2-core machine (2026-12-05, `/usr/bin/time -v`, the k4 stage then on AdamW):
+22 min 22 s wall for the three stages, peak memory 2.5 GB; Muon, the k4 optimizer since
+2026-12-06, costs 3-10% more per k4 step (timed interleaved with AdamW's), so expect ~23-24
+min (not re-measured on an idle machine) (--config.stages=teacher,k4 skips the draft, ~2 min).
+Teacher validation loss from 5.91 (the unigram distribution it starts at) to 4.28 nats/token
+after 300 steps; draft 4.60 after 150; k4 per-offset NLL against the AR teacher's one-hot
+targets 2.54 / 3.77 / 4.31 / 4.46 after 480 steps (`val_ar_nll_j`; teacher data NLL 4.17; AdamW
+at lr 2e-3: 2.84 / 3.97 / 4.44 / 4.56). Then `python -m kforcing_jax.evaluate --workdir
+runs/kjv_tiny --out runs/kjv_tiny/eval.json --num_prompts 32 --max_new_tokens 64` (3-4 min;
+per-offset metrics on 128 validation rows): k4@k4 Gen-PPL 70.8 vs the teacher's 74.3 (0.95x),
+unigram entropy 3.17 vs 3.66 (0.87x), NLL_j 2.62 / 3.82 / 4.31 / 4.51 vs data NLL 4.28 (gaps
+-1.66 / -0.45 / +0.04 / +0.23, standard error 0.04; AdamW: -1.35 / -0.26 / +0.16 / +0.33,
+entropy 0.84x). Offsets 3-4 and the entropy do not yet match the teacher at this budget: see
+configs/kjv_small.py and the README's fidelity study.
 metrics.jsonl, tensorboard/ and loss_curve.png in the work dir. Smoke test:
   --config.stage_overrides.teacher.train.num_steps=40 --config.stage_overrides.k4.train.num_steps=10
   --config.stage_overrides.k4.optim.warmup_steps=2 --config.stage_overrides.draft.train.num_steps=30
@@ -69,7 +68,7 @@ def get_config():
   c.train.eval_every = 50
   c.train.eval_batches = 4
   c.train.ckpt_every = 100
-  # Per stage (each gets its own AdamW and lr schedule). A distillation step costs ~5-7 teacher
+  # Per stage (each gets its own optimizer and lr schedule). A distillation step costs ~5-7 teacher
   # steps per sequence (N*k noise tokens plus the teacher's rollout), so the PFLM stages take
   # many small batches rather than few large ones.
   so = c.stage_overrides
