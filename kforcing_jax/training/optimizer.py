@@ -45,7 +45,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
   lr = lr_schedule(optim, num_steps)
   if optim.name == "muon":
     # consistent_rms=0.2 scales the orthogonalised updates to AdamW's typical RMS, so one lr
-    # (and schedule) serves both parts (Liu et al. 2025, "Muon is scalable").
+    # (and schedule) serves both parts (Liu et al. 2025, "Muon is scalable"). optax builds the
+    # other part as AdamW with Nesterov momentum and Muon's eps (1e-8), not optim.eps.
     parts.append(optax.contrib.muon(
         lr, beta=optim.muon_beta, weight_decay=optim.weight_decay, adam_b1=optim.b1,
         adam_b2=optim.b2, adam_weight_decay=optim.weight_decay,
