@@ -30,10 +30,8 @@ def state_shardings(abstract_module: nnx.Module, tx: optax.GradientTransformatio
   _, abs_params = model_lib.split_params(abstract_module)
   abs_opt = jax.eval_shape(tx.init, abs_params)
   rep = sharding.replicated(mesh)
-  shape_of = {jax.tree_util.keystr(p): x.shape
-              for p, x in jax.tree_util.tree_flatten_with_path(abs_params)[0]}
-  by_path = {jax.tree_util.keystr(p): (shape_of[jax.tree_util.keystr(p)], sh)
-             for p, sh in jax.tree_util.tree_flatten_with_path(p_sh)[0]}
+  by_path = {jax.tree_util.keystr(p): (x.shape, sh) for (p, x), sh in
+             zip(jax.tree_util.tree_flatten_with_path(abs_params)[0], jax.tree.leaves(p_sh))}
 
   def follow(path, leaf):
     for i in range(len(path)):
