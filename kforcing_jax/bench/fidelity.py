@@ -68,7 +68,12 @@ def _steps(stage: str, n: int, lr: float | None = None, warmup: int | None = Non
 STUDY_BASE = (("data.bpe_id_order", "merges"), ("model.noise_max_freq", 1.0),
               ("model.d_model", 256), ("model.n_heads", 4), ("model.n_layers", 4),
               ("train.head_bias_init", "zeros"), ("distill.cdf_blur", 0.0),
-              ("stage_overrides.k4.optim.name", "adamw"))
+              ("stage_overrides.k4.optim.name", "adamw"),
+              # The k4 stage's validation and checkpoint cadence before configs/kjv_tiny.py's k4
+              # batch went from 8 to 4 (2026-12-06): 4 batches of 8 rows every 50 steps.
+              ("stage_overrides.k4.train.eval_batches", 4),
+              ("stage_overrides.k4.train.eval_every", 50),
+              ("stage_overrides.k4.train.ckpt_every", 100))
 # configs/kjv_tiny.py's k4 stage since 2026-12-06: soft targets and Muon.
 _SOFT_MUON = (("distill.cdf_blur", 0.01), ("stage_overrides.k4.optim.name", "muon"))
 
@@ -222,11 +227,23 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             "the default's teacher, AR -> k4 for 480 steps on soft targets with Muon at lr 2e-3"),
     Variant("default_d128_unigram_k4_480_soft_muon_lr4e-3", "default_d128_unigram",
             "teacher,k4", _steps("k4", 480, 4e-3) + _SOFT_MUON,
-            "configs/kjv_tiny.py's k4 stage since 2026-12-06: 480 steps on soft targets with "
-            "Muon at lr 4e-3"),
+            "configs/kjv_tiny.py's k4 stage from 2026-12-06 until its batch was halved: 480 "
+            "steps on soft targets with Muon at lr 4e-3"),
+    Variant("default_d128_unigram_k4_960_b4_soft_muon_lr4e-3", "default_d128_unigram",
+            "teacher,k4", _steps("k4", 960, 4e-3, batch=4) + _SOFT_MUON + (
+                ("stage_overrides.k4.train.eval_batches", 8),
+                ("stage_overrides.k4.train.eval_every", 100)),
+            "configs/kjv_tiny.py's k4 stage: 960 steps of 4 sequences on soft targets with Muon "
+            "at lr 4e-3 (validated on 8 batches of 4: the same 32 rows)"),
     Variant("default_d128_unigram_k4_2400_soft_muon_lr4e-3", "default_d128_unigram",
             "teacher,k4", _steps("k4", 2400, 4e-3) + _SOFT_MUON,
-            "configs/kjv_small.py's k4 stage since 2026-12-06: 2400 steps on soft targets with "
+            "configs/kjv_small.py's k4 stage from 2026-12-06 until its batch was halved: 2400 "
+            "steps on soft targets with Muon at lr 4e-3"),
+    Variant("default_d128_unigram_k4_4800_b4_soft_muon_lr4e-3", "default_d128_unigram",
+            "teacher,k4", _steps("k4", 4800, 4e-3, batch=4) + _SOFT_MUON + (
+                ("stage_overrides.k4.train.eval_batches", 8),
+                ("stage_overrides.k4.train.eval_every", 400)),
+            "configs/kjv_small.py's k4 stage: 4800 steps of 4 sequences on soft targets with "
             "Muon at lr 4e-3"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
