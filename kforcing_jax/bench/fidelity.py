@@ -237,14 +237,14 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             "at lr 4e-3 (validated on 8 batches of 4: the same 32 rows)"),
     Variant("default_d128_unigram_k4_2400_soft_muon_lr4e-3", "default_d128_unigram",
             "teacher,k4", _steps("k4", 2400, 4e-3) + _SOFT_MUON,
-            "configs/kjv_small.py's k4 stage from 2026-12-06 until its batch was halved: 2400 "
-            "steps on soft targets with Muon at lr 4e-3"),
+            "configs/kjv_small.py's k4 stage since 2026-12-06: 2400 steps on soft targets with "
+            "Muon at lr 4e-3"),
     Variant("default_d128_unigram_k4_4800_b4_soft_muon_lr4e-3", "default_d128_unigram",
             "teacher,k4", _steps("k4", 4800, 4e-3, batch=4) + _SOFT_MUON + (
                 ("stage_overrides.k4.train.eval_batches", 8),
                 ("stage_overrides.k4.train.eval_every", 400)),
-            "configs/kjv_small.py's k4 stage: 4800 steps of 4 sequences on soft targets with "
-            "Muon at lr 4e-3"),
+            "configs/kjv_small.py's k4 stage at kjv_tiny.py's half batch: 4800 steps of 4 "
+            "sequences on soft targets with Muon at lr 4e-3 (no better than 2400 x 8)"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),
