@@ -13,11 +13,11 @@ targets 2.49 / 3.71 / 4.28 / 4.41 after 960 steps of 4 sequences (`val_ar_nll_j`
 NLL 4.17; 480 steps of 8: 2.55 / 3.77 / 4.31 / 4.46; AdamW at lr 2e-3, 480 x 8: 2.84 / 3.97 /
 4.44 / 4.56). Then `python -m kforcing_jax.evaluate --workdir runs/kjv_tiny --out
 runs/kjv_tiny/eval.json --num_prompts 32 --max_new_tokens 64` (3-4 min; per-offset metrics on
-128 validation rows): k4@k4 Gen-PPL 74.4 vs the teacher's 74.3 (1.00x),
-unigram entropy 3.20 vs 3.66 (0.87x), NLL_j 2.54 / 3.77 / 4.27 / 4.48 vs data NLL 4.28 (gaps
--1.73 / -0.51 / -0.00 / +0.21, standard error 0.04; 480 steps of 8: -1.66 / -0.45 / +0.04 /
-+0.23, Gen-PPL 0.95x, entropy 0.87x). Offsets 3-4 and the entropy do not yet match the teacher
-at this budget: see configs/kjv_small.py and the README's fidelity study.
+128 validation rows): k4@k4 Gen-PPL 74.4 vs the teacher's 74.3 (1.00x), unigram entropy 3.20
+vs 3.66 (0.87x), NLL_j 2.54 / 3.77 / 4.27 / 4.48 vs data NLL 4.28 (gaps -1.73 / -0.51 / -0.00 /
++0.21, standard error 0.04; 480 steps of 8: -1.66 / -0.45 / +0.04 / +0.23, Gen-PPL 0.95x,
+entropy 0.87x). Offsets 3-4 and the entropy do not yet match the teacher at this budget: see
+configs/kjv_small.py and the README's fidelity study.
 metrics.jsonl, tensorboard/ and loss_curve.png in the work dir. Smoke test:
   --config.stage_overrides.teacher.train.num_steps=40 --config.stage_overrides.k4.train.num_steps=10
   --config.stage_overrides.k4.optim.warmup_steps=2 --config.stage_overrides.draft.train.num_steps=30
