@@ -6,19 +6,19 @@ Run (offline, 2 CPU cores):
   python -m kforcing_jax.train --config configs/kjv_small.py --workdir runs/kjv_small
   python -m kforcing_jax.evaluate --workdir runs/kjv_small --out runs/kjv_small/eval.json \
       --num_prompts 32 --max_new_tokens 64
-Wall time: 61 min measured on a 2-core machine (2026-12-04, peak 2.3 GB; teacher 5.4 min, draft
-2.0, k4 53.3) with one-hot targets and AdamW; soft targets add ~3% and Muon (the k4 optimizer
-since 2026-12-06, lr 4e-3 inherited from kjv_tiny.py) 3-10% to a k4 step, so expect ~65-68 min
-(the Muon run below shared the cores for most of its 74 min k4 stage, so its clock is not a
-measurement; 4800 steps of 4, 1.1x the work, took 60 min for the k4 stage on 2026-12-06, sharing
-the cores only for its first ~6 min). k4 validation against the AR teacher's one-hot targets
-after 2400 steps (Muon, 2026-12-06): 2.11 / 3.46 / 4.11 / 4.33 (teacher data NLL 4.17; AdamW on
-soft targets 2.28 / 3.63 / 4.22 / 4.41; AdamW one-hot 2.35 / 3.67 / 4.25 / 4.43). The AdamW soft
-run's evaluate (128 validation rows): gaps -1.94 / -0.59 / -0.05 / +0.18, Gen-PPL 0.96x, entropy 0.87x
-(docs/results/kjv_small_adamw_eval.json); the Muon run's (docs/results/kjv_small_eval.json):
-gaps -2.12 / -0.76 / -0.16 / +0.11 (standard error 0.04), Gen-PPL 70.3 vs 74.3 (0.95x), unigram
-entropy 3.285 vs 3.655 (0.899x). Offset 4 and the entropy do not meet the goals (README, "Does the
-student match its teacher?").
+Wall time: 61 min measured on a 2-core machine (2026-12-04, peak 2.3 GB; teacher 5.4 min, draft 2.0,
+k4 53.3) with one-hot targets and AdamW; soft targets add ~3% and Muon (the k4 optimizer since
+2026-12-06, lr 4e-3 inherited from kjv_tiny.py) 3-10% to a k4 step, so expect ~65-68 min (the Muon
+run below shared the cores for most of its 74 min k4 stage, so its clock is not a measurement; 4800
+steps of 4, 1.1x the work, took 60 min for the k4 stage on 2026-12-06, sharing the cores only for
+its first ~6 min). k4 validation against the AR teacher's one-hot targets after 2400 steps (Muon,
+2026-12-06): 2.11 / 3.46 / 4.11 / 4.33 (teacher data NLL 4.17; AdamW on soft targets 2.28 / 3.63 /
+4.22 / 4.41; AdamW one-hot 2.35 / 3.67 / 4.25 / 4.43). The AdamW soft run's evaluate (128 validation
+rows): gaps -1.94 / -0.59 / -0.05 / +0.18, Gen-PPL 0.96x, entropy 0.87x
+(docs/results/kjv_small_adamw_eval.json); the Muon run's (docs/results/kjv_small_eval.json): gaps
+-2.12 / -0.76 / -0.16 / +0.11 (standard error 0.04), Gen-PPL 70.3 vs 74.3 (0.95x), unigram entropy
+3.285 vs 3.655 (0.899x). Offset 4 and the entropy do not meet the goals (README, "Does the student
+match its teacher?").
 """
 
 import importlib.util
