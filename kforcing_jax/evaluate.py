@@ -11,7 +11,8 @@ n-gram rates, agreement with the AR teacher's rollout under identical uniforms, 
 NLL_j / acc_j / acc_all against AR rollout targets) are defined in kforcing_jax/serving/quality.py.
 The lossless methods (--lossless, default on) add rows with their acceptance rate and tokens
 per teacher pass; pflm_verified's samples are the teacher's own (agree = 1 by construction).
-Prints a table, then where each stage's full window misses (`quality.miss_anatomy`); writes
+Prints a table, then where each stage's full window misses and what its NLL_j is made of
+(`quality.miss_anatomy`: by the width of the target's inverse-CDF bin); writes
 JSON {"settings", "rows", "samples"} (samples as text, a few per row).
 """
 

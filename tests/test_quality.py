@@ -63,3 +63,15 @@ def test_miss_anatomy_buckets_by_bin_width_chains_hits_and_compares_entropies():
   assert none["acc_q_1"] == [None, None, 0.0] and none["acc_after_hits_2"] is None
   assert "where each stage's full window misses" in quality.miss_table(
       [{"method": "pflm", "stage": "k2", "k": 2, "acc_1": 0.5, "acc_2": 0.5, **got}])
+  assert "nll_q_1" not in got  # without the student's NLL, no NLL split
+  # With it: NLL_j and the teacher's -log q per bucket, and NLL_2 after a hit at offset 1.
+  nll = np.array([[0.1, 6.0], [2.0, 1.0], [3.0, 4.0], [1.5, 2.5]])
+  with_nll = quality.miss_anatomy(pred, target, q, nll)
+  assert with_nll["nll_q_1"] == pytest.approx([3.0, 2.0, 0.8])
+  assert with_nll["surprisal_q_1"] == pytest.approx(
+      [-math.log(0.001), -math.log(0.05), -(math.log(0.5) + math.log(0.2)) / 2])
+  assert with_nll["nll_q_2"] == pytest.approx([6.0, 3.25, 1.0])
+  assert with_nll["nll_after_hits_2"] == pytest.approx(5.0)  # windows 0 and 2
+  table = quality.miss_table(
+      [{"method": "pflm", "stage": "k2", "k": 2, "acc_1": 0.5, "acc_2": 0.5, **with_nll}])
+  assert "-log q(y_j)" in table and "  0.80 / 1.15" in table

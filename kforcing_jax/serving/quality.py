@@ -179,7 +179,8 @@ def offset_metrics(student_graphdef, student_params, teacher_graphdef, teacher_p
   nll, hit, pred, tgt, q = (np.concatenate(a) for a in zip(*parts))
   loss, aux = distill.summarize_windows(jnp.asarray(nll), jnp.asarray(hit), jnp.ones(nll.shape))
   return {"nll": float(loss), **{name: float(v) for name, v in aux.items()},
-          **miss_anatomy(pred.reshape(-1, k), tgt.reshape(-1, k), q.reshape(-1, k)),
+          **miss_anatomy(pred.reshape(-1, k), tgt.reshape(-1, k), q.reshape(-1, k),
+                         nll.reshape(-1, k)),
           "row_nll": nll.mean(1).tolist()}
 
 
@@ -187,9 +188,11 @@ def offset_metrics(student_graphdef, student_params, teacher_graphdef, teacher_p
 Q_BINS = (0.01, 0.1)
 
 
-def miss_anatomy(pred_WxK: np.ndarray, target_WxK: np.ndarray, q_WxK: np.ndarray) -> dict:
+def miss_anatomy(pred_WxK: np.ndarray, target_WxK: np.ndarray, q_WxK: np.ndarray,
+                 nll_WxK: np.ndarray | None = None) -> dict:
   """Where a PFLM window misses, per offset j over W windows (pred: the student's argmax,
-  target: the AR rollout's token, q: the teacher's probability of that token):
+  target: the AR rollout's token, q: the teacher's probability of that token, nll: the
+  student's NLL of it):
     q_share_j, acc_q_j  the share of targets whose bin is narrow / mid / wide (q < 0.01,
                         0.01 <= q < 0.1, q >= 0.1) and acc_j within each: z must be resolved
                         to within q to hit a bin of width q.
@@ -198,6 +201,11 @@ def miss_anatomy(pred_WxK: np.ndarray, target_WxK: np.ndarray, q_WxK: np.ndarray
     argmax_entropy_j,   the unigram entropy (nats) of the student's argmax tokens and of the
     target_entropy_j    targets at offset j: an argmax that falls back on frequent tokens when
                         unsure loses diversity here, with contexts and uniforms held equal.
+    nll_q_j,            with nll: the student's mean NLL_j and the teacher's own -log q within
+    surprisal_q_j       each bin-width bucket. A student below -log q uses z_j; one above it on
+                        wide bins spreads its mass over the continuations of prefixes it could
+                        not decode (the teacher, knowing the prefix, does not).
+    nll_after_hits_j    with nll: NLL_j over the windows counted by acc_after_hits_j.
   """
   out = {}
   edges = (0.0, *Q_BINS, math.inf)
@@ -206,9 +214,15 @@ def miss_anatomy(pred_WxK: np.ndarray, target_WxK: np.ndarray, q_WxK: np.ndarray
     masks = [(q >= lo) & (q < hi) for lo, hi in zip(edges[:-1], edges[1:])]
     out[f"q_share_{j + 1}"] = [float(m.mean()) for m in masks]
     out[f"acc_q_{j + 1}"] = [float(hit[m].mean()) if m.any() else None for m in masks]
+    if nll_WxK is not None:
+      for name, x in (("nll_q", nll_WxK[:, j]), ("surprisal_q", -np.log(q))):
+        out[f"{name}_{j + 1}"] = [float(x[m].mean()) if m.any() else None for m in masks]
     if j:
       prior = np.all(pred_WxK[:, :j] == target_WxK[:, :j], axis=1)
       out[f"acc_after_hits_{j + 1}"] = float(hit[prior].mean()) if prior.any() else None
+      if nll_WxK is not None:
+        out[f"nll_after_hits_{j + 1}"] = (float(nll_WxK[prior, j].mean()) if prior.any()
+                                          else None)
     for name, ids in (("argmax", pred_WxK[:, j]), ("target", target_WxK[:, j])):
       p = np.bincount(ids) / len(ids)
       p = p[p > 0]
@@ -471,4 +485,15 @@ def miss_table(rows: list[dict]) -> str:
                    + " ".join(map(fmt, r[f"q_share_{j}"])) + " |"
                    + " ".join(map(fmt, r[f"acc_q_{j}"])) + " |"
                    + f"{r[f'argmax_entropy_{j}']:>11.2f} / {r[f'target_entropy_{j}']:.2f}")
+  if all("nll_q_1" in r for r in full.values()):
+    pair = lambda a, b: f"{'-':>13}" if a is None else f"{a:>6.2f} /{b:>5.2f}"
+    lines += ["the student's NLL_j against the teacher's own -log q(y_j) (a student that knows the "
+              "prefix and ignores z_j scores the latter):",
+              f"{'stage':<9}{'j':>3}{'after hits':>12} | {'<.01':>13} {'.01-.1':>13} "
+              f"{'>=.1':>13}"]
+    for r in full.values():
+      for j in range(1, r["k"] + 1):
+        after = r.get(f"nll_after_hits_{j}")
+        lines.append(f"{r['stage']:<9}{j:>3}{fmt(after):>12} | " + " ".join(
+            pair(a, b) for a, b in zip(r[f"nll_q_{j}"], r[f"surprisal_q_{j}"])))
   return "\n".join(lines)
