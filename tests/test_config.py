@@ -109,7 +109,7 @@ def test_bad_config_fails_with_clear_message(field, value, n_devices, message):
 def test_cross_field_cases():
   c = load(os.path.join(ROOT, "configs", "kjv_tiny.py"))
   c.mesh.model = 8
-  with pytest.raises(config_check.ConfigError, match=r"config.model.n_heads: 2 heads are not "
+  with pytest.raises(config_check.ConfigError, match=r"config.model.n_heads: 4 heads are not "
                      r"divisible by the model axis \(mesh.model=8\)"):
     config_check.validate(c, n_devices=8)
   c = load(os.path.join(ROOT, "configs", "kjv_tiny.py"))

@@ -91,9 +91,11 @@ def base_config() -> ml_collections.ConfigDict:
   # "gpt2" / "bert-base-uncased": the standard tokenizers (downloaded once; need internet).
   c.data.tokenizer = "bpe"
   c.data.bpe_vocab_size = 8192  # Vocabulary size of the trained BPE (special tokens included).
-  # Ids of the trained BPE: "merges" (the trainer's order: bytes, then merges) or "frequency"
-  # (by descending count in the training split). Sampling's inverse-CDF runs over ids in order,
-  # so this changes which z gives which token (not the model's distribution).
+  # Ids of the trained BPE: "merges" (the trainer's order: bytes, then merges), "frequency" (by
+  # descending count in the training split) or "similarity" (tokens that follow the same tokens
+  # next to each other: a nearest-neighbour chain of bigram-PMI embeddings). Sampling's
+  # inverse-CDF runs over ids in order, so this changes which z gives which token (not the
+  # model's distribution).
   c.data.bpe_id_order = "merges"
   c.data.worker_count = 0  # grain worker processes (0 = read in the main process).
   c.seq_len = 128  # Tokens per training sequence (L).
