@@ -108,6 +108,11 @@ TEACHERS = {
     # teacher quality, and the student's window tokens get twice the attention lookups per layer.
     "default_d128_unigram_h4": DEFAULT + (("model.d_model", 128), ("model.n_heads", 4),
                                           ("train.head_bias_init", "unigram")),
+    # ... with ids along a chain of similar tokens (data.bpe_id_order=similarity): the same
+    # kind of teacher, a different z-to-token map (lower NLL_j, more repetitive samples).
+    "default_d128_unigram_h4_sim": DEFAULT + (("model.d_model", 128), ("model.n_heads", 4),
+                                              ("train.head_bias_init", "unigram"),
+                                              ("data.bpe_id_order", "similarity")),
     # The default's settings at one id per byte, trained 1000 steps instead of 300 (~24 min):
     # a sharper teacher, to see whether the byte-level student's small gap survives it.
     "v259_long": DEFAULT + (("data.bpe_vocab_size", 259),
@@ -255,10 +260,13 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
                 ("stage_overrides.k4.train.eval_every", 100)),
             "configs/kjv_tiny.py since 2026-12-06: 4 heads of 32, k4 960 steps of 4 sequences on "
             "soft targets with Muon at lr 4e-3"),
-    Variant("default_d128_unigram_h4_k4_2400_soft_muon_lr4e-3", "default_d128_unigram_h4",
-            "teacher,k4", _steps("k4", 2400, 4e-3) + _SOFT_MUON,
-            "configs/kjv_small.py since 2026-12-06: 4 heads of 32, k4 2400 steps of 8 on soft "
-            "targets with Muon at lr 4e-3"),
+    Variant("default_d128_unigram_h4_sim_k4_960_b4_soft_muon_lr4e-3",
+            "default_d128_unigram_h4_sim", "teacher,k4",
+            _steps("k4", 960, 4e-3, batch=4) + _SOFT_MUON + (
+                ("stage_overrides.k4.train.eval_batches", 8),
+                ("stage_overrides.k4.train.eval_every", 100)),
+            "configs/kjv_tiny.py with ids by similarity (data.bpe_id_order): k4 960 steps of 4 "
+            "sequences on soft targets with Muon at lr 4e-3"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),
