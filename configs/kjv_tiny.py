@@ -3,20 +3,20 @@ plus the small AR draft model of the speculative-decoding baseline.
 
 Run (offline, 2 CPU cores):
   python -m kforcing_jax.train --config configs/kjv_tiny.py --workdir runs/kjv_tiny
-Measured on an idle 2-core machine (2026-12-06, `/usr/bin/time -v`): 18 min 41 s wall for the
-three stages, peak memory 2.2 GB (the same command with the k4 stage's earlier 480 steps of 8
-sequences: 17 min 33 s the same morning, 22 min 22 s on 2026-12-05: this VM's speed drifts
-by ~25% between days) (--config.stages=teacher,k4 skips the draft, ~2 min).
+Measured on an idle 2-core machine (2026-12-06, `/usr/bin/time -v`): 20 min 14 s wall for the
+three stages, peak memory 2.1 GB (with 2 heads instead of 4: 18 min 41 s the same morning; with
+the k4 stage's earlier 480 steps of 8 sequences: 17 min 33 s; 22 min 22 s on 2026-12-05: this
+VM's speed drifts by ~25%) (--config.stages=teacher,k4 skips the draft, ~2 min).
 Teacher validation loss from 5.91 (the unigram distribution it starts at) to 4.28 nats/token
 after 300 steps; draft 4.60 after 150; k4 per-offset NLL against the AR teacher's one-hot
-targets 2.49 / 3.71 / 4.28 / 4.41 after 960 steps of 4 sequences (`val_ar_nll_j`; teacher data
-NLL 4.17; 480 steps of 8: 2.55 / 3.77 / 4.31 / 4.46; AdamW at lr 2e-3, 480 x 8: 2.84 / 3.97 /
-4.44 / 4.56). Then `python -m kforcing_jax.evaluate --workdir runs/kjv_tiny --out
+targets 2.44 / 3.61 / 4.18 / 4.40 after 960 steps of 4 sequences (`val_ar_nll_j`; teacher data
+NLL 4.17; 2 heads: 2.49 / 3.71 / 4.28 / 4.41; AdamW at lr 2e-3, 480 x 8: 2.84 / 3.97 / 4.44 /
+4.56). Then `python -m kforcing_jax.evaluate --workdir runs/kjv_tiny --out
 runs/kjv_tiny/eval.json --num_prompts 32 --max_new_tokens 64` (3-4 min; per-offset metrics on
-128 validation rows): k4@k4 Gen-PPL 74.4 vs the teacher's 74.3 (1.00x), unigram entropy 3.20
-vs 3.66 (0.87x), NLL_j 2.54 / 3.77 / 4.27 / 4.48 vs data NLL 4.28 (gaps -1.73 / -0.51 / -0.00 /
-+0.21, standard error 0.04; 480 steps of 8: -1.66 / -0.45 / +0.04 / +0.23, Gen-PPL 0.95x,
-entropy 0.87x). Offsets 3-4 and the entropy do not yet match the teacher at this budget: see
+128 validation rows): k4@k4 Gen-PPL 75.1 vs the teacher's 76.2 (0.99x), unigram entropy 3.19
+vs 3.65 (0.87x), NLL_j 2.51 / 3.73 / 4.20 / 4.44 vs data NLL 4.28 (gaps -1.77 / -0.56 / -0.08 /
++0.16, standard error 0.04; 2 heads: -1.73 / -0.51 / -0.00 / +0.21, Gen-PPL 1.00x, entropy
+0.87x). Offset 4 and the entropy do not yet match the teacher at this budget: see
 configs/kjv_small.py and the README's fidelity study.
 metrics.jsonl, tensorboard/ and loss_curve.png in the work dir. Smoke test:
   --config.stage_overrides.teacher.train.num_steps=40 --config.stage_overrides.k4.train.num_steps=10
