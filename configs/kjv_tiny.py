@@ -3,10 +3,11 @@ plus the small AR draft model of the speculative-decoding baseline.
 
 Run (offline, 2 CPU cores):
   python -m kforcing_jax.train --config configs/kjv_tiny.py --workdir runs/kjv_tiny
-Measured on an idle 2-core machine (2026-12-06, `/usr/bin/time -v`): 20 min 14 s wall for the
-three stages, peak memory 2.1 GB (with 2 heads instead of 4: 18 min 41 s the same morning; with
-the k4 stage's earlier 480 steps of 8 sequences: 17 min 33 s; 22 min 22 s on 2026-12-05: this
-VM's speed drifts by ~25%) (--config.stages=teacher,k4 skips the draft, ~2 min).
+Measured on an idle 2-core machine (2026-12-06, `/usr/bin/time -v`; a 10-second test overlapped
+it): 20 min 14 s wall for the three stages, peak memory 2.1 GB (with 2 heads instead of 4:
+18 min 41 s the same morning; with the k4 stage's earlier 480 steps of 8 sequences: 17 min 33 s;
+22 min 22 s on 2026-12-05: this VM's speed drifts by ~25%) (--config.stages=teacher,k4 skips the
+draft, ~2 min).
 Teacher validation loss from 5.91 (the unigram distribution it starts at) to 4.28 nats/token
 after 300 steps; draft 4.60 after 150; k4 per-offset NLL against the AR teacher's one-hot
 targets 2.44 / 3.61 / 4.18 / 4.40 after 960 steps of 4 sequences (`val_ar_nll_j`; teacher data
