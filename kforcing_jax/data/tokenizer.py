@@ -167,7 +167,9 @@ def _similarity_order(hf: tokenizers.Tokenizer, texts) -> tokenizers.Tokenizer:
   wide). With similar tokens next to each other, the ids near a z that it cannot resolve are
   tokens the same contexts predict (one region of its output space, where frequency order
   scatters them), and an earlier token decoded as a neighbour of the right one leaves the
-  later offsets' distributions nearly as they would be.
+  later offsets' distributions nearly as they would be. Measured on the default (README): NLL_j
+  0.1-0.2 lower at offsets 2-4, but the argmax then favours the commonest of the alike tokens
+  and the samples turn repetitive.
   """
   import numpy as np
   from scipy import sparse
@@ -181,9 +183,10 @@ def _similarity_order(hf: tokenizers.Tokenizer, texts) -> tokenizers.Tokenizer:
     prev.append(a[:-1])
     cur.append(a[1:])
   prev, cur = np.concatenate(prev), np.concatenate(cur)
+  # Counts of (token, token before it); tocsr sums the repeated pairs.
   pairs = sparse.coo_matrix((np.ones(len(cur)), (cur, prev)), shape=(v, v)).tocsr()
-  pairs.sum_duplicates()
-  total, rows, cols = pairs.sum(), np.asarray(pairs.sum(1)).ravel(), np.asarray(pairs.sum(0)).ravel()
+  rows, cols = np.asarray(pairs.sum(1)).ravel(), np.asarray(pairs.sum(0)).ravel()
+  total = rows.sum()
   coo = pairs.tocoo()
   ppmi = np.maximum(np.log(coo.data * total / (rows[coo.row] * cols[coo.col])), 0.0)
   dim = min(SIMILARITY_DIM, v - 2)
