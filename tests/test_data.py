@@ -142,30 +142,6 @@ def test_similarity_id_order_puts_tokens_with_alike_left_contexts_next_to_each_o
   assert neighbour_similarity(sim) > 2 * neighbour_similarity(freq)  # measured: 0.56 vs 0.13
 
 
-def test_chunked_similarity_order_sorts_runs_of_the_chain_by_count(kjv_env, tmp_path):
-  """data.bpe_similarity_chunk: each run of `chunk` ids holds the same tokens as that run of the
-  plain chain, by descending count, so the chain's layout above `chunk` ids is kept."""
-  cfg, tok, workdir = kjv_env
-  build = lambda name, **kw: tokenizer_lib.build_tokenizer(_data_cfg(**kw), str(tmp_path / name))
-  chunk = 8
-  chunked = build("c", bpe_id_order="similarity", bpe_similarity_chunk=chunk)
-  chain = build("s", bpe_id_order="similarity")
-  assert build("c2", bpe_id_order="similarity", bpe_similarity_chunk=chunk).hf.get_vocab() == (
-      chunked.hf.get_vocab())
-  assert chunked.hf.get_vocab() != chain.hf.get_vocab()
-  texts = list(pipeline.iter_texts(cfg, "train", workdir))
-  sample = " ".join(texts[:50])
-  piece = lambda t, ids: [t.hf.id_to_token(i) for i in ids]
-  assert piece(chunked, chunked.encode(sample)) == piece(tok, tok.encode(sample))
-  counts = collections.Counter(p for ids in chain.encode_batch(texts) for p in piece(chain, ids))
-  n_seen = sum(1 for i in range(2, chain.vocab_size) if counts[chain.hf.id_to_token(i)] > 0)
-  assert n_seen > 20 * chunk
-  for lo in range(2, 2 + n_seen - chunk + 1, chunk):
-    run = piece(chunked, range(lo, lo + chunk))
-    assert set(run) == set(piece(chain, range(lo, lo + chunk))), lo
-    assert [counts[p] for p in run] == sorted((counts[p] for p in run), reverse=True), lo
-
-
 def _fake_hub(name):
   """Stand-ins for the hub's gpt2 (no mask token) and bert (has [MASK], eos = [SEP])."""
   vocab = {w: i for i, w in enumerate(["[UNK]", "hello", "world"])}

@@ -113,12 +113,6 @@ TEACHERS = {
     "default_d128_unigram_h4_sim": DEFAULT + (("model.d_model", 128), ("model.n_heads", 4),
                                               ("train.head_bias_init", "unigram"),
                                               ("data.bpe_id_order", "similarity")),
-    # ... with each run of 32 ids of that chain sorted by count (data.bpe_similarity_chunk):
-    # the chain's layout above 32 ids, equally common neighbours inside a run.
-    "default_d128_unigram_h4_chunk32": DEFAULT + (("model.d_model", 128), ("model.n_heads", 4),
-                                                  ("train.head_bias_init", "unigram"),
-                                                  ("data.bpe_id_order", "similarity"),
-                                                  ("data.bpe_similarity_chunk", 32)),
     # The default's settings at one id per byte, trained 1000 steps instead of 300 (~24 min):
     # a sharper teacher, to see whether the byte-level student's small gap survives it.
     "v259_long": DEFAULT + (("data.bpe_vocab_size", 259),
@@ -273,14 +267,6 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
                 ("stage_overrides.k4.train.eval_every", 100)),
             "configs/kjv_tiny.py with ids by similarity (data.bpe_id_order): k4 960 steps of 4 "
             "sequences on soft targets with Muon at lr 4e-3"),
-    Variant("default_d128_unigram_h4_chunk32_k4_960_b4_soft_muon_lr4e-3",
-            "default_d128_unigram_h4_chunk32", "teacher,k4",
-            _steps("k4", 960, 4e-3, batch=4) + _SOFT_MUON + (
-                ("stage_overrides.k4.train.eval_batches", 8),
-                ("stage_overrides.k4.train.eval_every", 100)),
-            "configs/kjv_tiny.py with ids by similarity, each run of 32 sorted by count "
-            "(data.bpe_similarity_chunk=32): k4 960 steps of 4 sequences on soft targets with "
-            "Muon at lr 4e-3"),
     Variant("single_k4_120_f100", "v1024", "teacher,k4",
             _steps("k4", 120, 1e-3) + (("model.noise_max_freq", 100.0),),
             "AR -> k4, 120 steps, noise features up to 100 cycles over [0, 1]"),

@@ -97,9 +97,6 @@ def base_config() -> ml_collections.ConfigDict:
   # inverse-CDF runs over ids in order, so this changes which z gives which token (not the
   # model's distribution).
   c.data.bpe_id_order = "merges"
-  # With bpe_id_order="similarity": > 0 sorts each run of this many consecutive ids of the chain
-  # by descending count (neighbours then alike in frequency too); 0 = the chain as is.
-  c.data.bpe_similarity_chunk = 0
   c.data.worker_count = 0  # grain worker processes (0 = read in the main process).
   c.seq_len = 128  # Tokens per training sequence (L).
   c.batch_size = 32  # GLOBAL batch (sequences per step, summed over all processes/devices).

@@ -197,8 +197,6 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
            f"must be in (0, 1), got {d.val_fraction}")
   _require(d.bpe_id_order in BPE_ID_ORDERS, "data.bpe_id_order",
            f"must be one of {BPE_ID_ORDERS}, got {d.bpe_id_order!r}")
-  _require(d.bpe_similarity_chunk >= 0, "data.bpe_similarity_chunk",
-           f"must be >= 0 (0 = the chain unsorted), got {d.bpe_similarity_chunk}")
   _require(d.bpe_vocab_size >= MIN_BPE_VOCAB, "data.bpe_vocab_size",
            f"must be >= {MIN_BPE_VOCAB} (256 bytes + eos + mask), got {d.bpe_vocab_size}")
   _require(d.worker_count >= 0, "data.worker_count", f"must be >= 0, got {d.worker_count}")

@@ -72,8 +72,6 @@ def build_tokenizer(data_cfg, workdir: str) -> Tokenizer:
     meta["bpe_vocab_size"] = int(data_cfg.bpe_vocab_size)
     if data_cfg.bpe_id_order != "merges":  # so work dirs made before the field still match
       meta["bpe_id_order"] = data_cfg.bpe_id_order
-    if data_cfg.bpe_id_order == "similarity" and data_cfg.get("bpe_similarity_chunk", 0):
-      meta["bpe_similarity_chunk"] = int(data_cfg.bpe_similarity_chunk)
   path = os.path.join(workdir, "tokenizer.json")
   meta_path = os.path.join(workdir, "tokenizer_meta.json")
   if os.path.exists(path):
@@ -83,8 +81,7 @@ def build_tokenizer(data_cfg, workdir: str) -> Tokenizer:
         saved = json.load(f)
     if saved != meta:
       raise ValueError(f"{path} was built for {saved} but the config asks for {meta} "
-                       "(data.tokenizer / data.bpe_vocab_size / data.bpe_id_order / "
-                       "data.bpe_similarity_chunk); use a fresh workdir.")
+                       "(data.tokenizer / data.bpe_vocab_size / data.bpe_id_order); use a fresh workdir.")
     return Tokenizer.load(path)
   tok = _train_bpe(data_cfg, workdir) if kind == "bpe" else _pretrained(kind)
   os.makedirs(workdir, exist_ok=True)
@@ -113,7 +110,7 @@ def _train_bpe(data_cfg, workdir: str) -> Tokenizer:
   if data_cfg.bpe_id_order == "frequency":
     hf = _frequency_order(hf, texts())
   elif data_cfg.bpe_id_order == "similarity":
-    hf = _similarity_order(hf, texts(), int(data_cfg.get("bpe_similarity_chunk", 0)))
+    hf = _similarity_order(hf, texts())
   tok = Tokenizer(hf)
   if tok.vocab_size < vocab_size:
     pipeline.log.warning("BPE stopped at %d ids (< data.bpe_vocab_size=%d): the corpus has no more "
@@ -159,7 +156,7 @@ def _frequency_order(hf: tokenizers.Tokenizer, texts) -> tokenizers.Tokenizer:
 SIMILARITY_DIM = 64
 
 
-def _similarity_order(hf: tokenizers.Tokenizer, texts, chunk: int = 0) -> tokenizers.Tokenizer:
+def _similarity_order(hf: tokenizers.Tokenizer, texts) -> tokenizers.Tokenizer:
   """Ids along a nearest-neighbour chain of token embeddings, so that neighbouring ids are
   tokens that follow the same tokens (unseen tokens last, in merge order).
 
@@ -173,11 +170,6 @@ def _similarity_order(hf: tokenizers.Tokenizer, texts, chunk: int = 0) -> tokeni
   later offsets' distributions nearly as they would be. Measured on the default (README): NLL_j
   0.1-0.2 lower at offsets 2-4, but the argmax then favours the commonest of the alike tokens
   and the samples turn repetitive.
-
-  `chunk` > 0 (data.bpe_similarity_chunk) then sorts each run of `chunk` consecutive places of
-  the chain by descending count: the chain's layout at scales above `chunk` ids (which contexts'
-  tokens sit where in [0, 1]) is kept, and inside a run the ids near an unresolved z are
-  about equally common, as under frequency order.
   """
   import numpy as np
   from scipy import sparse
@@ -214,10 +206,6 @@ def _similarity_order(hf: tokenizers.Tokenizer, texts, chunk: int = 0) -> tokeni
     if not free.any():
       break
     here = int(np.argmax(np.where(free, emb @ emb[here], -np.inf)))
-  if chunk > 0:
-    # Chained ids first (unseen ones keep merge order after them), by run, then by count.
-    return _renumbered(hf, lambda i: (int(rank[i] == v), int(rank[i]) // chunk, -int(counts[i]),
-                                      int(rank[i]), i))
   return _renumbered(hf, lambda i: (int(rank[i]), i))
 
 
