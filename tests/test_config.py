@@ -58,6 +58,7 @@ BAD = [
     ("model.dtype", "float16", 8, "config.model.dtype: must be one of"),
     ("model.noise_max_freq", 0.0, 8, "config.model.noise_max_freq: must be > 0"),
     ("data.bpe_id_order", "alphabetical", 8, "config.data.bpe_id_order: must be one of"),
+    ("distill.own_prefix", 1.5, 8, "config.distill.own_prefix: must be in [0, 1]"),
     ("optim.lr", 0.0, 8, "config.optim.lr: must be > 0"),
     ("optim.schedule", "linear", 8, "config.optim.schedule: must be 'constant' or 'cosine'"),
     ("optim.ema_decay", 1.0, 8, "config.optim.ema_decay: must be in [0, 1)"),

@@ -150,6 +150,47 @@ def test_ar_rollout_equals_sequential_inverse_cdf():
     assert len(np.unique(got)) > 3
 
 
+def test_ar_rollout_continues_a_given_prefix_where_mixed():
+  """distill.own_prefix: where mix, round j continues the given tokens (the student's argmax),
+  checked against the plain causal forward on [x_0..x_t, prefix_0..prefix_(j-1)]; elsewhere,
+  and everywhere when the prefix is the rollout's own samples, the plain rollout."""
+  b, n, rounds = 2, 6, 3
+  graphdef, params = _ar(seed=6)
+  tokens = _tokens(40, b, n)
+  z = jax.random.uniform(jax.random.key(41), (b, n, rounds))
+  given = _tokens(42, b * n * rounds, 1).reshape(b, n, rounds)
+  mix = jax.random.uniform(jax.random.key(43), (b, n)) < 0.5
+  run = jax.jit(lambda p, t, z, g, m: rollout.ar_rollout(model_lib.merge(graphdef, p), t, z,
+                                                         prefix_BxNxR=g, mix_BxN=m))
+  plain = np.asarray(jax.jit(lambda p, t, z: rollout.ar_rollout(
+      model_lib.merge(graphdef, p), t, z))(params, tokens, z))
+  everywhere = jnp.ones((b, n), bool)
+  np.testing.assert_array_equal(np.asarray(run(params, tokens, z, plain, everywhere)), plain)
+  got = np.asarray(run(params, tokens, z, given, mix))
+  toks, gv, zz, mm = map(np.asarray, (tokens, given, z, mix))
+  model = jax.jit(lambda p, x: model_lib.merge(graphdef, p)(x))
+  for bi in range(b):
+    for t in range(n):
+      prefix = gv[bi, t] if mm[bi, t] else plain[bi, t]
+      for j in range(rounds):
+        seq = np.concatenate([toks[bi, :t + 1], prefix[:j]])[None]
+        want = sampling.inverse_cdf(model(params, seq)[:, -1], zz[bi, t, j][None])
+        assert got[bi, t, j] == int(want[0]), (bi, t, j)
+  assert mm.any() and (~mm).any()
+  assert (got[mm][:, 1:] != plain[mm][:, 1:]).any()
+  np.testing.assert_array_equal(got[~mm], plain[~mm])
+  np.testing.assert_array_equal(got[..., 0], plain[..., 0])
+
+
+def test_own_prefix_applies_only_to_the_ar_teachers_rollout():
+  ar, _ = distill.stage_spec("k4", "teacher", "self_forcing", 1.0, own_prefix=0.5)
+  chain, _ = distill.stage_spec("k4", "k2", "self_forcing", 1.0, own_prefix=0.5)
+  rolled, _ = distill.stage_spec("k4", "k2", "ar_rollout", 1.0, own_prefix=0.5)
+  inverted, _ = distill.stage_spec("k4", "teacher", "noise_inversion", 1.0, own_prefix=0.5)
+  assert (ar.own_prefix, chain.own_prefix, rolled.own_prefix, inverted.own_prefix) == (
+      0.5, 0.0, 0.5, 0.0)
+
+
 # ---- target reproducibility: batch composition, jit and sharding ----
 
 

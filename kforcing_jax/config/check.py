@@ -163,6 +163,10 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
            f"must be >= 0 (0 = uniform over offsets), got {dc.offset_weight_growth}")
   _require(0.0 <= dc.cdf_blur < 1.0, "distill.cdf_blur",
            f"must be in [0, 1) (0 = one-hot targets), got {dc.cdf_blur}")
+  _require(0.0 <= dc.own_prefix <= 1.0, "distill.own_prefix",
+           f"must be in [0, 1] (a fraction of windows), got {dc.own_prefix}")
+  _require(dc.own_prefix == 0.0 or dc.target != "noise_inversion", "distill.own_prefix",
+           "needs the AR teacher's rollout as targets; noise_inversion's are real tokens")
   m = config.model
   _require(m.n_layers >= 1, "model.n_layers", f"must be >= 1, got {m.n_layers}")
   _require(m.pflm_n_layers == 0 or m.pflm_n_layers >= m.n_layers, "model.pflm_n_layers",

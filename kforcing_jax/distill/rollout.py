@@ -44,11 +44,15 @@ def pflm_rollout(teacher: pflm_lib.PFLM, tokens_BxN: jax.Array, z_BxNxRK: jax.Ar
 
 def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: jax.Array,
                tau: float = 1.0, with_logits: bool = False,
-               blur: tuple[float, int] | None = None):
+               blur: tuple[float, int] | None = None, prefix_BxNxR: jax.Array | None = None,
+               mix_BxN: jax.Array | None = None):
   """An AR teacher as a k=1 inverse-CDF sampler, rolled out R rounds -> targets (B, N, R), and
   with_logits: also the logits / tau each round sampled from (B, N, R, V), float32; or
   blur=(sigma, radius): also each target's soft version (`sampling.blurred_window`: ids and
   weights, each (B, N, R, 2 radius + 1)), made round by round so no (B, N, R, V) tensor is kept.
+  prefix_BxNxR (with mix_BxN, bool): in the windows where mix_BxN, round r >= 1 feeds
+  prefix[..., :r] back instead of the rollout's own y_0..y_(r-1) (distill.own_prefix: the
+  student's argmax tokens), so y_r continues that prefix.
 
   Round 0 samples from the context's own logits; round r >= 1 feeds y_0..y_(r-1) back as real
   tokens at positions t+1..t+r and samples from the hidden state of y_(r-1). R = 1 gives the
@@ -75,6 +79,9 @@ def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: j
     # Round r feeds y_(r-1) at window slot r-1; the earlier slots' (k, v) are in the cache.
     produced_BxNxR, cache = carry
     y_prev = jax.lax.dynamic_slice_in_dim(produced_BxNxR, r - 1, 1, axis=2)
+    if prefix_BxNxR is not None:
+      given = jax.lax.dynamic_slice_in_dim(prefix_BxNxR, r - 1, 1, axis=2)
+      y_prev = jnp.where(mix_BxN[..., None], given, y_prev)
     h, cache = teacher.window_pass(ctx_kvs, teacher.embed(y_prev), cache=cache, start=r - 1)
     z_r = jax.lax.dynamic_index_in_dim(z_BxNxR, r, axis=2, keepdims=False)
     y, extra_r = sample(teacher.logits(h[:, :, 0]).astype(jnp.float32) / tau, z_r)

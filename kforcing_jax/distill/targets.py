@@ -31,6 +31,7 @@ class StageSpec:
   tau: float = 1.0
   offset_weight_growth: float = 0.0  # config.distill.offset_weight_growth
   cdf_blur: float = 0.0  # config.distill.cdf_blur
+  own_prefix: float = 0.0  # config.distill.own_prefix
 
 
 def offset_weights(k: int, growth: float) -> jax.Array:
@@ -40,7 +41,8 @@ def offset_weights(k: int, growth: float) -> jax.Array:
 
 
 def stage_spec(stage: str, prev: str, target: str, tau: float,
-               offset_weight_growth: float = 0.0, cdf_blur: float = 0.0) -> tuple[StageSpec, str]:
+               offset_weight_growth: float = 0.0, cdf_blur: float = 0.0,
+               own_prefix: float = 0.0) -> tuple[StageSpec, str]:
   """(spec, the stage whose frozen weights make the targets) of distillation stage `stage`.
 
   self_forcing: the previous stage makes the targets (the paper's chain); ar_rollout: the AR
@@ -54,18 +56,22 @@ def stage_spec(stage: str, prev: str, target: str, tau: float,
   teacher_k = 0 if target == "ar_rollout" else config_check.stage_k(prev)
   # Only an AR teacher's inverse-CDF has bins to blur: a PFLM teacher's argmax rollout and
   # noise inversion's real tokens keep one-hot targets.
-  blur = cdf_blur if teacher_k == 0 and target != "noise_inversion" else 0.0
+  ar_targets = teacher_k == 0 and target != "noise_inversion"
   spec = StageSpec(student_k=k, teacher_k=teacher_k,
                    target="self_forcing" if target == "ar_rollout" else target, tau=tau,
-                   offset_weight_growth=offset_weight_growth, cdf_blur=blur)
+                   offset_weight_growth=offset_weight_growth,
+                   cdf_blur=cdf_blur if ar_targets else 0.0,
+                   own_prefix=own_prefix if ar_targets else 0.0)
   return spec, config_check.TEACHER if target == "ar_rollout" else prev
 
 
 def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.Array,
-                 u_BxNxK: jax.Array):
+                 u_BxNxK: jax.Array, own_BxNxK: jax.Array | None = None,
+                 mix_BxN: jax.Array | None = None):
   """(targets (B, N, k), weights (B, N, k), z the student sees (B, N, k), soft targets or None):
   soft targets, (ids, weights) on the BLUR_RADIUS ids either side of each target, only with
-  spec.cdf_blur > 0 (an AR teacher's rollout)."""
+  spec.cdf_blur > 0 (an AR teacher's rollout). own_BxNxK / mix_BxN: the AR teacher's rollout
+  continues from own_BxNxK in the windows where mix_BxN (spec.own_prefix)."""
   b, n, k = z_BxNxK.shape
   ones = jnp.ones((b, n, k), jnp.float32)
   if spec.target == "noise_inversion":
@@ -79,11 +85,13 @@ def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.A
     z = sampling.invert_noise(logits_BxNxV[:, idx_NxK], targets, u_BxNxK)
     return targets, ones * valid_NxK, z, None
   if spec.teacher_k == 0:
+    prefix = dict(prefix_BxNxR=own_BxNxK, mix_BxN=mix_BxN)
     if spec.cdf_blur > 0:
       targets, soft = rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, spec.tau,
-                                         blur=(spec.cdf_blur, BLUR_RADIUS))
+                                         blur=(spec.cdf_blur, BLUR_RADIUS), **prefix)
       return targets, ones, z_BxNxK, soft
-    return rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, spec.tau), ones, z_BxNxK, None
+    return (rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, spec.tau, **prefix), ones, z_BxNxK,
+            None)
   targets = rollout.pflm_rollout(teacher, tokens_BxN, z_BxNxK, spec.teacher_k, spec.tau)
   return targets, ones, z_BxNxK, None
 
@@ -139,8 +147,14 @@ def make_loss_fn(spec: StageSpec, student_graphdef, teacher_graphdef):
     z = jax.random.uniform(kz, (b, n, spec.student_k), jnp.float32)
     u = jax.random.uniform(ku, (b, n, spec.student_k), jnp.float32)
     teacher = model_lib.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+    own = mix = None
+    if spec.own_prefix > 0:
+      # The student's own decisions on this z (current weights, no gradient) as the prefix.
+      frozen = model_lib.merge(student_graphdef, jax.lax.stop_gradient(params))
+      own = frozen.noise_logits(tokens_BxN, z, spec.tau).argmax(-1).astype(jnp.int32)
+      mix = jax.random.uniform(jax.random.fold_in(key, 1), (b, n)) < spec.own_prefix
     targets, weights, z, soft = jax.lax.stop_gradient(
-        make_targets(spec, teacher, tokens_BxN, z, u))
+        make_targets(spec, teacher, tokens_BxN, z, u, own, mix))
     student = model_lib.merge(student_graphdef, params)
     return student_loss(student, tokens_BxN, z, targets, weights, spec.tau,
                         offset_weights(spec.student_k, spec.offset_weight_growth), soft)

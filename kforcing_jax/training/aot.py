@@ -92,7 +92,7 @@ def compile_stage(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelC
   else:
     spec, source = distill.stage_spec(stage, prev, cfg.distill.target, cfg.distill.tau,
                                       cfg.distill.offset_weight_growth,
-                                    cfg.distill.cdf_blur)
+                                      cfg.distill.cdf_blur, cfg.distill.own_prefix)
     _, teacher_abstract, _ = trainer.stage_model(cfg, model_cfg, source)
     teacher_graphdef, teacher_shapes = model_lib.split_params(teacher_abstract)
     frozen = sharding.abstract_arrays(

@@ -167,7 +167,7 @@ def run_distill_stage(s: Setup, stage: str, prev: str) -> dict:
   cfg = config_check.stage_config(s.config, stage)
   spec, source = distill.stage_spec(stage, prev, cfg.distill.target, cfg.distill.tau,
                                     cfg.distill.offset_weight_growth,
-                                    cfg.distill.cdf_blur)
+                                    cfg.distill.cdf_blur, cfg.distill.own_prefix)
   _, _, teacher_graphdef = _stage_model(s, source)
   factory, abstract, graphdef = _stage_model(s, stage)
   init_from = load_stage_params(s, prev)
@@ -186,7 +186,7 @@ def run_distill_stage(s: Setup, stage: str, prev: str) -> dict:
   # Drift along the chain: the student's per-offset NLL / accuracy against the ORIGINAL AR
   # teacher's k-round inverse-CDF targets (equal to the stage's own metrics right after the
   # teacher with self-forcing targets; logged for every stage so runs compare line by line).
-  ar_spec = dataclasses.replace(spec, teacher_k=0, target="self_forcing")
+  ar_spec = dataclasses.replace(spec, teacher_k=0, target="self_forcing", own_prefix=0.0)
   same = ar_spec == spec  # then val_ar_* = val_*: copied, not recomputed
   ar_targets = (None if same else distill.make_loss_fn(ar_spec, graphdef, ar_graphdef),
                 ar_params)
