@@ -15,10 +15,10 @@ steps: 2.05 / 3.42 / 4.03 / 4.25 (teacher data NLL 4.17 on those rows; 2 heads: 
 data NLL -2.19 / -0.83 / -0.26 / +0.03 (standard error 0.04), Gen-PPL 68.0 vs 76.2 (0.89x),
 unigram entropy 3.287 vs 3.651 (0.900x), rep_2 0.091; with evaluate's --seed 1
 (docs/results/kjv_small_eval_seed1.json): offset 4 +0.07, Gen-PPL 0.86x, entropy 0.884x.
-Gen-PPL and offsets 1-3 meet the goals; the entropy sits at the 0.90x line; offset 4 is 0.03-0.07
-above the teacher's data NLL, not below it (README, "Does the student match its teacher?"). With 2 heads (the config until 2026-12-06;
-docs/results/kjv_small_2heads_eval.json): -2.12 / -0.76 / -0.16 / +0.11, Gen-PPL 0.95x, entropy
-0.899x.
+Gen-PPL and offsets 1-3 meet the goals; the entropy sits at the 0.90x line; offset 4 is
+0.03-0.07 above the teacher's data NLL, not below it (README, "Does the student match its
+teacher?"). With 2 heads (the config until 2026-12-06; docs/results/kjv_small_2heads_eval.json):
+-2.12 / -0.76 / -0.16 / +0.11, Gen-PPL 0.95x, entropy 0.899x.
 """
 
 import importlib.util

@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   # of the teacher's and cut rep_2 from 0.11 to 0.08, but NLL_4 against the teacher's rollout
   # rose from 4.44 to 5.22 (README, "Does the student match its teacher?"). Applies where
   # cdf_blur does (stages whose targets are the AR teacher's rollout); val_ar_* always scores
-  # against the teacher's own rollout.
+  # against the teacher's own rollout. Costs no extra student pass (the loss's own argmax).
   c.distill.own_prefix = 0.0
   # Teacher weights and student init come from the previous stage's EMA when EMA is on.
 

@@ -101,7 +101,12 @@ def window_scores(student: pflm_lib.PFLM, tokens_BxN, z_BxNxK, targets_BxNxK,
   """Per-window (NLL, argmax hit) of the student against targets, each (B, N, K); with soft
   targets also the per-window cross-entropy against them (the training loss's terms); with
   with_argmax, last, the argmax ids themselves (evaluation's miss anatomy)."""
-  logits = student.noise_logits(tokens_BxN, z_BxNxK, tau)
+  return logit_scores(student.noise_logits(tokens_BxN, z_BxNxK, tau), targets_BxNxK, soft,
+                      with_argmax)
+
+
+def logit_scores(logits, targets_BxNxK, soft=None, with_argmax: bool = False):
+  """`window_scores` from the student's window logits (B, N, K, V)."""
   nll = losses.token_nll(logits, targets_BxNxK)
   pred = logits.argmax(-1)
   out = (nll, (pred == targets_BxNxK).astype(jnp.float32))
@@ -147,16 +152,19 @@ def make_loss_fn(spec: StageSpec, student_graphdef, teacher_graphdef):
     z = jax.random.uniform(kz, (b, n, spec.student_k), jnp.float32)
     u = jax.random.uniform(ku, (b, n, spec.student_k), jnp.float32)
     teacher = model_lib.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
-    own = mix = None
-    if spec.own_prefix > 0:
-      # The student's own decisions on this z (current weights, no gradient) as the prefix.
-      frozen = model_lib.merge(student_graphdef, jax.lax.stop_gradient(params))
-      own = frozen.noise_logits(tokens_BxN, z, spec.tau).argmax(-1).astype(jnp.int32)
-      mix = jax.random.uniform(jax.random.fold_in(key, 1), (b, n)) < spec.own_prefix
-    targets, weights, z, soft = jax.lax.stop_gradient(
-        make_targets(spec, teacher, tokens_BxN, z, u, own, mix))
     student = model_lib.merge(student_graphdef, params)
-    return student_loss(student, tokens_BxN, z, targets, weights, spec.tau,
-                        offset_weights(spec.student_k, spec.offset_weight_growth), soft)
+    weights_K = offset_weights(spec.student_k, spec.offset_weight_growth)
+    if spec.own_prefix > 0:
+      # The student's own decisions on this z as the prefix: the argmax of the same forward
+      # the loss differentiates (targets carry no gradient), so no second student pass.
+      logits = student.noise_logits(tokens_BxN, z, spec.tau)
+      own = jax.lax.stop_gradient(logits.argmax(-1).astype(jnp.int32))
+      mix = jax.random.uniform(jax.random.fold_in(key, 1), (b, n)) < spec.own_prefix
+      targets, weights, _, soft = jax.lax.stop_gradient(
+          make_targets(spec, teacher, tokens_BxN, z, u, own, mix))
+      scores = logit_scores(logits, targets, soft)
+      return summarize_windows(*scores[:2], weights, weights_K, *scores[2:])
+    targets, weights, z, soft = jax.lax.stop_gradient(make_targets(spec, teacher, tokens_BxN, z, u))
+    return student_loss(student, tokens_BxN, z, targets, weights, spec.tau, weights_K, soft)
 
   return loss_fn
