@@ -246,8 +246,8 @@ VARIANTS = [  # in the order a default run of the study trains them (most tellin
             "at lr 4e-3 (validated on 8 batches of 4: the same 32 rows)"),
     Variant("default_d128_unigram_k4_2400_soft_muon_lr4e-3", "default_d128_unigram",
             "teacher,k4", _steps("k4", 2400, 4e-3) + _SOFT_MUON,
-            "configs/kjv_small.py's k4 stage since 2026-12-06: 2400 steps on soft targets with "
-            "Muon at lr 4e-3"),
+            "configs/kjv_small.py's k4 stage on 2026-12-06 before its 4800-step schedule: 2400 "
+            "steps on soft targets with Muon at lr 4e-3"),
     Variant("default_d128_unigram_k4_4800_b4_soft_muon_lr4e-3", "default_d128_unigram",
             "teacher,k4", _steps("k4", 4800, 4e-3, batch=4) + _SOFT_MUON + (
                 ("stage_overrides.k4.train.eval_batches", 8),
