@@ -153,18 +153,22 @@ def make_loss_fn(spec: StageSpec, student_graphdef, teacher_graphdef):
     u = jax.random.uniform(ku, (b, n, spec.student_k), jnp.float32)
     teacher = model_lib.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
     student = model_lib.merge(student_graphdef, params)
-    weights_K = offset_weights(spec.student_k, spec.offset_weight_growth)
     if spec.own_prefix > 0:
       # The student's own decisions on this z as the prefix: the argmax of the same forward
-      # the loss differentiates (targets carry no gradient), so no second student pass.
+      # the loss differentiates (targets carry no gradient), so no second student pass. (z is
+      # unchanged: own_prefix excludes noise inversion, the one target that moves z.)
       logits = student.noise_logits(tokens_BxN, z, spec.tau)
       own = jax.lax.stop_gradient(logits.argmax(-1).astype(jnp.int32))
       mix = jax.random.uniform(jax.random.fold_in(key, 1), (b, n)) < spec.own_prefix
       targets, weights, _, soft = jax.lax.stop_gradient(
           make_targets(spec, teacher, tokens_BxN, z, u, own, mix))
-      scores = logit_scores(logits, targets, soft)
-      return summarize_windows(*scores[:2], weights, weights_K, *scores[2:])
-    targets, weights, z, soft = jax.lax.stop_gradient(make_targets(spec, teacher, tokens_BxN, z, u))
-    return student_loss(student, tokens_BxN, z, targets, weights, spec.tau, weights_K, soft)
+    else:
+      targets, weights, z, soft = jax.lax.stop_gradient(
+          make_targets(spec, teacher, tokens_BxN, z, u))
+      logits = student.noise_logits(tokens_BxN, z, spec.tau)
+    scores = logit_scores(logits, targets, soft)
+    return summarize_windows(*scores[:2], weights,
+                             offset_weights(spec.student_k, spec.offset_weight_growth),
+                             *scores[2:])
 
   return loss_fn
