@@ -26,6 +26,8 @@ docs/results/kjv_small_2400_eval.json, _seed1.json): offset 4 +0.03 / +0.07, ent
 import importlib.util
 import os
 
+from kforcing_jax.config import base
+
 
 def get_config():
   # kjv_tiny.py's own get_config (not a copy through to_dict, which would drop the typed
@@ -52,4 +54,16 @@ def get_config():
   # entropy rises off the 0.90x line for ~0.01 at offset 4 (on the default, 0.2 bought +0.018
   # of entropy ratio for +0.02 at offset 4; README, "own_prefix"). Only k4 has AR targets here.
   c.distill.own_prefix = 0.1
+  # Then k4_2: phase 2 of k4 (same AR-rollout targets, fresh data order and noise), 4000 more
+  # steps of 8 from k4's weights on a second cosine cycle at half k4's peak lr.
+  c.stages = "teacher,draft,k4,k4_2"
+  k4_2 = c.stage_overrides.k4_2 = base.stage_override(c)
+  k4_2.batch_size = 8
+  k4_2.optim.name = "muon"
+  k4_2.optim.lr = 2e-3
+  k4_2.optim.warmup_steps = 100
+  k4_2.train.num_steps = 4000
+  k4_2.train.eval_batches = 4
+  k4_2.train.eval_every = 200
+  k4_2.train.ckpt_every = 400
   return c

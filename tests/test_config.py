@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from kforcing_jax.config import base as config_base
 from kforcing_jax.config import check as config_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +78,13 @@ BAD = [
     ("stages", "teacher,draft,draft", 8, "config.stages: repeats a stage"),
     ("stages", "draft,k4", 8, "config.stages: must start with 'teacher'"),
     ("stages", "teacher,k2,draft,k3", 8, "config.stages: k3 cannot follow k2"),
+    ("stages", "teacher,k4_2", 8,
+     "config.stages: k4_2 is phase 2 of k4 and must directly follow k4"),
+    ("stages", "teacher,k4,k4_3", 8,
+     "config.stages: k4_3 is phase 3 of k4 and must directly follow k4_2"),
+    ("stages", "teacher,k2,k4,k2_2", 8, "config.stages: k2_2 is phase 2 of k2"),
+    ("stages", "teacher,k4,k4_1", 8, "config.stages: unknown stage 'k4_1'"),
+    ("stages", "teacher,k4,k4_2,k6", 8, "config.stages: k6 cannot follow k4_2"),
     ("draft.n_layers", 0, 8, "config.draft.n_layers: must be an int >= 1"),
     ("draft.d_model", 102, 8, "config.draft.d_model: 102 / draft.n_heads=2 must be an even"),
 ]
@@ -88,6 +96,20 @@ def test_draft_stage_sits_outside_the_chain():
   assert config_check.chain(names) == [(None, "teacher"), ("teacher", "k1"), ("k1", "draft"),
                                        ("k1", "k2")]
   assert config_check.stage_k("draft") == 0
+
+
+def test_phase_stages_continue_their_window():
+  """"k<n>_<p>" starts from the stage before it but makes its targets as "k<n>" does, with
+  its own seed; the chain may go on from the last phase."""
+  names = config_check.parse_stages("teacher,k1,k2,draft,k2_2,k2_3,k4")
+  assert [config_check.stage_k(n) for n in names] == [0, 1, 2, 0, 2, 2, 4]
+  assert config_check.chain(names)[4:] == [("k2", "k2_2"), ("k2_2", "k2_3"), ("k2_3", "k4")]
+  assert [config_check.target_source(names, n) for n in ("k2", "k2_2", "k2_3", "k4")] == [
+      "k1", "k1", "k1", "k2_3"]
+  assert sorted(["k4", "k2_3", "teacher", "k2_2", "k2"], key=config_check.stage_order) == [
+      "teacher", "k2", "k2_2", "k2_3", "k4"]
+  c = config_base.base_config()
+  assert [config_check.stage_config(c, n).seed for n in ("k2", "k2_2", "k2_3")] == [0, 1, 2]
 
 
 def _set(c, field, value):

@@ -29,14 +29,38 @@ def _require(ok: bool, field: str, msg: str) -> None:
     raise ConfigError(f"config.{field}: {msg}")
 
 
+# "k<n>" distils a PFLM(n); "k<n>_<p>" (p >= 2) is phase p of it: the same window, teacher and
+# targets, starting from phase p - 1's weights with its own optimizer, schedule and steps, and a
+# fresh data order and noise (seed + p - 1). A stage can so train on after its cosine schedule
+# ended, measured phase by phase.
+_STAGE_RE = re.compile(r"k([1-9]\d*)(?:_([2-9]|[1-9]\d+))?")
+
+
 def stage_k(name: str) -> int:
-  """Window of a stage: 0 for the AR models (teacher, draft), n for "k<n>"."""
-  return 0 if name in (TEACHER, DRAFT) else int(name[1:])
+  """Window of a stage: 0 for the AR models (teacher, draft), n for "k<n>" and "k<n>_<p>"."""
+  return 0 if name in (TEACHER, DRAFT) else int(_STAGE_RE.fullmatch(name).group(1))
+
+
+def stage_phase(name: str) -> int:
+  """p of a phase stage "k<n>_<p>"; 1 for every other stage."""
+  m = _STAGE_RE.fullmatch(name)
+  return int(m.group(2)) if m and m.group(2) else 1
+
+
+def base_stage(name: str) -> str:
+  """"k<n>" of a phase stage "k<n>_<p>"; the name itself for every other stage."""
+  return f"k{stage_k(name)}" if stage_phase(name) > 1 else name
+
+
+def stage_order(name: str) -> tuple[int, int]:
+  """Sort key putting stages in chain order: by window, then phase."""
+  return stage_k(name), stage_phase(name)
 
 
 def chain(stages: list[str]) -> list[tuple[str | None, str]]:
   """(previous stage, stage) in run order; a PFLM stage's previous stage is the one before it
-  in the chain, skipping the draft (which trains from data on its own)."""
+  in the chain, skipping the draft (which trains from data on its own). The previous stage
+  gives a PFLM stage its starting weights (see `target_source` for its targets)."""
   out, prev = [], None
   for name in stages:
     out.append((prev, name))
@@ -45,20 +69,35 @@ def chain(stages: list[str]) -> list[tuple[str | None, str]]:
   return out
 
 
+def target_source(stages: list[str], stage: str) -> str | None:
+  """The stage before `stage`'s base "k<n>" in the chain: what a phase "k<n>_<p>" shares with
+  "k<n>" to make the same kind of targets (for "k<n>" itself, its previous stage)."""
+  prev = dict((cur, p) for p, cur in chain(stages))
+  return prev[base_stage(stage)]
+
+
 def parse_stages(stages: str) -> list[str]:
   """Stage names in order; the chain always starts at the AR teacher (a finished teacher stage
   is skipped on resume, so "teacher,k1,k2,k4" also continues an existing teacher)."""
   names = [s.strip() for s in stages.split(",") if s.strip()]
   _require(bool(names), "stages", "is empty; use e.g. 'teacher' or 'teacher,k1,k2,k4'")
   for name in names:
-    _require(_is_stage_name(name), "stages",
-             f"unknown stage {name!r}; stages are 'teacher', 'draft' and 'k<n>' (n >= 1), e.g. "
-             f"'teacher,k1,k2,k4'")
+    _require(is_stage_name(name), "stages",
+             f"unknown stage {name!r}; stages are 'teacher', 'draft', 'k<n>' (n >= 1) and its "
+             f"later phases 'k<n>_<p>' (p >= 2), e.g. 'teacher,k1,k2,k4' or 'teacher,k4,k4_2'")
   _require(len(set(names)) == len(names), "stages", f"repeats a stage: {stages!r}")
   _require(names[0] == TEACHER, "stages", f"must start with 'teacher', got {stages!r}")
   _require(TEACHER not in names[1:], "stages", "'teacher' can only be the first stage")
   pflm = [n for n in names if n != DRAFT]
+  for prev, cur in zip(pflm, pflm[1:]):
+    phase, base = stage_phase(cur), base_stage(cur)
+    if phase > 1:
+      before = base if phase == 2 else f"{base}_{phase - 1}"
+      _require(prev == before, "stages", f"{cur} is phase {phase} of {base} and must directly "
+               f"follow {before} (the draft aside), not {prev}")
   for prev, cur in zip(pflm[1:], pflm[2:]):
+    if stage_phase(cur) > 1:
+      continue
     kp, kc = stage_k(prev), stage_k(cur)
     _require(kc % kp == 0 and kc // kp >= 2, "stages",
              f"{cur} cannot follow {prev}: a PFLM(k) teacher rolled out R >= 2 rounds gives "
@@ -75,8 +114,8 @@ OVERRIDABLE = {"optim": None,  # every optim field
                "batch_size": ()}
 
 
-def _is_stage_name(name: str) -> bool:
-  return name in (TEACHER, DRAFT) or bool(re.fullmatch(r"k[1-9]\d*", name))
+def is_stage_name(name: str) -> bool:
+  return name in (TEACHER, DRAFT) or bool(_STAGE_RE.fullmatch(name))
 
 
 def _check_override(config: ml_collections.ConfigDict, stage: str, over) -> None:
@@ -110,6 +149,8 @@ def _check_override(config: ml_collections.ConfigDict, stage: str, over) -> None
 def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
   """The config as `stage` sees it: config.stage_overrides.<stage> merged over the base."""
   out = ml_collections.ConfigDict(config.to_dict())
+  if is_stage_name(stage) and stage_phase(stage) > 1:
+    out.seed = config.seed + stage_phase(stage) - 1  # a fresh data order and noise stream
   over = config.get("stage_overrides", {}).get(stage)
   if over is None:
     return out
@@ -149,8 +190,8 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
   """Raise ConfigError for the first invalid field. Cheap: touches no device."""
   stages = parse_stages(config.stages)
   for name, over in config.get("stage_overrides", {}).items():
-    _require(_is_stage_name(name), f"stage_overrides.{name}",
-             f"{name!r} is not a stage name ('teacher', 'draft' or 'k<n>'); stages here: "
+    _require(is_stage_name(name), f"stage_overrides.{name}",
+             f"{name!r} is not a stage name ('teacher', 'draft', 'k<n>' or 'k<n>_<p>'); stages here: "
              f"{stages}")
     _check_override(config, name, over)
   dc = config.distill

@@ -49,18 +49,17 @@ def stages_dir(workdir: str) -> str:
 
 
 def list_stages(workdir: str, include_draft: bool = False) -> list[str]:
-  """Stages with at least one checkpoint, in chain order (teacher first, then by window); the
-  speculative-decoding draft (not part of the chain) only with include_draft."""
+  """Stages with at least one checkpoint, in chain order (teacher first, then by window and
+  phase); the speculative-decoding draft (not part of the chain) only with include_draft."""
   root = stages_dir(workdir)
   if not os.path.isdir(root):
     return []
   found = []
   for name in os.listdir(root):
-    valid = name == config_check.TEACHER or (name[:1] == "k" and name[1:].isdigit()) or (
-        include_draft and name == config_check.DRAFT)
+    valid = config_check.is_stage_name(name) and (include_draft or name != config_check.DRAFT)
     if valid and _latest_step(os.path.join(root, name)) is not None:
       found.append(name)
-  return sorted(found, key=config_check.stage_k)
+  return sorted(found, key=config_check.stage_order)
 
 
 def _latest_step(directory: str) -> int | None:

@@ -83,16 +83,15 @@ def _per_device_bytes(abstract_tree) -> int:
 
 def compile_stage(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelConfig,
                   mesh: jax.sharding.Mesh, stage: str, prev: str | None) -> StageReport:
-  """Lower + compile the trainer's train step of `stage` on abstract inputs."""
+  """Lower + compile the trainer's train step of `stage` on abstract inputs; prev: the stage
+  whose weights `stage` would make its targets from (config_check.target_source)."""
   cfg = config_check.stage_config(config, stage)  # what the trainer compiles for this stage
   num_steps = config_check.stage_steps(cfg, stage)
   factory, abstract, graphdef = trainer.stage_model(cfg, model_cfg, stage)
   if config_check.stage_k(stage) == 0:  # the teacher or the draft
     loss_fn, frozen = trainer.ar_loss_fn(graphdef), ()
   else:
-    spec, source = distill.stage_spec(stage, prev, cfg.distill.target, cfg.distill.tau,
-                                      cfg.distill.offset_weight_growth,
-                                      cfg.distill.cdf_blur, cfg.distill.own_prefix)
+    spec, source = trainer.stage_targets(cfg, stage, prev)
     _, teacher_abstract, _ = trainer.stage_model(cfg, model_cfg, source)
     teacher_graphdef, teacher_shapes = model_lib.split_params(teacher_abstract)
     frozen = sharding.abstract_arrays(
@@ -145,7 +144,9 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, n_devices: int) -> 
   t0 = time.perf_counter()
   for i, (prev, stage) in enumerate(config_check.chain(stages)):
     log.info("[dry run] compiling the %s train step (%d/%d)...", stage, i + 1, len(stages))
-    reports.append(compile_stage(config, model_cfg, mesh, stage, prev))
+    source = prev if config_check.stage_k(stage) == 0 else config_check.target_source(stages,
+                                                                                     stage)
+    reports.append(compile_stage(config, model_cfg, mesh, stage, source))
     r = reports[-1]
     log.info("[dry run] %s: lowered in %.1f s, compiled in %.1f s", stage, r.lower_s,
              r.compile_s)

@@ -87,7 +87,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if stage in (config_check.TEACHER, config_check.DRAFT):
       results[stage] = run_teacher_stage(s, stage)
     else:
-      results[stage] = run_distill_stage(s, stage, prev)
+      results[stage] = run_distill_stage(s, stage, prev,
+                                         config_check.target_source(stages, stage))
   if jax.process_index() == 0 and os.path.exists(s.writer.path):
     png = os.path.join(workdir, "loss_curve.png")
     plots.plot_loss_curves(s.writer.path, png)
@@ -161,13 +162,13 @@ def load_stage_params(s: Setup, stage: str) -> dict:
   return loaded.params
 
 
-def run_distill_stage(s: Setup, stage: str, prev: str) -> dict:
+def run_distill_stage(s: Setup, stage: str, prev: str, target_prev: str | None = None) -> dict:
   """Distil a frozen teacher (the previous stage, or the AR teacher with target ar_rollout)
-  into a PFLM(k) that starts from the previous stage's weights."""
+  into a PFLM(k) that starts from the previous stage's weights. A phase "k<n>_<p>" starts from
+  `prev` (phase p - 1) but takes its targets as "k<n>" does, from target_prev (the stage before
+  "k<n>"; default prev)."""
   cfg = config_check.stage_config(s.config, stage)
-  spec, source = distill.stage_spec(stage, prev, cfg.distill.target, cfg.distill.tau,
-                                    cfg.distill.offset_weight_growth,
-                                    cfg.distill.cdf_blur, cfg.distill.own_prefix)
+  spec, source = stage_targets(cfg, stage, target_prev or prev)
   _, _, teacher_graphdef = _stage_model(s, source)
   factory, abstract, graphdef = _stage_model(s, stage)
   init_from = load_stage_params(s, prev)
@@ -193,6 +194,14 @@ def run_distill_stage(s: Setup, stage: str, prev: str) -> dict:
   return train_loop(s, stage, factory, abstract, loss_fn, frozen=teacher_params,
                     init_params=init_params, reference=(ar_loss_fn(ar_graphdef), ar_params),
                     ar_targets=ar_targets)
+
+
+def stage_targets(cfg: ml_collections.ConfigDict, stage: str, target_prev: str):
+  """(spec, the stage whose frozen weights make the targets) of a PFLM stage under cfg, for the
+  trainer and the dry run alike; a phase "k<n>_<p>" makes the targets "k<n>" makes."""
+  return distill.stage_spec(config_check.base_stage(stage), target_prev, cfg.distill.target,
+                            cfg.distill.tau, cfg.distill.offset_weight_growth,
+                            cfg.distill.cdf_blur, cfg.distill.own_prefix)
 
 
 def _finite_or_raise(stage: str, step: int, m: dict, last_saved: int | None) -> None:
