@@ -209,6 +209,17 @@ def test_command_line_sets_any_overridable_field_of_a_preset_stage():
   config_check.validate(c, n_devices=4)
   with pytest.raises(flags.IllegalFlagValueError):  # typed: a string is not a float
     parse("--config.stage_overrides.k4.optim.lr=fast")
+  # The README's phase-stage command line.
+  c = parse("--config.stages=teacher,draft,k4,k4_2",
+            "--config.stage_overrides.k4_2.train.num_steps=960",
+            "--config.stage_overrides.k4_2.batch_size=4",
+            "--config.stage_overrides.k4_2.optim.name=muon",
+            "--config.stage_overrides.k4_2.optim.lr=2e-3",
+            "--config.stage_overrides.k4_2.optim.warmup_steps=100")
+  config_check.validate(c, n_devices=4)
+  k4_2 = config_check.stage_config(c, "k4_2")
+  assert (k4_2.seed, k4_2.batch_size, k4_2.optim.name, k4_2.optim.lr, k4_2.train.num_steps) == (
+      c.seed + 1, 4, "muon", 2e-3, 960)
 
 
 OVERRIDE_BAD = [

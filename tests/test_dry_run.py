@@ -66,8 +66,10 @@ def test_bad_mesh_fails_before_compiling_with_the_field_to_change():
 
 def test_dry_run_cli_compiles_a_shrunken_paper_config(tmp_path):
   """The real entry point (`--dry_run` creates its own fake devices in a fresh process) on the
-  LM1B config shrunk to 1 layer, d=64: teacher and a k2 distillation stage, mesh (4, 2)."""
-  shrink = {"model.d_model": 64, "model.n_layers": 1, "model.n_heads": 2, "stages": "teacher,k2",
+  LM1B config shrunk to 1 layer, d=64: teacher, a k2 distillation stage and its phase 2 k2_2
+  (which distils the AR teacher as k2 does), mesh (4, 2)."""
+  shrink = {"model.d_model": 64, "model.n_layers": 1, "model.n_heads": 2,
+            "stages": "teacher,k2,k2_2",
             "batch_size": 16, "seq_len": 16, "mesh.model": 2}
   cmd = [sys.executable, "-m", "kforcing_jax.train", f"--config={REPO}/configs/lm1b.py",
          f"--workdir={tmp_path}", "--dry_run", "--dry_run_devices=8",
@@ -79,9 +81,12 @@ def test_dry_run_cli_compiles_a_shrunken_paper_config(tmp_path):
   text = out.stdout
   assert "Dry run on 8 fake CPU devices, mesh data=4 model=2" in text, text
   report = json.load(open(tmp_path / "dry_run.json"))
-  assert [s["stage"] for s in report["stages"]] == ["teacher", "k2"]
+  assert [s["stage"] for s in report["stages"]] == ["teacher", "k2", "k2_2"]
   want = expected_counts(30522, 64, 1)
-  teacher, k2 = report["stages"]
+  teacher, k2, k2_2 = report["stages"]
+  # Same student, same (AR) teacher, same targets: a phase compiles to the same step.
+  for key in ("params", "frozen_bytes_per_device", "flops_per_step"):
+    assert k2_2[key] == k2[key], key
   assert teacher["param_groups"] == {k: v for k, v in want.items() if k != "noise_encoder"}
   assert k2["param_groups"] == want and k2["params"] == sum(want.values())
   assert f"{k2['params']:,d} params" in text

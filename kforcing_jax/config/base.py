@@ -18,6 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
   # The paper's schedule: "teacher,k1,k2,k4". "draft" (anywhere after "teacher") trains the
   # small AR draft model of speculative decoding (config.draft) on the same data and tokenizer;
   # it is not part of the PFLM chain (the stage after it distils the stage before it).
+  # "k<n>_<p>" (p >= 2, right after "k<n>" or "k<n>_<p-1>") is phase p of "k<n>": it trains on
+  # from the previous phase's weights with the same teacher and targets, its own
+  # stage_overrides (a second lr schedule, more steps) and seed + p - 1 (fresh data and noise).
   c.stages = "teacher"
 
   # ---- speculative-decoding draft model (stage "draft"): the teacher's architecture, smaller ----
@@ -171,7 +174,7 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-PRESET_STAGES = ("teacher", "draft", "k1", "k2", "k4", "k8")
+PRESET_STAGES = ("teacher", "draft", "k1", "k2", "k4", "k4_2", "k8")
 
 
 def stage_override(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -191,14 +191,14 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
   stages = parse_stages(config.stages)
   for name, over in config.get("stage_overrides", {}).items():
     _require(is_stage_name(name), f"stage_overrides.{name}",
-             f"{name!r} is not a stage name ('teacher', 'draft', 'k<n>' or 'k<n>_<p>'); stages here: "
-             f"{stages}")
+             f"{name!r} is not a stage name ('teacher', 'draft', 'k<n>' or 'k<n>_<p>'); stages "
+             f"here: {stages}")
     _check_override(config, name, over)
   dc = config.distill
   _require(dc.target in TARGETS, "distill.target", f"must be one of {TARGETS}, got {dc.target!r}")
-  _require(dc.target != "noise_inversion" or len([n for n in stages if n != DRAFT]) <= 2,
-           "distill.target",
-           "noise_inversion distils the AR teacher directly: use stages='teacher,k<n>'")
+  _require(dc.target != "noise_inversion" or len({base_stage(n) for n in stages} - {DRAFT}) <= 2,
+           "distill.target", "noise_inversion distils the AR teacher directly: use "
+           "stages='teacher,k<n>' (and its phases k<n>_<p>)")
   _require(dc.tau > 0, "distill.tau", f"must be > 0, got {dc.tau}")
   _require(dc.offset_weight_growth >= 0, "distill.offset_weight_growth",
            f"must be >= 0 (0 = uniform over offsets), got {dc.offset_weight_growth}")
