@@ -1,26 +1,28 @@
-"""The default's recipe with a 5x longer k4 stage in steps of 8 sequences (4800 x 8; the default:
-960 x 4) and a tenth of its windows' targets continuing the student's own tokens
-(distill.own_prefix=0.1): the config that meets the fidelity goals, offset 4 only on average.
+"""The default's recipe with a 9x longer k4 budget: k4 4800 steps of 8 sequences (the default:
+960 of 4), then its phase 2 k4_2 (4000 more steps of 8 on a second cosine cycle at half the lr,
+fresh data order and noise), and a tenth of the windows' targets continuing the student's own
+tokens (distill.own_prefix=0.1): the config that meets the fidelity goals.
 
 Run (offline, 2 CPU cores):
   python -m kforcing_jax.train --config configs/kjv_small.py --workdir runs/kjv_small
   python -m kforcing_jax.evaluate --workdir runs/kjv_small --out runs/kjv_small/eval.json \
       --num_prompts 32 --max_new_tokens 64
-Wall time: ~125 min on an idle 2-core machine, peak 2.5 GB. Measured 2026-12-06 in two parts:
-the k4 stage alone 117.2 min (1.46 s/step with validation, `/usr/bin/time -v`: 1:57:18), the
-teacher (5.3 min) and draft (1.8 min) in the default's idle run, which they equal bit for bit.
-k4 validation NLL_j against the AR teacher's targets after 4800 steps: 1.94 / 3.32 / 3.96 /
-4.21 (teacher data NLL 4.17 on those rows). Evaluated on 128 rows at k4@k4 with three evaluate
-seeds (--seed 0 / 1 / 2; docs/results/kjv_small_eval.json, _seed1.json, _seed2.json):
-  gap to the teacher's data NLL at offset 4: -0.004 / +0.027 / -0.030 (standard error 0.04 each;
-    offsets 1-3: -2.30 / -0.93 / -0.33 at seed 0)
-  Gen-PPL 0.94x / 0.81x / 0.89x of the teacher's samples (goal 0.77-1.3x)
-  unigram entropy 0.911x / 0.907x / 0.917x of the teacher's (goal >= 0.90x); rep_2 0.077.
-Offsets 1-3, Gen-PPL and the entropy meet the goals at every seed; offset 4 sits on the data NLL
-(mean -0.002 over the seeds), below it at two seeds of three but not by a standard error.
-The previous kjv_small (2400 x 8, no own_prefix, ~67-70 min estimated;
-docs/results/kjv_small_2400_eval.json, _seed1.json): offset 4 +0.03 / +0.07, entropy 0.900x /
-0.884x, Gen-PPL 0.89x / 0.86x.
+Wall time: ~227 min on an idle 2-core machine, peak 2.6 GB, measured on 2026-12-06 stage by stage
+(each stage resumes from the finished ones): teacher 5.3 min and draft 1.8 min (the default's
+idle run, bit-identical), k4 117.2 min (`/usr/bin/time -v` 1:57:18, 1.46 s/step), k4_2 102.4
+min (2:01:06 less an 18.5-min pause while the test suite ran, 1.54 s/step).
+Validation NLL_j against the AR teacher's targets (32 rows; teacher data NLL 4.17): k4 1.94 /
+3.32 / 3.96 / 4.21, k4_2 1.86 / 3.26 / 3.93 / 4.18.
+Evaluated on 128 rows at k4_2@k4 with three evaluate seeds (--seed 0 / 1 / 2;
+docs/results/kjv_small_eval.json, _seed1.json, _seed2.json):
+  gap to the teacher's data NLL at offset 4: -0.032 / -0.000 / -0.058 (standard error 0.04 each;
+    offsets 1-3: -2.38 / -1.00 / -0.37 at seed 0); k4 alone: -0.004 / +0.027 / -0.030
+  Gen-PPL 0.87x / 0.82x / 0.90x of the teacher's samples (goal 0.77-1.3x)
+  unigram entropy 0.921x / 0.914x / 0.921x of the teacher's (goal >= 0.90x); rep_2 0.077.
+Every goal is met at every seed; offset 4 by less than a standard error (mean -0.030).
+The k4-only config (4800 x 8, ~125 min; docs/results/kjv_small_4800_eval*.json) sat on the line
+at offset 4; before it, 2400 x 8 without own_prefix (docs/results/kjv_small_2400_eval*.json):
+offset 4 +0.03 / +0.07, entropy 0.900x / 0.884x.
 """
 
 import importlib.util
