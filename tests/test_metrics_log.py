@@ -75,3 +75,15 @@ def test_round_robin_interleaves_and_reports_medians():
     st = out[m][t]
     assert st["reps"] == 3 and len(st["times"]) == 3
     assert st["min_seconds"] <= st["seconds"] == sorted(st["times"])[1]
+
+
+def test_loss_curves_put_phases_after_their_stage(tmp_path):
+  """A phase k<n>_<p> is drawn after k<n> and its earlier phases, not over them."""
+  from kforcing_jax.observe import plots
+  assert plots.phase_starts({"teacher": 300, "k2": 40, "k4": 480, "k4_2": 200, "k4_3": 50}) == {
+      "k4_2": 480, "k4_3": 680}
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(f'{{"stage": "{s}", "step": {i}, "loss": 1.0}}\n'
+                          for s in ("k4", "k4_2") for i in (1, 2)))
+  plots.plot_loss_curves(str(path), str(tmp_path / "c.png"))
+  assert (tmp_path / "c.png").stat().st_size > 0

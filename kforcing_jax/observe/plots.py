@@ -20,14 +20,30 @@ def plot_loss_curves(metrics_path: str, out_png: str) -> None:
         xs.append(r["step"])
         ys.append(r[key])
   fig, ax = plt.subplots(figsize=(7, 4.5))
+  start = phase_starts({stage: max(xs) for (stage, key), (xs, _) in series.items()
+                        if key == "loss"})
   for (stage, key), (xs, ys) in sorted(series.items()):
     style = "-" if key == "loss" else "o-"
-    ax.plot(xs, ys, style, label=f"{stage} {'train' if key == 'loss' else 'validation'}",
-            markersize=3)
-  ax.set_xlabel("step")
+    ax.plot([x + start.get(stage, 0) for x in xs], ys, style,
+            label=f"{stage} {'train' if key == 'loss' else 'validation'}", markersize=3)
+  ax.set_xlabel("step (a phase k<n>_<p> continues the count of k<n>)")
   ax.set_ylabel("cross-entropy (nats/token)")
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
   fig.savefig(out_png, dpi=120)
   plt.close(fig)
+
+
+def phase_starts(last_step: dict[str, int]) -> dict[str, int]:
+  """Step at which each phase stage "k<n>_<p>" starts on its stage's axis: the steps of k<n> and
+  of its earlier phases, from {stage: its last logged step}."""
+  from kforcing_jax.config import check
+
+  out = {}
+  for stage in last_step:
+    if check.is_stage_name(stage) and check.stage_phase(stage) > 1:
+      base = check.base_stage(stage)
+      earlier = [base] + [f"{base}_{p}" for p in range(2, check.stage_phase(stage))]
+      out[stage] = sum(last_step.get(name, 0) for name in earlier)
+  return out
