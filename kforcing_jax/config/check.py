@@ -52,6 +52,11 @@ def base_stage(name: str) -> str:
   return f"k{stage_k(name)}" if stage_phase(name) > 1 else name
 
 
+def phase_name(base: str, phase: int) -> str:
+  """Name of phase `phase` of stage `base` ("k<n>"): the base itself for phase 1."""
+  return base if phase == 1 else f"{base}_{phase}"
+
+
 def stage_order(name: str) -> tuple[int, int]:
   """Sort key putting stages in chain order: by window, then phase."""
   return stage_k(name), stage_phase(name)
@@ -92,7 +97,7 @@ def parse_stages(stages: str) -> list[str]:
   for prev, cur in zip(pflm, pflm[1:]):
     phase, base = stage_phase(cur), base_stage(cur)
     if phase > 1:
-      before = base if phase == 2 else f"{base}_{phase - 1}"
+      before = phase_name(base, phase - 1)
       _require(prev == before, "stages", f"{cur} is phase {phase} of {base} and must directly "
                f"follow {before} (the draft aside), not {prev}")
   for prev, cur in zip(pflm[1:], pflm[2:]):
@@ -149,7 +154,7 @@ def _check_override(config: ml_collections.ConfigDict, stage: str, over) -> None
 def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
   """The config as `stage` sees it: config.stage_overrides.<stage> merged over the base."""
   out = ml_collections.ConfigDict(config.to_dict())
-  if is_stage_name(stage) and stage_phase(stage) > 1:
+  if stage_phase(stage) > 1:
     out.seed = config.seed + stage_phase(stage) - 1  # a fresh data order and noise stream
   over = config.get("stage_overrides", {}).get(stage)
   if over is None:

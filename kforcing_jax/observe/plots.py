@@ -42,8 +42,7 @@ def phase_starts(last_step: dict[str, int]) -> dict[str, int]:
 
   out = {}
   for stage in last_step:
-    if check.is_stage_name(stage) and check.stage_phase(stage) > 1:
-      base = check.base_stage(stage)
-      earlier = [base] + [f"{base}_{p}" for p in range(2, check.stage_phase(stage))]
-      out[stage] = sum(last_step.get(name, 0) for name in earlier)
+    base, phase = check.base_stage(stage), check.stage_phase(stage)
+    if phase > 1:
+      out[stage] = sum(last_step.get(check.phase_name(base, p), 0) for p in range(1, phase))
   return out

@@ -144,9 +144,8 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, n_devices: int) -> 
   t0 = time.perf_counter()
   for i, (prev, stage) in enumerate(config_check.chain(stages)):
     log.info("[dry run] compiling the %s train step (%d/%d)...", stage, i + 1, len(stages))
-    source = prev if config_check.stage_k(stage) == 0 else config_check.target_source(stages,
-                                                                                     stage)
-    reports.append(compile_stage(config, model_cfg, mesh, stage, source))
+    reports.append(compile_stage(config, model_cfg, mesh, stage,
+                                 config_check.target_source(stages, stage)))
     r = reports[-1]
     log.info("[dry run] %s: lowered in %.1f s, compiled in %.1f s", stage, r.lower_s,
              r.compile_s)
