@@ -84,7 +84,7 @@ def main(argv):
   del argv
   from kforcing_jax.serving import decode, quality, speculative
   from kforcing_jax.observe import metrics_log
-  from kforcing_jax.interop import stage_io
+  from kforcing_jax.training import stage_io
   from kforcing_jax.bench import decode_speed
 
   metrics_log.configure_logging()

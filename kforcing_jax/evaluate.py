@@ -55,7 +55,7 @@ def main(argv):
   import numpy as np
   from kforcing_jax.observe import metrics_log
   from kforcing_jax.serving import quality, speculative
-  from kforcing_jax.interop import stage_io
+  from kforcing_jax.training import stage_io
 
   metrics_log.configure_logging()
   log = metrics_log.log

@@ -87,7 +87,7 @@ def make_spec(trained_k: int, k: int, max_new_tokens: int, greedy: bool = False,
 def _verified_decoder(workdir, drafter, method, k, gamma, confidence, max_new_tokens, greedy,
                       frequency_penalty, eos, use_ema):
   """(decode_batch, VerifySpec, method name) of a lossless method: the teacher verifies."""
-  from kforcing_jax.interop import stage_io
+  from kforcing_jax.training import stage_io
   from kforcing_jax.serving import speculative
   if frequency_penalty:
     raise ValueError(f"--method={method} is lossless: it reproduces the teacher, which has no "
@@ -120,7 +120,7 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
   """Generate for every prompt of `prompts_path`; writes and returns the output records."""
   from kforcing_jax.serving import decode
   from kforcing_jax.observe import metrics_log
-  from kforcing_jax.interop import stage_io
+  from kforcing_jax.training import stage_io
 
   log = metrics_log.log
   if method in ("spec", "spec_dynamic"):

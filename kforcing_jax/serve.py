@@ -73,7 +73,7 @@ def main(argv):
   import uvicorn
 
   from kforcing_jax.config import check as config_check
-  from kforcing_jax.interop import stage_io
+  from kforcing_jax.training import stage_io
   from kforcing_jax.observe import metrics_log
   from kforcing_jax.serving import engine as engine_lib
   from kforcing_jax.serving import server

@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_reference  # noqa: E402  (tests/ is not a package; see platform-notes)
 
 from kforcing_jax.parallel import sharding
-from kforcing_jax.interop import stage_io, torch_checkpoint, torch_format  # noqa: E402
+from kforcing_jax.interop import torch_checkpoint, torch_format  # noqa: E402
+from kforcing_jax.training import stage_io  # noqa: E402
 from kforcing_jax.model import transformer as model_lib  # noqa: E402
 from kforcing_jax.model import pflm as pflm_lib  # noqa: E402
 

@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 from openai import APIStatusError, AsyncOpenAI, OpenAI
 
-from kforcing_jax.interop import stage_io
+from kforcing_jax.training import stage_io
 from kforcing_jax.serving import decode
 
 from test_serving_cli import workdir  # noqa: F401  (a module-scoped fixture: tiny work dir)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from kforcing_jax.config import base as config_base
-from kforcing_jax.interop import stage_io
+from kforcing_jax.training import stage_io
 from kforcing_jax.training import trainer
 from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.model import pflm as pflm_lib

@@ -13,7 +13,7 @@ from flax import nnx
 from scipy import stats
 
 from kforcing_jax.distill import sampling
-from kforcing_jax.interop import stage_io
+from kforcing_jax.training import stage_io
 from kforcing_jax.model import pflm as pflm_lib
 from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.parallel import sharding

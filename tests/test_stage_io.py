@@ -10,7 +10,7 @@ from flax import nnx
 
 from kforcing_jax.training import checkpoint, state as train_state
 from kforcing_jax.parallel import sharding
-from kforcing_jax.interop import stage_io
+from kforcing_jax.training import stage_io
 from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.model import pflm as pflm_lib
 

@@ -346,7 +346,7 @@ def evaluate(workdir: str, final_stage: str) -> list[dict]:
   import numpy as np
 
   from kforcing_jax.serving import quality
-  from kforcing_jax.interop import stage_io
+  from kforcing_jax.training import stage_io
 
   teacher = stage_io.load_stage(workdir, "teacher")
   student = stage_io.load_stage(workdir, final_stage, load_tokenizer=False)

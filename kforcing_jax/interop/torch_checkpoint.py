@@ -22,7 +22,8 @@ import ml_collections
 import numpy as np
 
 from kforcing_jax.config import check as config_check
-from kforcing_jax.interop import stage_io, torch_format
+from kforcing_jax.interop import torch_format
+from kforcing_jax.training import stage_io
 from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.data import tokenizer as tokenizer_lib
 from kforcing_jax.observe.metrics_log import log

@@ -21,7 +21,7 @@ from kforcing_jax.observe import metrics_log, plots
 from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.model import pflm as pflm_lib
 from kforcing_jax.parallel import sharding
-from kforcing_jax.interop import stage_io
+from kforcing_jax.training import stage_io
 from kforcing_jax.training import state as train_state, step as train_step
 from kforcing_jax.data import pipeline, tokenizer as tokenizer_lib
 
