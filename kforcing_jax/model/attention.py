@@ -17,15 +17,31 @@ def causal_mask(q_len: int, kv_len: int, q_offset: int | jax.Array = 0) -> jax.A
   return jnp.arange(kv_len)[None, :] <= q_pos
 
 
-def dense_attention(q_BxHxLxK: jax.Array, k_BxHxSxK: jax.Array, v_BxHxSxK: jax.Array,
+def _grouped(q_BxHxLxK: jax.Array, n_kv_heads: int) -> jax.Array:
+  """Queries (B, Hkv, G, L, K) for grouped-query attention: query head h uses kv head h // G."""
+  b, h, l, k = q_BxHxLxK.shape
+  return q_BxHxLxK.reshape(b, n_kv_heads, h // n_kv_heads, l, k)
+
+
+def dense_attention(q_BxHxLxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array,
                     mask_LxS: jax.Array) -> jax.Array:
-  """Softmax attention under an explicit boolean mask (broadcastable to (B, H, L, S))."""
+  """Softmax attention under an explicit boolean mask (broadcastable to (B, H, L, S)).
+
+  Keys/values may have fewer heads than the queries (grouped-query attention): they are never
+  repeated, so a decode step reads the KV cache at its own (smaller) size."""
   scale = q_BxHxLxK.shape[-1] ** -0.5
-  s_BxHxLxS = jnp.einsum("bhlk,bhsk->bhls", q_BxHxLxK, k_BxHxSxK,
+  n_kv = k_BxGxSxK.shape[1]
+  if n_kv != q_BxHxLxK.shape[1]:
+    q = _grouped(q_BxHxLxK, n_kv)
+    mask = mask_LxS[..., None, :, :] if jnp.ndim(mask_LxS) == 4 else mask_LxS
+    s = jnp.einsum("bhglk,bhsk->bhgls", q, k_BxGxSxK, preferred_element_type=jnp.float32) * scale
+    p = jax.nn.softmax(jnp.where(mask, s, NEG_INF), axis=-1).astype(v_BxGxSxK.dtype)
+    return jnp.einsum("bhgls,bhsk->bhglk", p, v_BxGxSxK).reshape(q_BxHxLxK.shape)
+  s_BxHxLxS = jnp.einsum("bhlk,bhsk->bhls", q_BxHxLxK, k_BxGxSxK,
                          preferred_element_type=jnp.float32) * scale
   s_BxHxLxS = jnp.where(mask_LxS, s_BxHxLxS, NEG_INF)
-  p_BxHxLxS = jax.nn.softmax(s_BxHxLxS, axis=-1).astype(v_BxHxSxK.dtype)
-  return jnp.einsum("bhls,bhsk->bhlk", p_BxHxLxS, v_BxHxSxK)
+  p_BxHxLxS = jax.nn.softmax(s_BxHxLxS, axis=-1).astype(v_BxGxSxK.dtype)
+  return jnp.einsum("bhls,bhsk->bhlk", p_BxHxLxS, v_BxGxSxK)
 
 
 def causal_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK) -> jax.Array:
@@ -66,9 +82,15 @@ def window_attention(q_BxHxNxWxK: jax.Array, kc_BxHxNxK: jax.Array, vc_BxHxNxK: 
   n, w = q_BxHxNxWxK.shape[2], kw_BxHxNxWxK.shape[3]
   q_slots = q_slot0 + jnp.arange(q_BxHxNxWxK.shape[3])
   scale = q_BxHxNxWxK.shape[-1] ** -0.5
-  s_ctx = jnp.einsum("bhnwk,bhsk->bhnws", q_BxHxNxWxK, kc_BxHxNxK,
+  n_kv = kc_BxHxNxK.shape[1]
+  grouped = n_kv != q_BxHxNxWxK.shape[1]
+  # Grouped-query attention: queries (B, Hkv, G, N, W, K) against the Hkv key heads.
+  q = (q_BxHxNxWxK.reshape(q_BxHxNxWxK.shape[0], n_kv, -1, *q_BxHxNxWxK.shape[2:]) if grouped
+       else q_BxHxNxWxK)
+  g = "g" if grouped else ""
+  s_ctx = jnp.einsum(f"bh{g}nwk,bhsk->bh{g}nws", q, kc_BxHxNxK,
                      preferred_element_type=jnp.float32) * scale
-  s_win = jnp.einsum("bhnwk,bhnuk->bhnwu", q_BxHxNxWxK, kw_BxHxNxWxK,
+  s_win = jnp.einsum(f"bh{g}nwk,bhnuk->bh{g}nwu", q, kw_BxHxNxWxK,
                      preferred_element_type=jnp.float32) * scale
   stair_Nx1xS = (jnp.arange(n)[None, :] <= jnp.arange(n)[:, None])[:, None, :]
   win_WxU = jnp.arange(w)[None, :] <= q_slots[:, None]
@@ -78,8 +100,9 @@ def window_attention(q_BxHxNxWxK: jax.Array, kc_BxHxNxK: jax.Array, vc_BxHxNxK: 
   s_win = jnp.where(win_WxU, s_win, NEG_INF)
   p = jax.nn.softmax(jnp.concatenate([s_ctx, s_win], axis=-1), axis=-1)
   p_ctx, p_win = p[..., :n].astype(vc_BxHxNxK.dtype), p[..., n:].astype(vw_BxHxNxWxK.dtype)
-  return (jnp.einsum("bhnws,bhsk->bhnwk", p_ctx, vc_BxHxNxK)
-          + jnp.einsum("bhnwu,bhnuk->bhnwk", p_win, vw_BxHxNxWxK))
+  out = (jnp.einsum(f"bh{g}nws,bhsk->bh{g}nwk", p_ctx, vc_BxHxNxK)
+         + jnp.einsum(f"bh{g}nwu,bhnuk->bh{g}nwk", p_win, vw_BxHxNxWxK))
+  return out.reshape(q_BxHxNxWxK.shape)
 
 
 def two_stream_dense_mask(n: int, w: int, valid_W: jax.Array | None = None) -> jax.Array:

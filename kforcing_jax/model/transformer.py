@@ -25,11 +25,21 @@ RESIDUAL_DTYPE = jnp.float32
 LayerAttendFn = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+# Values of ModelConfig's option fields; the first of each is the authors' backbone.
+NORMS = ("scale", "rms")
+MLPS = ("gelu", "swiglu")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture; saved as JSON beside every checkpoint."""
+  """Architecture; saved as JSON beside every checkpoint. The defaults are the authors'
+  backbone (spec section 2); the other options cover Llama-family models (Llama, Qwen2,
+  Mistral, SmolLM): RMSNorm, SwiGLU, grouped-query attention, tied embeddings, q/k/v biases.
+  Fields added after a work dir was made take their defaults, so older JSONs still load."""
   vocab_size: int
-  mask_id: int
+  # Reserved mask token whose logit is forced to MASKED_LOGIT; None: no such token (imported
+  # models). The PFLM feeds noise embeddings, so it needs no mask token either.
+  mask_id: int | None
   d_model: int = 256
   n_layers: int = 4
   n_heads: int = 4
@@ -39,10 +49,51 @@ class ModelConfig:
   # Highest frequency of the noise encoder's features of z (cycles over [0, 1]); 1 is the
   # authors' encoder. Absent from older checkpoints' JSON, hence a default.
   noise_max_freq: float = 1.0
+  norm: str = "scale"  # "scale": LayerNorm without bias (the authors'); "rms": RMSNorm.
+  norm_eps: float = 1e-5
+  mlp: str = "gelu"  # "gelu": tanh-GELU with biases (the authors'); "swiglu": gated, no biases.
+  mlp_hidden: int = 0  # MLP hidden width; 0 = mlp_ratio * d_model.
+  n_kv_heads: int = 0  # Key/value heads (grouped-query attention); 0 = n_heads.
+  head_size: int = 0  # Per-head width; 0 = d_model // n_heads.
+  # Llama-3 rope scaling (factor, low_freq_factor, high_freq_factor, original max positions);
+  # () = none.
+  rope_scaling: tuple = ()
+  tie_embeddings: bool = False  # Output head = the token embedding table transposed.
+  qkv_bias: bool = False  # Biases on q/k/v (Qwen2).
+  head_bias: bool = True  # Bias on the output head (the authors'; zero-initialised).
+
+  def __post_init__(self):  # JSON gives lists; keep the config hashable.
+    object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling or ()))
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+    return self.head_size or self.d_model // self.n_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def mlp_width(self) -> int:
+    return self.mlp_hidden or self.mlp_ratio * self.d_model
+
+  def validate(self) -> "ModelConfig":
+    """Raises ValueError naming the first inconsistent field."""
+    checks = (
+        (self.norm in NORMS, "norm", f"must be one of {NORMS}, got {self.norm!r}"),
+        (self.mlp in MLPS, "mlp", f"must be one of {MLPS}, got {self.mlp!r}"),
+        (self.n_heads % self.kv_heads == 0, "n_kv_heads",
+         f"{self.kv_heads} must divide n_heads={self.n_heads}"),
+        (self.head_dim % 2 == 0, "head_size", f"head_dim {self.head_dim} must be even (rotary)"),
+        (self.mask_id is None or 0 <= self.mask_id < self.vocab_size, "mask_id",
+         f"{self.mask_id} is outside the vocabulary (V={self.vocab_size})"),
+        (len(self.rope_scaling) in (0, 4), "rope_scaling",
+         f"must be () or (factor, low, high, original_max_positions), got {self.rope_scaling}"),
+    )
+    for ok, name, message in checks:
+      if not ok:
+        raise ValueError(f"model config {name}: {message}")
+    return self
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -54,9 +105,9 @@ class ModelConfig:
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, sharding=None) -> tuple[tuple, tuple]:
-  """Empty KV cache: per-layer k and v, each (B, H, slots, head_dim) (see `forward_cached`)."""
+  """Empty KV cache: per-layer k and v, each (B, Hkv, slots, head_dim) (see `forward_cached`)."""
   def zeros():
-    z = jnp.zeros((batch, cfg.n_heads, slots, cfg.head_dim), jnp.dtype(cfg.dtype))
+    z = jnp.zeros((batch, cfg.kv_heads, slots, cfg.head_dim), jnp.dtype(cfg.dtype))
     return z if sharding is None else jax.lax.with_sharding_constraint(z, sharding)
   return tuple(zeros() for _ in range(cfg.n_layers)), tuple(zeros() for _ in range(cfg.n_layers))
 
@@ -71,29 +122,38 @@ def write_slots(cache_BxHxSxK: jax.Array, new_BxHxWxK: jax.Array, start: jax.Arr
 
 
 class Transformer(nnx.Module):
-  """Token embeddings -> blocks -> ScaleNorm -> Linear(d, V) with bias (zero-initialised)."""
+  """Token embeddings -> blocks -> final norm -> Linear(d, V) (zero-initialised, with a bias,
+  unless the config ties it to the embeddings or drops the bias)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.cfg = cfg
-    d, dt = cfg.d_model, jnp.dtype(cfg.dtype)
+    self.cfg = cfg.validate()
+    d = cfg.d_model
     self.vocab_embed = nnx.Param(
         jax.nn.initializers.normal(layers.INIT_STD)(rngs.params(), (cfg.vocab_size, d)),
         out_sharding=("vocab", "embed"))
-    self.blocks = nnx.List([layers.Block(d, cfg.n_heads, cfg.mlp_ratio, cfg.n_layers, rngs, dt)
-                            for _ in range(cfg.n_layers)])
-    self.norm_final = layers.ScaleNorm(d)
-    self.head = nnx.Param(jnp.zeros((d, cfg.vocab_size), jnp.float32),
-                          out_sharding=("embed", "vocab"))
-    self.head_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32),
-                               out_sharding=("vocab",))
+    self.blocks = nnx.List([layers.Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    self.norm_final = layers.Norm(d, cfg.norm, cfg.norm_eps)
+    if not cfg.tie_embeddings:
+      self.head = nnx.Param(jnp.zeros((d, cfg.vocab_size), jnp.float32),
+                            out_sharding=("embed", "vocab"))
+    if cfg.head_bias:
+      self.head_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32),
+                                 out_sharding=("vocab",))
 
   def embed(self, tokens_BxL: jax.Array) -> jax.Array:
     return jnp.take(self.vocab_embed[...], tokens_BxL, axis=0).astype(RESIDUAL_DTYPE)
 
   def logits(self, h_BxLxD: jax.Array) -> jax.Array:
-    """Float32 logits with the mask token's logit forced to MASKED_LOGIT."""
+    """Float32 logits, the mask token's (if any) forced to MASKED_LOGIT."""
     h = self.norm_final(h_BxLxD).astype(jnp.float32)
-    out = h @ self.head[...] + self.head_bias[...]
+    if self.cfg.tie_embeddings:
+      out = jnp.einsum("...d,vd->...v", h, self.vocab_embed[...])
+    else:
+      out = h @ self.head[...]
+    if self.cfg.head_bias:
+      out = out + self.head_bias[...]
+    if self.cfg.mask_id is None:
+      return out
     return out.at[..., self.cfg.mask_id].set(MASKED_LOGIT)
 
   def run_blocks(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, attend: LayerAttendFn,
@@ -104,7 +164,8 @@ class Transformer(nnx.Module):
     runs its attention queries, output projection and MLP on those rows alone; its keys/values
     (and every earlier block) still cover all L positions. Returns hidden states (B, n, D).
     """
-    cos, sin = layers.rotary_tables(pos_BxL, self.cfg.head_dim, self.cfg.rope_base)
+    inv_freq = layers.rope_inv_freq(self.cfg.head_dim, self.cfg.rope_base, self.cfg.rope_scaling)
+    cos, sin = layers.rotary_tables(pos_BxL, inv_freq)
     kvs = []
     for i, block in enumerate(self.blocks):
       q, k, v = block.qkv(x_BxLxD, cos, sin)
@@ -157,8 +218,8 @@ class Transformer(nnx.Module):
     return h if cache is None else (h, tuple(new_cache))
 
   def init_window_cache(self, batch: int, n: int, slots: int) -> tuple:
-    """Empty per-layer window (k, v) for `window_pass(cache=...)`: (B, H, N, slots, K) each."""
-    shape = (batch, self.cfg.n_heads, n, slots, self.cfg.head_dim)
+    """Empty per-layer window (k, v) for `window_pass(cache=...)`: (B, Hkv, N, slots, K) each."""
+    shape = (batch, self.cfg.kv_heads, n, slots, self.cfg.head_dim)
     dt = jnp.dtype(self.cfg.dtype)
     return tuple((jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(self.cfg.n_layers))
 

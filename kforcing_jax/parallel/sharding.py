@@ -4,7 +4,9 @@ Every parameter names its logical axes where it is created (layers.py / model.py
   vocab_embed (V, D)         ('vocab', 'embed')
   attn_qkv    (D, 3, H, K)   ('embed', None, 'heads', 'head_dim')
   attn_out    (H, K, D)      ('heads', 'head_dim', 'embed')
-  mlp_in      (D, F)         ('embed', 'mlp')      mlp_out (F, D) ('mlp', 'embed')
+  attn_q      (D, H, K)      ('embed', 'heads', 'head_dim')   grouped-query attention only
+  attn_kv     (D, 2, G, K)   ('embed', None, 'kv_heads', 'head_dim')  (G kv heads)
+  mlp_in, mlp_gate (D, F)    ('embed', 'mlp')      mlp_out (F, D) ('mlp', 'embed')
   head        (D, V)         ('embed', 'vocab')    norms / biases ('norm',) or ('mlp',)
 Tensor parallelism shards heads and the MLP hidden dim over 'model' (Megatron style: one
 all-reduce after attention and one after the MLP). FSDP additionally shards 'embed' over 'data'.
@@ -27,6 +29,7 @@ def logical_rules(fsdp: bool) -> dict[str, str | None]:
       # 'embed' axis already takes 'data' under FSDP; a mesh axis may shard only one dimension.
       "embed2": None,
       "heads": MODEL,
+      "kv_heads": MODEL,  # Grouped-query attention: the query heads of a kv head stay local.
       "mlp": MODEL,
       "head_dim": None,
       "norm": None,
@@ -74,3 +77,20 @@ def abstract_arrays(shapes, shardings):
   targets and ahead-of-time compilation inputs, from any pytree of shapes and of shardings."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       shapes, shardings)
+
+
+def cache_sharding(mesh: Mesh) -> NamedSharding:
+  """A KV cache (B, H, S, head_dim) per layer: batch over 'data', heads over 'model'."""
+  return NamedSharding(mesh, P(DATA, MODEL, None, None))
+
+
+def decode_state_shardings(mesh: Mesh, ranks):
+  """Shardings of a decode state given the rank of each of its arrays (any pytree of ints, e.g.
+  the state dataclass filled with ranks): a rank-4 array is a KV cache (`cache_sharding`), a
+  scalar is replicated, any other array has its leading (batch) axis over 'data'. The offline
+  decoder, the serving engine and speculative decoding all shard their state through here."""
+  def one(ndim: int) -> NamedSharding:
+    if ndim == 0:
+      return replicated(mesh)
+    return cache_sharding(mesh) if ndim == 4 else batch_sharding(mesh, ndim)
+  return jax.tree.map(one, ranks)

@@ -67,7 +67,8 @@ def param_groups(params: dict) -> dict[str, int]:
   """Parameter counts by part: token embedding, blocks, output layer, noise encoder."""
   count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
   groups = {"embedding": count(params["vocab_embed"]), "blocks": count(params["blocks"]),
-            "output_layer": count([params[k] for k in ("norm_final", "head", "head_bias")])}
+            "output_layer": count([params[k] for k in ("norm_final", "head", "head_bias")
+                                   if k in params])}
   if "noise_encoder" in params:
     groups["noise_encoder"] = count(params["noise_encoder"])
   return groups

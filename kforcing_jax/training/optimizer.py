@@ -10,8 +10,10 @@ from optax.contrib import MuonDimensionNumbers as _Dims
 # token embedding and output head, biases, norms) takes AdamW's update.
 _MUON_DIMS = {
     "attn_qkv": _Dims(reduction_axis=0, output_axis=(2, 3)),  # (d, 3, heads, head_dim)
+    "attn_q": _Dims(reduction_axis=0, output_axis=(1, 2)),  # (d, heads, head_dim)
+    "attn_kv": _Dims(reduction_axis=0, output_axis=(2, 3)),  # (d, 2, kv_heads, head_dim)
     "attn_out": _Dims(reduction_axis=(0, 1), output_axis=2),  # (heads, head_dim, d)
-    "mlp_in": _Dims(), "mlp_out": _Dims(), "combined_proj": _Dims(),
+    "mlp_in": _Dims(), "mlp_gate": _Dims(), "mlp_out": _Dims(), "combined_proj": _Dims(),
 }
 
 
