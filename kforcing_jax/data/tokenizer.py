@@ -5,6 +5,11 @@ Whatever `data.tokenizer` says, the chosen tokenizer is saved as `<workdir>/toke
 no internet and never retrains. Two ids are reserved: `eos_id` separates packed documents and
 `mask_id` is the K-Forcing mask input; `encode` treats their spellings in raw text as plain
 text, so neither id can come from data.
+
+An imported model's tokenizer (`data/hf_tokenizer.py`: a HF model dir or a GGUF file) is saved the
+same way, with `tokenizer_meta.json` {"tokenizer": "imported", ...} carrying its special ids, its
+BOS rule and its chat template; it has no mask id, and it reads special-token spellings in text
+as those tokens, as the model's own tokenizer does.
 """
 
 import collections
@@ -32,20 +37,54 @@ EOS_TOKENS = ("<|endoftext|>", "[SEP]", "</s>")
 BPE_MAX_TRAIN_CHARS = 200_000_000
 
 
-class Tokenizer:
-  """A HF `tokenizers.Tokenizer` plus the two special ids the model relies on."""
+# `tokenizer_meta.json`'s "tokenizer" for a tokenizer imported with a model (hf_tokenizer.py).
+IMPORTED = "imported"
+META_FILE = "tokenizer_meta.json"
 
-  def __init__(self, hf: tokenizers.Tokenizer):
+
+class Tokenizer:
+  """A HF `tokenizers.Tokenizer` plus the special ids the model relies on.
+
+  `imported`: None for this project's own tokenizers (eos and mask found by name; prompts start
+  with eos). For a model's own tokenizer, its `tokenizer_meta.json` dict: eos_id (the stop
+  token), bos_id, add_bos (whether the model puts bos before a prompt), mask_id (None: imported
+  models have none), chat_template (a jinja2 string or None) and special_tokens (names such as
+  bos_token -> their strings, for the template).
+  """
+
+  def __init__(self, hf: tokenizers.Tokenizer, imported: dict | None = None):
     self.hf = hf
-    self.hf.encode_special_tokens = True  # "[MASK]" typed in the text is just text.
-    vocab = hf.get_vocab(with_added_tokens=True)
-    self.mask_id = _first_id(vocab, MASK_TOKENS, "mask")
-    self.eos_id = _first_id(vocab, EOS_TOKENS, "end-of-document")
+    self.imported = imported
+    if imported is None:
+      self.hf.encode_special_tokens = True  # "[MASK]" typed in the text is just text.
+      vocab = hf.get_vocab(with_added_tokens=True)
+      self.mask_id = _first_id(vocab, MASK_TOKENS, "mask")
+      self.eos_id = _first_id(vocab, EOS_TOKENS, "end-of-document")
+      self.bos_id, self.add_bos, self.chat_template = None, False, None
+      self.special_tokens: dict[str, str] = {}
+    else:  # the model's own rules; "<|im_start|>" in text is that token, as in transformers
+      self.hf.encode_special_tokens = False
+      opt = lambda key: None if imported.get(key) is None else int(imported[key])
+      self.mask_id, self.eos_id, self.bos_id = opt("mask_id"), opt("eos_id"), opt("bos_id")
+      if self.eos_id is None:
+        raise ValueError("an imported tokenizer needs an eos_id (its stop token)")
+      self.add_bos = bool(imported.get("add_bos", False))
+      if self.add_bos and self.bos_id is None:
+        raise ValueError("the imported tokenizer adds a BOS token but names no bos_id")
+      self.chat_template = imported.get("chat_template") or None
+      self.special_tokens = dict(imported.get("special_tokens") or {})
     self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
     self.fingerprint = hashlib.sha256(hf.to_str().encode("utf-8")).hexdigest()[:16]
 
   def encode(self, text: str) -> list[int]:
     return self.hf.encode(text, add_special_tokens=False).ids
+
+  def encode_prompt(self, text: str) -> list[int]:
+    """A prompt's ids: this project's tokenizers put eos (the start-of-document token) first;
+    an imported tokenizer does what the model's own does (bos first only if the model adds it)."""
+    if self.imported is None:
+      return [self.eos_id] + self.encode(text)
+    return ([self.bos_id] if self.add_bos else []) + self.encode(text)
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     """Parallel (Rust threads) encode; used when tokenizing whole splits."""
@@ -54,12 +93,31 @@ class Tokenizer:
   def decode(self, ids) -> str:
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
+  def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The conversation as the model's chat template writes it (see hf_tokenizer.render_chat)."""
+    from kforcing_jax.data import hf_tokenizer  # pylint: disable=import-outside-toplevel
+    return hf_tokenizer.render_chat(self, messages, add_generation_prompt)
+
+  def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The rendered conversation's ids. Imported: as transformers' apply_chat_template(
+    tokenize=True) (the template writes any bos itself); ours: encode_prompt of the text."""
+    text = self.render_chat(messages, add_generation_prompt)
+    return self.encode(text) if self.imported is not None else self.encode_prompt(text)
+
   def save(self, path: str) -> None:
     _atomic_write(path, self.hf.to_str())
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
-    return cls(tokenizers.Tokenizer.from_file(path))
+    """`path` (a tokenizer.json); an imported one's rules come from the META_FILE beside it."""
+    hf = tokenizers.Tokenizer.from_file(path)
+    meta_path = os.path.join(os.path.dirname(path), META_FILE)
+    if os.path.exists(meta_path):
+      with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+      if isinstance(meta, dict) and meta.get("tokenizer") == IMPORTED:
+        return cls(hf, imported=meta)
+    return cls(hf)
 
 
 def build_tokenizer(data_cfg, workdir: str) -> Tokenizer:
@@ -73,12 +131,16 @@ def build_tokenizer(data_cfg, workdir: str) -> Tokenizer:
     if data_cfg.bpe_id_order != "merges":  # so work dirs made before the field still match
       meta["bpe_id_order"] = data_cfg.bpe_id_order
   path = os.path.join(workdir, "tokenizer.json")
-  meta_path = os.path.join(workdir, "tokenizer_meta.json")
+  meta_path = os.path.join(workdir, META_FILE)
   if os.path.exists(path):
     saved = meta
     if os.path.exists(meta_path):
       with open(meta_path, encoding="utf-8") as f:
         saved = json.load(f)
+    if saved.get("tokenizer") == IMPORTED:  # an imported model's: its vocabulary is fixed
+      pipeline.log.info("Using the work dir's imported tokenizer (from %s); data.tokenizer=%r "
+                        "does not apply.", saved.get("source"), kind)
+      return Tokenizer.load(path)
     if saved != meta:
       raise ValueError(f"{path} was built for {saved} but the config asks for {meta} "
                        "(data.tokenizer / data.bpe_vocab_size / data.bpe_id_order); use a fresh workdir.")
