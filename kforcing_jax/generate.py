@@ -132,7 +132,7 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
   tok = loaded.tokenizer
   eos = tok.eos_id if stop_at_eos else None
   texts = read_prompts(prompts_path)
-  ids = [([tok.eos_id] if bos else []) + tok.encode(t) for t in texts]
+  ids = [tok.encode_prompt(t) if bos else tok.encode(t) for t in texts]
   if not all(ids):
     raise ValueError("an empty prompt with --no_bos has no token to condition on")
   if method:

@@ -94,7 +94,7 @@ def _offline_text(workdir, prompt, n, seed, stage="k2"):  # noqa: F811
   tok = loaded.tokenizer
   spec = decode.DecodeSpec(k=loaded.k or 1, max_new_tokens=n, ar=loaded.k == 0,
                            eos_id=tok.eos_id)
-  ids = decode.Engine.from_stage(loaded).generate([[tok.eos_id] + tok.encode(prompt)], spec,
+  ids = decode.Engine.from_stage(loaded).generate([tok.encode_prompt(prompt)], spec,
                                                   seed)[0].tokens
   return tok.decode([t for t in ids if t != tok.eos_id])
 

@@ -423,7 +423,7 @@ def _evaluator_ppl(evaluator, tok, prompts, outs) -> float:
     pairs = list(zip(prompts, outs))
   else:  # another vocabulary: score the same text re-tokenised
     strip = lambda ids: [t for t in ids if t != tok.eos_id]
-    pairs = [([etok.eos_id] + etok.encode(tok.decode(strip(p))), etok.encode(tok.decode(
+    pairs = [(etok.encode_prompt(tok.decode(strip(p))), etok.encode(tok.decode(
         strip(o)))) for p, o in zip(prompts, outs)]
     pairs = [(c, t) for c, t in pairs if t]
   s, n = continuation_nll(evaluator.graphdef, evaluator.params, pairs)

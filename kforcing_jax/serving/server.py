@@ -117,7 +117,7 @@ class CompletionApp:
         raise ApiError(400, f"'{name}' is not supported by this server", name)
     ids = []
     for p in prompts:
-      toks = [self.tok.eos_id] + self.tok.encode(p)
+      toks = self.tok.encode_prompt(p)
       if len(toks) > e.max_prompt_len:
         raise ApiError(400, f"the prompt has {len(toks)} tokens (with the start token); this "
                        f"server takes at most {e.max_prompt_len}", "prompt",
