@@ -4,6 +4,8 @@ kforcing_jax.serve`).
   POST /v1/completions  prompt (string or list of strings), max_tokens, seed, stop, stream (SSE),
                         frequency_penalty; temperature must be 1 and n 1 (the PFLM's sampling is
                         fixed by its noise), echo/logprobs/best_of are not supported.
+  POST /v1/chat/completions  messages rendered with the stage tokenizer's chat template, then
+                        as /v1/completions (same fields, limits, errors; n=1): serving/chat.py
   GET  /v1/models       the one model served (its name is the stage, e.g. "k4")
   GET  /health          slots, live / free slots, queue length
 
@@ -213,6 +215,11 @@ def make_app(engine: engine_lib.ServingEngine, tokenizer, model_name: str) -> Fa
   async def models():
     return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                         "owned_by": "kforcing_jax"}]}
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(http: HttpRequest):
+    from kforcing_jax.serving import chat  # pylint: disable=import-outside-toplevel
+    return await chat.complete(api, http)  # rendered with the chat template: serving/chat.py
 
   @app.post("/v1/completions")
   async def completions(http: HttpRequest):
