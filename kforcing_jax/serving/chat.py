@@ -202,7 +202,8 @@ async def _sse(api, http, p, task, events, head, usage):
         yield chunk({"content": delta})
     yield chunk({}, reason)
     if p["include_usage"]:
-      yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage(n_tok)})}\n\n"
+      last = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(n_tok)}
+      yield f"data: {json.dumps(last)}\n\n"
     yield "data: [DONE]\n\n"
   finally:
     watcher.cancel()
