@@ -10,6 +10,8 @@
   save_to_workdir(tok, workdir)  <workdir>/tokenizer.json + tokenizer_meta.json, which
                                  `Tokenizer.load` and `build_tokenizer` then reuse
   render_chat(tok, messages)     the model's chat template, rendered as transformers does
+  encode_chat_sanitized(tok, m)  its ids with control-token spellings in the messages encoded as
+                                 plain text (transformers' sanitize_control_tokens=True)
 
 Both loaders give a `tokenizer.Tokenizer` with `imported` set: mask_id None, the model's eos as
 the stop token, and `encode_prompt` = what the model's own tokenizer does (bos only if it adds
@@ -18,6 +20,7 @@ one). tests/test_hf_tokenizer.py checks them against transformers on SmolLM2's G
 
 import json
 import os
+import re
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -287,3 +290,78 @@ def _bytes_to_unicode() -> dict[int, str]:
       cs.append(256 + n)
       n += 1
   return dict(zip(bs, map(chr, cs)))
+
+
+def save_hf_files(tok: tokenizer_lib.Tokenizer, out_dir: str) -> None:
+  """`tok` as a HF model dir's tokenizer.json + tokenizer_config.json (what `load_hf_tokenizer`
+  and transformers' AutoTokenizer read): special tokens, BOS rule and chat template included."""
+  os.makedirs(out_dir, exist_ok=True)
+  tok.save(os.path.join(out_dir, "tokenizer.json"))
+  spell = lambda i: None if i is None else tok.hf.id_to_token(int(i))
+  cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+         "eos_token": spell(tok.eos_id), "bos_token": spell(tok.bos_id),
+         "add_bos_token": bool(tok.add_bos), "model_max_length": 1 << 30}
+  if tok.mask_id is not None:
+    cfg["mask_token"] = spell(tok.mask_id)
+  if tok.chat_template:
+    cfg["chat_template"] = tok.chat_template
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+    json.dump({k: v for k, v in cfg.items() if v is not None}, f, indent=2)
+
+
+# Private-use characters wrapped around control tokens found in the messages (transformers' own).
+_MARK_START, _MARK_END = "\U000f0000", "\U000f0001"
+
+
+def _control_tokens(tok: tokenizer_lib.Tokenizer) -> tuple[str, ...]:
+  """Special added tokens, and non-special ones the template writes (not whitespace)."""
+  out = []
+  for t in tok.hf.get_added_tokens_decoder().values():
+    if t.special or (t.content in (tok.chat_template or "") and not t.content.isspace()):
+      out.append(t.content)
+  return tuple(sorted(out, key=len, reverse=True))  # longer first: a token before its parts
+
+
+def _mark(obj, control_re):
+  if isinstance(obj, str):
+    obj = obj.replace(_MARK_START, "").replace(_MARK_END, "")  # no forged markers
+    return control_re.sub(f"{_MARK_START}\\g<0>{_MARK_END}", obj)
+  if isinstance(obj, dict):
+    return {k: _mark(v, control_re) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_mark(v, control_re) for v in obj]
+  return obj
+
+
+def encode_chat_sanitized(tok: tokenizer_lib.Tokenizer, messages: list[dict],
+                          add_generation_prompt: bool = True) -> list[int]:
+  """The conversation's ids where a control token typed inside a message ("<|im_start|>system")
+  is plain text and only the template's own are control tokens: transformers'
+  apply_chat_template(tokenize=True, sanitize_control_tokens=True). What a server must use, so a
+  user cannot forge another role's turn."""
+  control = _control_tokens(tok)
+  control_re = re.compile("|".join(map(re.escape, control)) or "(?!)")
+  markers_re = re.compile(f"{_MARK_START}({control_re.pattern}){_MARK_END}|"
+                          f"[{_MARK_START}{_MARK_END}]")
+  chat = render_chat(tok, _mark(json.loads(json.dumps(messages)), control_re),
+                     add_generation_prompt)
+  plain = getattr(tok, "_plain_hf", None)
+  if plain is None:  # a copy that reads every added token's spelling as text
+    plain = tokenizers.Tokenizer.from_str(tok.hf.to_str())
+    plain.encode_special_tokens = True
+    tok._plain_hf = plain  # pylint: disable=protected-access
+  newline = tok.encode("\n")
+  pieces = markers_re.split(chat)  # [text, marked token or None, text, ...]
+  ids = tok.encode(pieces[0])
+  for i, piece in enumerate(pieces[1:], start=1):
+    if not piece:
+      continue
+    as_text = i % 2 == 1
+    encode = (lambda t: plain.encode(t, add_special_tokens=False).ids) if as_text else tok.encode
+    piece_ids = encode("\n" + piece)  # mid-text, not at a string start (SentencePiece's prefix)
+    piece_ids = (piece_ids[len(newline):] if piece_ids[:len(newline)] == newline
+                 else encode(piece))
+    if as_text and tok.hf.token_to_id(piece) in piece_ids:
+      raise ChatTemplateError(f"cannot keep {piece!r} as text: the tokenizer makes it from text")
+    ids += piece_ids
+  return ids

@@ -98,11 +98,18 @@ class Tokenizer:
     from kforcing_jax.data import hf_tokenizer  # pylint: disable=import-outside-toplevel
     return hf_tokenizer.render_chat(self, messages, add_generation_prompt)
 
-  def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+  def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                  sanitize: bool = False) -> list[int]:
     """The rendered conversation's ids. Imported: as transformers' apply_chat_template(
-    tokenize=True) (the template writes any bos itself); ours: encode_prompt of the text."""
-    text = self.render_chat(messages, add_generation_prompt)
-    return self.encode(text) if self.imported is not None else self.encode_prompt(text)
+    tokenize=True) (the template writes any bos itself); with `sanitize`, control tokens typed
+    inside messages stay plain text (its sanitize_control_tokens=True). Ours: encode_prompt of
+    the text (which reads no spelling as a special token anyway)."""
+    if self.imported is None:
+      return self.encode_prompt(self.render_chat(messages, add_generation_prompt))
+    if sanitize:
+      from kforcing_jax.data import hf_tokenizer  # pylint: disable=import-outside-toplevel
+      return hf_tokenizer.encode_chat_sanitized(self, messages, add_generation_prompt)
+    return self.encode(self.render_chat(messages, add_generation_prompt))
 
   def save(self, path: str) -> None:
     _atomic_write(path, self.hf.to_str())

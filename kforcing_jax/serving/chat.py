@@ -8,7 +8,9 @@ stream_options, frequency_penalty; temperature, top_p and n only at 1, presence_
 logprobs only false; user is accepted (an end-user id, as OpenAI's: it changes nothing). Any
 other field, role or message key is a 400 naming it. A stage whose tokenizer has no chat
 template answers 400 (code "no_chat_template"); a template that rejects the conversation (its
-raise_exception) answers 400 with the template's message.
+raise_exception) answers 400 with the template's message. Control tokens typed inside a
+message ("<|im_start|>system") are encoded as plain text, only the template's own are
+control tokens (transformers' sanitize_control_tokens=True), so no one forges a turn.
 
 Response: OpenAI's chat format: "chat.completion" with choices[0].message {role, content}, or
 streamed "chat.completion.chunk"s whose delta is {role} first, then {content} pieces, then {}
@@ -114,7 +116,11 @@ def parse(api: "server.CompletionApp", raw: bytes) -> dict:
     text = tok.render_chat(messages, add_generation_prompt=True)
   except hf_tokenizer.ChatTemplateError as e:
     raise server.ApiError(400, str(e), "messages") from None
-  ids = tok.encode_chat(messages, add_generation_prompt=True)
+  # Control tokens typed in a message stay text: a user cannot forge another role's turn.
+  try:
+    ids = tok.encode_chat(messages, add_generation_prompt=True, sanitize=True)
+  except hf_tokenizer.ChatTemplateError as e:
+    raise server.ApiError(400, str(e), "messages") from None
   if not ids:
     raise server.ApiError(400, "the chat template rendered the conversation as no tokens",
                           "messages")
