@@ -159,7 +159,7 @@ def tokenizer_from_gguf(path_or_reader, source: str | None = None) -> tokenizer_
   `tokenizers` from its metadata."""
   if source is None:
     source = (os.path.abspath(path_or_reader) if isinstance(path_or_reader, (str, os.PathLike))
-              else str(getattr(path_or_reader, "path", "gguf")))
+              else str(getattr(getattr(path_or_reader, "data", None), "filename", None) or "gguf"))
   f = _gguf_fields(path_or_reader)
   name = os.path.basename(str(source))
   kind = f.get("tokenizer.ggml.model")
