@@ -27,12 +27,13 @@ import dataclasses
 
 import numpy as np
 
+from kforcing_jax.config import check as config_check
 from kforcing_jax.model import transformer as model_lib
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(config_check.UserError):
   """A checkpoint this module cannot map; the message is one line naming what is unsupported."""
 
 
