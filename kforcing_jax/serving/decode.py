@@ -32,7 +32,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from kforcing_jax.distill import sampling
 from kforcing_jax.parallel import sharding
@@ -262,13 +262,10 @@ def pad_prompts(prompts: Sequence[Sequence[int]], batch: int, prompt_len: int,
 
 def state_shardings(mesh: Mesh, n_layers: int) -> DecodeState:
   """Batch over 'data'; the caches' heads over 'model'; scalars replicated."""
-  data = lambda nd: NamedSharding(mesh, P(sharding.DATA, *([None] * (nd - 1))))
-  cache = NamedSharding(mesh, P(sharding.DATA, sharding.MODEL, None, None))
-  rep = sharding.replicated(mesh)
-  return DecodeState(tokens_BxT=data(2), cache_k=(cache,) * n_layers,
-                     cache_v=(cache,) * n_layers, cache_len=rep, pad_B=data(1),
-                     keys_Bx2=data(2), step=rep, done_B=data(1), length_B=data(1),
-                     counts_BxV=data(2))
+  ranks = DecodeState(tokens_BxT=2, cache_k=(4,) * n_layers, cache_v=(4,) * n_layers,
+                      cache_len=0, pad_B=1, keys_Bx2=2, step=0, done_B=1, length_B=1,
+                      counts_BxV=2)
+  return sharding.decode_state_shardings(mesh, ranks)
 
 
 @dataclasses.dataclass
@@ -316,7 +313,7 @@ class Engine:
       return self._programs[key]
     gd, mesh = self.graphdef, self.mesh
     st_sh = state_shardings(mesh, self.cfg.n_layers)
-    d1, d2 = NamedSharding(mesh, P(sharding.DATA)), NamedSharding(mesh, P(sharding.DATA, None))
+    d1, d2 = sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh, 2)
     merge = lambda p: model_lib.merge(gd, p)
     ins = (self._param_sh, d2, d1, d2)
     # Matmul rows per device: the prefill's, or one step's (the steps dominate `generate`).
@@ -358,8 +355,7 @@ class Engine:
     if len(ids) != n:
       raise ValueError(f"row_ids has {len(ids)} entries for {n} prompts")
     keys = row_keys(seed, ids + [ids[-1]] * (batch - n))
-    d1, d2 = NamedSharding(self.mesh, P(sharding.DATA)), NamedSharding(self.mesh,
-                                                                        P(sharding.DATA, None))
+    d1, d2 = sharding.batch_sharding(self.mesh, 1), sharding.batch_sharding(self.mesh, 2)
     return jax.device_put(x, d2), jax.device_put(pad, d1), jax.device_put(keys, d2)
 
   def generate_arrays(self, spec: DecodeSpec, prompt_BxP, pad_B, keys_Bx2):
@@ -395,10 +391,15 @@ class Engine:
         return
 
 
+def truncate(row_T: np.ndarray, length: int, max_new_tokens: int,
+             eos_id: int | None) -> tuple[list[int], bool]:
+  """A row's generated ids (its length, at most max_new_tokens) and whether they end at EOS:
+  the one host-side cut of every decoder's token buffer (offline, speculative)."""
+  n = min(int(length), max_new_tokens)
+  toks = [int(t) for t in row_T[:n]]
+  return toks, eos_id is not None and bool(toks) and toks[-1] == eos_id
+
+
 def _completions(spec: DecodeSpec, tokens_BxT: np.ndarray, length_B: np.ndarray):
-  out = []
-  for row, n in zip(tokens_BxT, length_B):
-    n = min(int(n), spec.max_new_tokens)
-    toks = [int(t) for t in row[:n]]
-    out.append(Completion(toks, spec.eos_id is not None and bool(toks) and toks[-1] == spec.eos_id))
-  return out
+  return [Completion(*truncate(row, n, spec.max_new_tokens, spec.eos_id))
+          for row, n in zip(tokens_BxT, length_B)]

@@ -25,7 +25,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.observe import metrics_log
@@ -168,12 +167,10 @@ class ServingEngine:
                           gen_B=state.gen_B + k, counts_BxV=counts)
       return new, y
 
-    cache_sh = NamedSharding(mesh, P(sharding.DATA, sharding.MODEL, None, None))
-    d1 = NamedSharding(mesh, P(sharding.DATA))
-    d2 = NamedSharding(mesh, P(sharding.DATA, None))
-    self._state_sh = SlotState(cache_k=(cache_sh,) * cfg.n_layers,
-                               cache_v=(cache_sh,) * cfg.n_layers, len_B=d1, pad_B=d1,
-                               last_BxK=d2, gen_B=d1, keys_Bx2=d2, counts_BxV=d2, penalty_B=d1)
+    self._state_sh = sharding.decode_state_shardings(
+        mesh, SlotState(cache_k=(4,) * cfg.n_layers, cache_v=(4,) * cfg.n_layers, len_B=1,
+                        pad_B=1, last_BxK=2, gen_B=1, keys_Bx2=2, counts_BxV=2, penalty_B=1))
+    d2 = sharding.batch_sharding(mesh, 2)
     if self.slots % mesh.shape[sharding.DATA]:
       raise ValueError(f"slots={self.slots} must be a multiple of the mesh's data axis "
                        f"({mesh.shape[sharding.DATA]})")

@@ -37,7 +37,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kforcing_jax.distill import sampling
 from kforcing_jax.model import transformer as model_lib
@@ -316,8 +315,8 @@ class VerifiedEngine:
     key = (spec, batch, plen)
     if key not in self._programs:
       mesh, tg, dg = self.mesh, self.teacher.graphdef, self.drafter.graphdef
-      d1, d2 = NamedSharding(mesh, P(sharding.DATA)), NamedSharding(mesh, P(sharding.DATA, None))
-      cache_sh = NamedSharding(mesh, P(sharding.DATA, sharding.MODEL, None, None))
+      d1, d2 = sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh, 2)
+      cache_sh = sharding.cache_sharding(mesh)
       sh = lambda t: jax.tree.map(lambda x: x.sharding, t)
 
       def run(tp, dp, x, pad, keys):
@@ -349,9 +348,7 @@ class VerifiedEngine:
     out = []
     for row, length, dr, ac in zip(tokens[:n_rows], n[:n_rows], drafted[:n_rows],
                                    accepted[:n_rows]):
-      length = min(int(length), spec.max_new_tokens)
-      toks = [int(t) for t in row[:length]]
-      finished = spec.eos_id is not None and bool(toks) and toks[-1] == spec.eos_id
+      toks, finished = decode.truncate(row, length, spec.max_new_tokens, spec.eos_id)
       out.append(VerifiedCompletion(toks, finished, int(dr), int(ac)))
     return out, summarize(n[:n_rows], int(passes), drafted[:n_rows], accepted[:n_rows],
                           spec.max_new_tokens)
