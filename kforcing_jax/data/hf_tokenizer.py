@@ -26,6 +26,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from kforcing_jax.data import tokenizer as tokenizer_lib
+from kforcing_jax.observe import report
 
 # GGUF token types (llama.cpp's llama_token_type).
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
@@ -222,8 +223,8 @@ def save_to_workdir(tok: tokenizer_lib.Tokenizer, workdir: str) -> str:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "tokenizer.json")
   tok.save(path)
-  tokenizer_lib._atomic_write(  # pylint: disable=protected-access
-      os.path.join(workdir, tokenizer_lib.META_FILE), json.dumps(tok.imported, indent=1))
+  report.write_text(os.path.join(workdir, tokenizer_lib.META_FILE),
+                    json.dumps(tok.imported, indent=1))
   return path
 
 

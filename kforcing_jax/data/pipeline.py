@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 
 from kforcing_jax.config import check as config_check
 from kforcing_jax.data import kjv, text_files
+from kforcing_jax.observe import report
 
 SOURCES = config_check.SOURCES
 # A child of the "kforcing_jax" logger: tokenisation progress reaches the user's console.
@@ -232,10 +233,8 @@ def _stream_path(tokenizer, texts: grain.MapDataset, key: str, workdir: str) -> 
   if not os.path.exists(path):
     stream = _tokenize_all(texts, tokenizer, key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with report.atomic_open(path, "wb") as f:
       np.save(f, stream)
-    os.replace(tmp, path)
   return path
 
 

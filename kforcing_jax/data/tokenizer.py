@@ -24,6 +24,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from kforcing_jax.config import check as config_check
 from kforcing_jax.data import pipeline
+from kforcing_jax.observe import report
 
 KINDS = config_check.TOKENIZERS
 MASK_TOKENS = ("[MASK]", "<mask>")
@@ -112,7 +113,7 @@ class Tokenizer:
     return self.encode(self.render_chat(messages, add_generation_prompt))
 
   def save(self, path: str) -> None:
-    _atomic_write(path, self.hf.to_str())
+    report.write_text(path, self.hf.to_str())
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
@@ -155,7 +156,7 @@ def build_tokenizer(data_cfg, workdir: str) -> Tokenizer:
   tok = _train_bpe(data_cfg, workdir) if kind == "bpe" else _pretrained(kind)
   os.makedirs(workdir, exist_ok=True)
   tok.save(path)
-  _atomic_write(meta_path, json.dumps(meta))
+  report.write_text(meta_path, json.dumps(meta))
   return tok
 
 
@@ -302,10 +303,3 @@ def _first_id(vocab: dict[str, int], names: tuple[str, ...], what: str) -> int:
       return vocab[name]
   raise ValueError(f"Tokenizer has no {what} token (looked for {names}).")
 
-
-def _atomic_write(path: str, text: str) -> None:
-  """Write-then-rename, so concurrent processes never read a half-written file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)

@@ -12,6 +12,8 @@ from typing import Callable
 
 import jax
 
+from kforcing_jax.observe import report
+
 log = logging.getLogger("kforcing_jax")
 
 
@@ -77,10 +79,9 @@ class MetricsWriter:
       return
     kept = [line for line in read_jsonl(self.path)
             if not (line.get("stage") == stage and line.get("step", 0) > step)]
-    with open(self.path + ".tmp", "w") as f:
+    with report.atomic_open(self.path) as f:
       for line in kept:
         f.write(json.dumps(line) + "\n")
-    os.replace(self.path + ".tmp", self.path)
 
   def write(self, record: dict) -> None:
     if not self.enabled:

@@ -1,13 +1,8 @@
-"""Loss-curve PNG from metrics.jsonl (train and validation loss per stage)."""
+"""The training run's loss-curve PNG from metrics.jsonl (train and validation loss per stage)."""
 
 import collections
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from kforcing_jax.observe import metrics_log  # noqa: E402
+from kforcing_jax.observe import metrics_log, report
 
 
 def plot_loss_curves(metrics_path: str, out_png: str) -> None:
@@ -19,20 +14,16 @@ def plot_loss_curves(metrics_path: str, out_png: str) -> None:
         xs, ys = series[(r.get("stage", "?"), key)]
         xs.append(r["step"])
         ys.append(r[key])
-  fig, ax = plt.subplots(figsize=(7, 4.5))
   start = phase_starts({stage: max(xs) for (stage, key), (xs, _) in series.items()
                         if key == "loss"})
-  for (stage, key), (xs, ys) in sorted(series.items()):
-    style = "-" if key == "loss" else "o-"
-    ax.plot([x + start.get(stage, 0) for x in xs], ys, style,
-            label=f"{stage} {'train' if key == 'loss' else 'validation'}", markersize=3)
-  ax.set_xlabel("step (a phase k<n>_<p> continues the count of k<n>)")
-  ax.set_ylabel("cross-entropy (nats/token)")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=120)
-  plt.close(fig)
+  with report.figure(out_png) as (_, _, ax):
+    for (stage, key), (xs, ys) in sorted(series.items()):
+      style = "-" if key == "loss" else "o-"
+      ax.plot([x + start.get(stage, 0) for x in xs], ys, style,
+              label=f"{stage} {'train' if key == 'loss' else 'validation'}", markersize=3)
+    report.finish_axes(ax, "step (a phase k<n>_<p> continues the count of k<n>)",
+                       "cross-entropy (nats/token)", legend_size=None)
+    ax.legend()
 
 
 def phase_starts(last_step: dict[str, int]) -> dict[str, int]:

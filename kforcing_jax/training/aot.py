@@ -13,7 +13,6 @@ the shardings), temporaries and FLOPs are indicative of what a TPU/GPU compile w
 """
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -25,7 +24,7 @@ import ml_collections
 from kforcing_jax.config import check as config_check
 from kforcing_jax.data import tokenizer as tokenizer_lib
 from kforcing_jax.distill import targets as distill
-from kforcing_jax.observe import metrics_log
+from kforcing_jax.observe import metrics_log, report
 from kforcing_jax.training import state as train_state
 from kforcing_jax.parallel import sharding
 from kforcing_jax.model import transformer as model_lib
@@ -153,12 +152,11 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, n_devices: int) -> 
   print(format_report(reports, n_devices, (data, model)))
   log.info("[dry run] all %d stages compiled in %.1f s", len(stages), time.perf_counter() - t0)
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "dry_run.json")
-    with open(path, "w") as f:
-      json.dump({"devices": n_devices, "mesh": {"data": data, "model": model},
-                 "model_config": dataclasses.asdict(model_cfg), "config": config.to_dict(),
-                 "stages": [dataclasses.asdict(r) for r in reports]}, f, indent=2)
+    report.write_result(path, {"devices": n_devices, "mesh": {"data": data, "model": model},
+                               "model_config": dataclasses.asdict(model_cfg),
+                               "config": config.to_dict(),
+                               "stages": [dataclasses.asdict(r) for r in reports]}, indent=2)
     log.info("[dry run] wrote %s", path)
   return reports
 

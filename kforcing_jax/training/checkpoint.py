@@ -15,6 +15,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from kforcing_jax.observe import report
+
 MODEL_CONFIG_FILE = "model_config.json"
 
 
@@ -38,10 +40,8 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     self.manager.wait_until_finished()
     if "model_config" in meta and jax.process_index() == 0:
-      path = os.path.join(self.directory, MODEL_CONFIG_FILE)
-      with open(path + ".tmp", "w") as f:
-        json.dump(meta["model_config"], f, indent=2, sort_keys=True)
-      os.replace(path + ".tmp", path)
+      report.write_json(os.path.join(self.directory, MODEL_CONFIG_FILE), meta["model_config"],
+                        indent=2, sort_keys=True)
 
   def restore(self, step: int, abstract_state, data_iter=None) -> tuple[Any, dict]:
     """Restore into `abstract_state` (ShapeDtypeStructs with target shardings); the data
