@@ -255,3 +255,35 @@ def test_smollm2_logits_and_greedy_generation_equal_transformers(smol):
       want = ref.generate(torch.tensor([row]), max_new_tokens=32, do_sample=False)[
           0, len(row):].tolist()
     assert got == want, (tok.decode(got), tok.decode(want))
+
+
+@pytest.mark.slow
+def test_distillation_starts_from_an_imported_teacher(tmp_path):
+  """teacher (imported, final: never trained) -> k2 on the embedded corpus, then generate."""
+  from kforcing_jax.config import base as config_base  # pylint: disable=import-outside-toplevel
+  from kforcing_jax.observe import metrics_log  # pylint: disable=import-outside-toplevel
+  from kforcing_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  model, model_dir = _hf_model("llama_gqa_tied", str(tmp_path))
+  workdir = str(tmp_path / "work")
+  hf_checkpoint.from_hf(model_dir, workdir)
+  c = config_base.base_config()
+  c.stages = "teacher,k2"
+  c.data.tfds_data_dir = str(tmp_path / "tfds")
+  c.seq_len, c.batch_size = 16, 4
+  c.mesh.data, c.mesh.model = 4, 2
+  c.optim.warmup_steps = 1
+  c.train.num_steps = 3
+  c.train.log_every, c.train.eval_every, c.train.ckpt_every = 1, 3, 3
+  c.train.eval_batches = 1
+  before = stage_io.load_stage(workdir, "teacher").params
+  trainer.run(c, workdir)
+  assert stage_io.list_stages(workdir) == ["teacher", "k2"]
+  after = stage_io.load_stage(workdir, "teacher").params
+  jax.tree.map(np.testing.assert_array_equal, after, before)  # the teacher was not trained
+  rows = metrics_log.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert {r["stage"] for r in rows} == {"k2"}
+  assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+  k2 = stage_io.load_stage(workdir, "k2")
+  assert k2.model_cfg.kv_heads == 2 and k2.model_cfg.tie_embeddings
+  out = decode.Engine.from_stage(k2).generate(PROMPTS, decode.DecodeSpec(k=2, max_new_tokens=4))
+  assert all(len(c.tokens) == 4 for c in out)

@@ -104,9 +104,9 @@ def load_stage(workdir: str, stage: str, mesh: Mesh | None = None, use_ema: bool
     model_cfg = model_lib.ModelConfig.from_dict(meta["model_config"])
     k = config_check.stage_k(meta.get("stage", stage))
     model_axis = mesh.shape[sharding.MODEL]
-    if model_cfg.n_heads % model_axis:
+    if model_cfg.kv_heads % model_axis:  # kv heads divide the query heads
       raise ValueError(f"mesh model axis {model_axis} does not divide the checkpoint's "
-                       f"n_heads={model_cfg.n_heads}")
+                       f"n_heads={model_cfg.n_heads} / n_kv_heads={model_cfg.kv_heads}")
     abstract = abstract_module(model_cfg, k)
     graphdef, abs_params = model_lib.split_params(abstract)
     shardings = sharding.param_shardings(abstract, mesh, fsdp)
@@ -129,6 +129,21 @@ def load_stage(workdir: str, stage: str, mesh: Mesh | None = None, use_ema: bool
     tok = tokenizer_lib.Tokenizer.load(tok_path)
   return LoadedStage(stage=stage, k=k, model_cfg=model_cfg, graphdef=graphdef, params=params,
                      tokenizer=tok, step=step, meta=meta, mesh=mesh)
+
+
+def final_stage_meta(workdir: str, stage: str) -> dict | None:
+  """The meta of `stage` if it is final: imported (convert --from_hf / --from_torch), params
+  only, so the trainer never trains it and later stages start from it; else None."""
+  directory = os.path.join(stages_dir(workdir), stage)
+  step = _latest_step(directory) if os.path.isdir(directory) else None
+  if step is None:
+    return None
+  manager = _manager(directory)
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    manager.close()
+  return meta if meta.get("final") or "converted_from" in meta else None
 
 
 def save_params_stage(workdir: str, stage: str, params: dict, model_cfg: model_lib.ModelConfig,
