@@ -233,3 +233,48 @@ def test_own_tokenizers_keep_the_eos_prefix_convention(tmp_path):
   assert tok.imported is None and tok.chat_template is None
   assert tok.encode_prompt("hello world") == [tok.eos_id, 1, 2]
   assert tok.mask_id not in tok.encode("hello [MASK]")  # spellings stay text
+
+
+def _tiny_gguf(path, pre: str, add_bos: bool):
+  """A GGUF holding a tiny byte-level BPE (trained here, digits merged) under tokenizer.ggml.*,
+  with pre-tokenizer `pre`, and one tensor."""
+  gguf = pytest.importorskip("gguf")
+  import numpy as np
+  hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+  hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=600, special_tokens=["<|end|>", "<|start|>"],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  hf.train_from_iterator([PARAGRAPH * 3, "hello world 12345 678 it's we'll"] * 5, trainer)
+  spec = json.loads(hf.to_str())
+  tokens = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])]
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre(pre)
+  w.add_token_list(tokens)
+  w.add_token_types([3 if t in ("<|end|>", "<|start|>") else 1 for t in tokens])
+  w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+  w.add_bos_token_id(1)
+  w.add_eos_token_id(0)
+  w.add_add_bos_token(add_bos)
+  w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+@pytest.mark.parametrize("pre,add_bos", [("llama-bpe", True), ("qwen2", False),
+                                         ("gpt2", False)])
+def test_tiny_gguf_pre_tokenizers_match_transformers(tmp_path, pre, add_bos):
+  """Offline: the other supported splits against transformers' GGUF loader (both take the
+  llama3 / qwen2 regexes of those models' tokenizer.json). "<|endoftext|>" is left out of the
+  text: transformers' GPT2Tokenizer adds it as an extra id when the vocabulary lacks it."""
+  path = _tiny_gguf(tmp_path / f"{pre}.gguf", pre, add_bos)
+  ours = hf_tokenizer.tokenizer_from_gguf(path)
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=f"{pre}.gguf")
+  text = PARAGRAPH.replace("<|endoftext|>", "") + " 12345 it's  \n\n x <|start|>"
+  assert ours.encode(text) == ref(text, add_special_tokens=False)["input_ids"]
+  assert ours.encode_prompt("hello 123") == ref("hello 123")["input_ids"]
+  assert ours.add_bos == add_bos and ours.decode(ours.encode(text)) == text
