@@ -80,12 +80,17 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     return self.hf.encode(text, add_special_tokens=False).ids
 
-  def encode_prompt(self, text: str) -> list[int]:
-    """A prompt's ids: this project's tokenizers put eos (the start-of-document token) first;
-    an imported tokenizer does what the model's own does (bos first only if the model adds it)."""
+  @property
+  def prompt_start(self) -> list[int]:
+    """The ids every prompt begins with: eos (the start-of-document token) for this project's
+    tokenizers; for an imported one what the model's own does (bos only if it adds one)."""
     if self.imported is None:
-      return [self.eos_id] + self.encode(text)
-    return ([self.bos_id] if self.add_bos else []) + self.encode(text)
+      return [self.eos_id]
+    return [self.bos_id] if self.add_bos else []
+
+  def encode_prompt(self, text: str) -> list[int]:
+    """A prompt's ids: `prompt_start` + the text's."""
+    return self.prompt_start + self.encode(text)
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     """Parallel (Rust threads) encode; used when tokenizing whole splits."""
