@@ -16,13 +16,13 @@ Loads the AR teacher and a PFLM stage (default: the largest trained window; ever
 <= it), then measures tokens/s, speedup over AR, time to first token and the measured roofline
 bound k * t(1-token step) / t(2k-position step) per k and batch size (see
 kforcing_jax/bench/decode_speed.py for the method). Prints a table; writes the JSON
-({"machine", "settings", "complete", "rows"}; rewritten after each batch size) and a PNG of
-speedup vs batch size next to it (same name, .png). Speed does not depend on the weights:
+({"provenance", "machine", "settings", "complete", "rows"}; rewritten after each batch size)
+and a PNG of speedup vs batch size next to it (same name, .png). Speed does not depend on the
+weights:
 --untrained_pflm measures a PFLM made of the teacher's weights plus a fresh noise encoder when
 no PFLM stage exists yet.
 """
 
-import json
 import os
 
 from absl import flags
@@ -82,8 +82,8 @@ def untrained_pflm(teacher):
 
 def main(argv):
   del argv
-  from kforcing_jax.serving import decode, quality, speculative
-  from kforcing_jax.observe import metrics_log
+  from kforcing_jax.serving import decode, methods as methods_lib, quality
+  from kforcing_jax.observe import metrics_log, report
   from kforcing_jax.training import stage_io
   from kforcing_jax.bench import decode_speed
 
@@ -102,10 +102,10 @@ def main(argv):
   if needs_pflm and _UNTRAINED.value:
     pflm, pflm_stage = untrained_pflm(teacher)
   elif needs_pflm:
-    stages = [s for s in stage_io.list_stages(workdir) if s != "teacher"]
-    stage = _STAGE.value or (stages[-1] if stages else "")
+    stage = _STAGE.value or methods_lib.default_pflm_stage(workdir)
     if not stage:
-      raise FileNotFoundError(f"{workdir} has no PFLM stage yet (found {stages or 'none'}); "
+      raise FileNotFoundError(f"{workdir} has no PFLM stage yet (found "
+                              f"{methods_lib.pflm_stages(workdir) or 'none'}); "
                               "finish a distillation stage or pass --untrained_pflm")
     pflm_loaded = stage_io.load_stage(workdir, stage, load_tokenizer=False)
     pflm = decode.Engine.from_stage(pflm_loaded)
@@ -118,15 +118,15 @@ def main(argv):
     drafter = (pflm_loaded if not _UNTRAINED.value else stage_io.LoadedStage(
         pflm_stage, pflm.trained_k, pflm.cfg, pflm.graphdef, pflm.params, None, 0, {},
         pflm.mesh))
-    verified["pflm_verified"] = speculative.VerifiedEngine(teacher, drafter)
+    verified["pflm_verified"] = methods_lib.verified_engine(teacher, "pflm_verified", drafter)
   if {"spec", "spec_dynamic"} & set(methods):
-    if "draft" not in stage_io.list_stages(workdir, include_draft=True):
+    if not methods_lib.has_draft(workdir):
       raise FileNotFoundError(f"--methods spec/spec_dynamic need the 'draft' stage in {workdir}; "
                               "train it with --config.stages=teacher,draft,...")
     draft = stage_io.load_stage(workdir, "draft", mesh=teacher.mesh, load_tokenizer=False)
     for m in ("spec", "spec_dynamic"):
       if m in methods:
-        verified[m] = speculative.VerifiedEngine(teacher, draft)
+        verified[m] = methods_lib.verified_engine(teacher, m, draft=draft)
   pool, prompt_source = None, "random ids"
   if _PROMPTS.value != "random":
     try:
@@ -146,15 +146,11 @@ def main(argv):
            ",".join(methods), pflm_stage or "-", batch_sizes, ks, _PROMPT_LEN.value,
            _MAX_NEW.value, prompt_source, _REPS.value)
   out = os.path.abspath(_OUT.value)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
 
   def save(rows, complete):
     """Rewritten after every batch size, so a long run that is stopped keeps what it measured."""
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"machine": decode_speed.machine(), "settings": settings, "complete": complete,
-                 "rows": rows}, f, indent=1)
-    os.replace(tmp, out)
+    report.write_result(out, {"machine": decode_speed.machine(), "settings": settings,
+                              "complete": complete, "rows": rows})
 
   rows = decode_speed.measure(ar, pflm, batch_sizes, ks, _PROMPT_LEN.value, _MAX_NEW.value,
                               _REPS.value, _SEED.value, "ar_stepwise" in methods,

@@ -12,11 +12,10 @@ NLL_j / acc_j / acc_all against AR rollout targets) are defined in kforcing_jax/
 The lossless methods (--lossless, default on) add rows with their acceptance rate and tokens
 per teacher pass; pflm_verified's samples are the teacher's own (agree = 1 by construction).
 Prints a table, then where each stage's full window misses and what its NLL_j is made of
-(`quality.miss_anatomy`: by the width of the target's inverse-CDF bin); writes
-JSON {"settings", "rows", "samples"} (samples as text, a few per row).
+(`quality_metrics.miss_anatomy`: by the width of the target's inverse-CDF bin); writes
+JSON {"provenance", "settings", "rows", "samples"} (samples as text, a few per row).
 """
 
-import json
 import os
 
 from absl import flags
@@ -53,15 +52,15 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   import numpy as np
-  from kforcing_jax.observe import metrics_log
-  from kforcing_jax.serving import quality, speculative
+  from kforcing_jax.observe import metrics_log, report
+  from kforcing_jax.serving import methods, quality
   from kforcing_jax.training import stage_io
 
   metrics_log.configure_logging()
   log = metrics_log.log
   workdir = _WORKDIR.value
   teacher = stage_io.load_stage(workdir, "teacher")
-  found = [s for s in stage_io.list_stages(workdir) if s != "teacher"]
+  found = methods.pflm_stages(workdir)
   # The teacher is always evaluated (it is the reference row); naming it is harmless.
   names = [s for s in _STAGES.value.split(",") if s and s != "teacher"] or found
   missing = sorted(set(names) - set(found))
@@ -83,13 +82,14 @@ def main(argv):
   lossless = []
   if _LOSSLESS.value:
     for st in stages:
-      lossless.append((speculative.VerifiedEngine(teacher, st), speculative.VerifySpec(
-          "pflm_verified", gamma=st.k, max_new_tokens=_MAX_NEW.value)))
-    if "draft" in stage_io.list_stages(workdir, include_draft=True):
+      lossless.append((methods.verified_engine(teacher, "pflm_verified", pflm=st),
+                       methods.verify_spec("pflm_verified", st.k, _MAX_NEW.value)))
+    if methods.has_draft(workdir):
       draft = stage_io.load_stage(workdir, "draft", mesh=teacher.mesh, load_tokenizer=False)
       for method in ("spec", "spec_dynamic"):
-        lossless.append((speculative.VerifiedEngine(teacher, draft), speculative.VerifySpec(
-            method, gamma=_GAMMA.value, max_new_tokens=_MAX_NEW.value)))
+        lossless.append((methods.verified_engine(teacher, method, draft=draft),
+                         methods.verify_spec(method, draft.k, _MAX_NEW.value,
+                                             gamma=_GAMMA.value)))
   rows, samples = quality.evaluate(teacher, stages, prompts, val_tokens, _MAX_NEW.value,
                                    _BATCH.value, _SEED.value, evaluator, progress=log.info,
                                    lossless=lossless, floor_samples=_FLOOR.value,
@@ -107,9 +107,7 @@ def main(argv):
               "seed": _SEED.value, "evaluator": _EVAL_DIR.value or None,
               "floor_samples": _FLOOR.value, "frequency_penalty": _PENALTY.value}
   out = os.path.abspath(_OUT.value)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump({"settings": settings, "rows": rows, "samples": shown}, f, indent=1)
+  report.write_result(out, {"settings": settings, "rows": rows, "samples": shown})
   log.info("wrote %s", out)
 
 

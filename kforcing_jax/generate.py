@@ -88,7 +88,7 @@ def _verified_decoder(workdir, drafter, method, k, gamma, confidence, max_new_to
                       frequency_penalty, eos, use_ema):
   """(decode_batch, VerifySpec, method name) of a lossless method: the teacher verifies."""
   from kforcing_jax.training import stage_io
-  from kforcing_jax.serving import speculative
+  from kforcing_jax.serving import methods
   if frequency_penalty:
     raise ValueError(f"--method={method} is lossless: it reproduces the teacher, which has no "
                      "frequency penalty; drop --frequency_penalty")
@@ -99,14 +99,13 @@ def _verified_decoder(workdir, drafter, method, k, gamma, confidence, max_new_to
     if greedy:
       raise ValueError("--method=pflm_verified reproduces the teacher's inverse-CDF samples; "
                        "drop --greedy")
-    gamma = k or drafter.k
   elif drafter.stage != "draft":
     raise ValueError(f"--method={method} drafts with the 'draft' stage, not {drafter.stage!r}")
   teacher = stage_io.load_stage(workdir, "teacher", use_ema=use_ema, mesh=drafter.mesh,
                                 load_tokenizer=False)
-  engine = speculative.VerifiedEngine(teacher, drafter)
-  spec = speculative.VerifySpec(method, gamma=gamma, max_new_tokens=max_new_tokens,
-                                greedy=greedy, confidence=confidence, eos_id=eos)
+  engine = methods.verified_engine(teacher, method, pflm=drafter, draft=drafter)
+  spec = methods.verify_spec(method, drafter.k, max_new_tokens, k=k, gamma=gamma, greedy=greedy,
+                             confidence=confidence, eos_id=eos)
   engine.check(spec)
   name = method + ("_greedy" if greedy else "")
   return engine.generate, spec, name
@@ -118,14 +117,12 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
         use_ema: bool = True, method: str = "", gamma: int = 4,
         confidence: float = 0.4) -> list[dict]:
   """Generate for every prompt of `prompts_path`; writes and returns the output records."""
-  from kforcing_jax.serving import decode
+  from kforcing_jax.serving import decode, methods
   from kforcing_jax.observe import metrics_log
   from kforcing_jax.training import stage_io
 
   log = metrics_log.log
-  if method in ("spec", "spec_dynamic"):
-    stage = stage or "draft"
-  stage = stage or (stage_io.list_stages(workdir) or [""])[-1]
+  stage = stage or methods.default_stage(workdir, method)
   if not stage:
     raise FileNotFoundError(f"no checkpoints under {stage_io.stages_dir(workdir)}")
   loaded = stage_io.load_stage(workdir, stage, use_ema=use_ema)
@@ -143,9 +140,9 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
     spec = make_spec(loaded.k, k, max_new_tokens, greedy, frequency_penalty, eos)
     engine = decode.Engine.from_stage(loaded)
     engine.check(spec)
-    method = "ar_greedy" if spec.ar and spec.greedy else ("ar" if spec.ar else "pflm")
+    method = methods.name(spec) + ("_greedy" if spec.greedy else "")
     decode_batch = lambda *a, **kw: (engine.generate(*a, **kw), None)
-  k_out = spec.gamma if hasattr(spec, "gamma") else spec.k
+  k_out = methods.window(spec)
   log.info("stage %s (step %d, trained k=%d): %s decoding, k=%d, %d prompts, batch %d, "
            "%d new tokens", stage, loaded.step, loaded.k, method, k_out, len(ids), batch_size,
            max_new_tokens)

@@ -350,11 +350,11 @@ def test_offset_weights_reweight_the_loss_but_not_the_per_offset_metrics():
     np.testing.assert_allclose(aux_w[name], aux[name], rtol=1e-6)
 
 
-# ---- reference points of NLL_j from the teacher alone (serving/quality.offset_floors) ----
+# ---- reference points of NLL_j from the teacher alone (serving/scorer.offset_floors) ----
 
 
 def test_offset_floors_bracket_the_no_noise_student():
-  from kforcing_jax.serving import quality
+  from kforcing_jax.serving import scorer
 
   tokens = np.asarray(_tokens(40, 8, 16))
   # A teacher whose logits ignore the input (head weights 0): every offset's marginal and
@@ -367,7 +367,7 @@ def test_offset_floors_bracket_the_no_noise_student():
   p = np.exp(logits - logits.max())
   p /= p.sum()
   entropy = float(-(p * np.log(np.maximum(p, 1e-30))).sum())
-  f = quality.offset_floors(graphdef, params, tokens, k=3, samples=4)
+  f = scorer.Scorer().offset_floors(graphdef, params, tokens, k=3, samples=4)
   for j in (1, 2, 3):
     np.testing.assert_allclose([f[f"blind_lo_{j}"], f[f"prefix_{j}"]], entropy, rtol=1e-5)
     assert abs(f[f"blind_{j}"] - entropy) < 0.5  # a sample mean over 128 positions
@@ -375,28 +375,29 @@ def test_offset_floors_bracket_the_no_noise_student():
   # sits below the blind one from offset 2 on; one rollout makes the two coincide; and the
   # held-out estimate over-estimates the blind floor when few rollouts average the marginal.
   graphdef, params = _ar(seed=3)
-  f = quality.offset_floors(graphdef, params, tokens, k=3, samples=4)
+  f = scorer.Scorer().offset_floors(graphdef, params, tokens, k=3, samples=4)
   np.testing.assert_allclose(f["blind_lo_1"], f["prefix_1"], rtol=1e-5)
   for j in (2, 3):
     assert f[f"prefix_{j}"] < f[f"blind_lo_{j}"] - 0.05 < f[f"blind_{j}"]
-  one = quality.offset_floors(graphdef, params, tokens, k=3, samples=1)
+  one = scorer.Scorer().offset_floors(graphdef, params, tokens, k=3, samples=1)
   for j in (1, 2, 3):
     np.testing.assert_allclose(one[f"blind_lo_{j}"], one[f"prefix_{j}"], rtol=1e-5)
 
 
 def test_offset_metrics_and_floors_in_row_chunks_match_one_batch(monkeypatch):
-  """serving/quality computes both in fixed-size row chunks (bounded memory): 5 rows in
+  """serving/scorer computes both in fixed-size row chunks (bounded memory): 5 rows in
   chunks of 2 (the last padded) must give what one batch of 5 gives, row by row."""
-  from kforcing_jax.serving import quality
+  from kforcing_jax.serving import scorer
 
   tokens = np.asarray(_tokens(70, 5, 8))
   ar_def, ar_params = _ar(seed=3)
   pf_def, pf_params = _pflm(seed=4)
-  run = lambda: (quality.offset_metrics(pf_def, pf_params, ar_def, ar_params, tokens, 3, seed=1),
-                 quality.offset_floors(ar_def, ar_params, tokens, k=3, samples=3, seed=1))
-  monkeypatch.setattr(quality, "ROW_CHUNK", 64)
+  sc = scorer.Scorer()  # one scorer: its compiled functions serve both chunkings
+  run = lambda: (sc.offset_metrics(pf_def, pf_params, ar_def, ar_params, tokens, 3, seed=1),
+                 sc.offset_floors(ar_def, ar_params, tokens, k=3, samples=3, seed=1))
+  monkeypatch.setattr(scorer, "ROW_CHUNK", 64)
   whole, whole_floors = run()
-  monkeypatch.setattr(quality, "ROW_CHUNK", 2)
+  monkeypatch.setattr(scorer, "ROW_CHUNK", 2)
   chunked, chunked_floors = run()
   assert np.asarray(whole["row_nll"]).shape == (5, 3)
   np.testing.assert_allclose(chunked["row_nll"], whole["row_nll"], rtol=1e-5)

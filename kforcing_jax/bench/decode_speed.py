@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kforcing_jax.bench import timing
-from kforcing_jax.observe import metrics_log
-from kforcing_jax.serving import decode, speculative
+from kforcing_jax.observe import metrics_log, report
+from kforcing_jax.serving import decode, methods as methods_lib, speculative
 
-METHODS = ("ar", "ar_stepwise", "pflm", "pflm_verified", "spec", "spec_dynamic")
+METHODS = ("ar", "ar_stepwise", "pflm") + methods_lib.LOSSLESS
 
 def _method_timers(engine: decode.Engine, spec: decode.DecodeSpec, inputs,
                    stepwise: bool = False) -> dict[str, tuple[Callable, Callable | None]]:
@@ -76,16 +76,18 @@ def _medians(methods: dict, reps: int, progress: Callable[[str], None] | None = 
 
 def _matmul_chain(cfg, rows: int, head_rows: int, platform: str) -> Callable[[], jax.Array]:
   """The model's weight matmuls over `rows` rows (head: the last `head_rows`), ready to call."""
-  d, hidden = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+  d, hidden = cfg.d_model, cfg.mlp_width
+  qkv, att = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, cfg.n_heads * cfg.head_dim
+  mlp_in = 2 * hidden if cfg.mlp == "swiglu" else hidden  # gate and up in one matmul
   rng = np.random.RandomState(0)
   normal = lambda *shape: jnp.asarray(0.02 * rng.randn(*shape).astype(np.float32))
-  layers = [(normal(d, 3 * d), normal(d, d), normal(d, hidden), normal(hidden, d))
+  layers = [(normal(d, qkv), normal(att, d), normal(d, mlp_in), normal(hidden, d))
             for _ in range(cfg.n_layers)]
   head = normal(d, cfg.vocab_size)
 
   def chain(x, layers, head):
     for w_qkv, w_out, w_in, w_mlp_out in layers:
-      x = (((x @ w_qkv)[:, :d] @ w_out) @ w_in) @ w_mlp_out
+      x = (((x @ w_qkv)[:, :att] @ w_out) @ w_in)[:, :hidden] @ w_mlp_out
     return x[-head_rows:] @ head
 
   fn = jax.jit(chain, compiler_options=decode.compiler_options(platform, rows))
@@ -120,7 +122,8 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
   verified = verified or {}
   if pflm and ks and pflm_engine is None:
     raise ValueError("PFLM k values were requested but no PFLM stage was given")
-  vocab = ar_engine.cfg.mask_id  # random prompt ids below the mask id (it is never an input)
+  # Random prompt ids below the mask id (it is never an input); imported models have none.
+  vocab = ar_engine.cfg.mask_id if ar_engine.cfg.mask_id is not None else ar_engine.cfg.vocab_size
   rng = np.random.RandomState(seed)
   rows = []
   n_verified = sum(len(ks) if m == "pflm_verified" else 1 for m in verified)
@@ -145,8 +148,8 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
     vspecs = {}
     for method, engine in verified.items():
       for g in (ks if method == "pflm_verified" else (gamma,)):
-        vspec = speculative.VerifySpec(method, gamma=g, max_new_tokens=max_new_tokens,
-                                       confidence=confidence)
+        vspec = methods_lib.verify_spec(method, engine.drafter.k, max_new_tokens, k=g,
+                                        gamma=g, confidence=confidence)
         engine.check(vspec)
         inputs = engine.base.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
         run = (lambda e, sp, x: lambda: e.generate_arrays(sp, *x))(engine, vspec, inputs)
@@ -198,60 +201,47 @@ def machine() -> dict:
           "loadavg_1m_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
+TABLE_COLUMNS = [("method", "<14"), ("k", ">3"), ("batch", ">7"), ("tokens/s", ">11.0f"),
+                 ("speedup", ">9"), ("tok/pass", ">9.2f"), ("bound", ">7.2f"),
+                 ("of bound", ">9"), ("mm bound", ">9.2f"), ("TTFT ms", ">9"), ("step ms", ">9")]
+
+
 def table(rows: list[dict]) -> str:
   """k: the PFLM window, or the tokens drafted per teacher pass (spec: gamma)."""
-  head = (f"{'method':<14}{'k':>3}{'batch':>7}{'tokens/s':>11}{'speedup':>9}{'tok/pass':>9}"
-          f"{'bound':>7}{'of bound':>9}{'mm bound':>9}{'TTFT ms':>9}{'step ms':>9}")
-  lines = [head, "-" * len(head)]
-  nan = lambda x: x != x
-  for r in rows:
-    step = "" if nan(r["step_s"]) else f"{1e3 * r['step_s']:.2f}"
-    ttft = "" if nan(r["ttft_s"]) else f"{1e3 * r['ttft_s']:.1f}"
-    lines.append(f"{r['method']:<14}{r['k']:>3}{r['batch_size']:>7}{r['tokens_per_s']:>11.0f}"
-                 f"{r['speedup_vs_ar']:>8.2f}x{r.get('tokens_per_pass', 1.0):>9.2f}"
-                 f"{r['roofline_bound']:>7.2f}"
-                 f"{100 * r['frac_of_bound']:>8.0f}%{r.get('matmul_bound', 1.0):>9.2f}"
-                 f"{ttft:>9}{step:>9}")
-  return "\n".join(lines)
+  ms = lambda s, digits: "" if s != s else f"{1e3 * s:.{digits}f}"  # blank for NaN
+  return report.text_table(TABLE_COLUMNS, (
+      [r["method"], r["k"], r["batch_size"], r["tokens_per_s"], f"{r['speedup_vs_ar']:.2f}x",
+       r.get("tokens_per_pass", 1.0), r["roofline_bound"], f"{100 * r['frac_of_bound']:.0f}%",
+       r.get("matmul_bound", 1.0), ms(r["ttft_s"], 1), ms(r["step_s"], 2)] for r in rows))
 
 
 def plot(rows: list[dict], out_png: str, title: str = "") -> None:
   """Speedup over AR vs batch size per k (solid), with the measured roofline bound (dashed)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  ks = sorted({r["k"] for r in rows if r["method"] == "pflm"})
-  for i, k in enumerate(ks):
-    rs = sorted((r for r in rows if r["method"] == "pflm" and r["k"] == k),
-                key=lambda r: r["batch_size"])
-    xs = [r["batch_size"] for r in rs]
-    color = f"C{i}"
-    ax.plot(xs, [r["speedup_vs_ar"] for r in rs], "o-", color=color, label=f"PFLM k={k}")
-    ax.plot(xs, [r["roofline_bound"] for r in rs], "--", color=color, alpha=0.6,
-            label=f"bound k={k}")
-  styles = {"pflm_verified": "s-", "spec": "^-", "spec_dynamic": "v-"}
-  n = len(ks)
-  for method, style in styles.items():
-    for k in sorted({r["k"] for r in rows if r["method"] == method}):
-      rs = sorted((r for r in rows if r["method"] == method and r["k"] == k),
-                  key=lambda r: r["batch_size"])
-      ax.plot([r["batch_size"] for r in rs], [r["speedup_vs_ar"] for r in rs], style,
-              color=f"C{n}", label=f"{method} {'k' if method == 'pflm_verified' else 'gamma'}={k}")
-      n += 1
-  rs = sorted((r for r in rows if r["method"] == "ar_stepwise"), key=lambda r: r["batch_size"])
-  if rs:
-    ax.plot([r["batch_size"] for r in rs], [r["speedup_vs_ar"] for r in rs], "x:", color="gray",
-            label="AR, per-step Python loop")
-  ax.axhline(1.0, color="black", linewidth=0.8)
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("batch size")
-  ax.set_ylabel("throughput speedup over AR (x)")
-  ax.set_title(title or "decode speedup over AR (dashed: k * t(1-token step) / t(2k step))",
-               fontsize=10)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, ncol=2)
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=120)
-  plt.close(fig)
+  with report.figure(out_png) as (_, _, ax):
+    ks = sorted({r["k"] for r in rows if r["method"] == "pflm"})
+    for i, k in enumerate(ks):
+      rs = report.by(rows, "batch_size", method="pflm", k=k)
+      xs = [r["batch_size"] for r in rs]
+      color = f"C{i}"
+      ax.plot(xs, [r["speedup_vs_ar"] for r in rs], "o-", color=color, label=f"PFLM k={k}")
+      ax.plot(xs, [r["roofline_bound"] for r in rs], "--", color=color, alpha=0.6,
+              label=f"bound k={k}")
+    styles = {"pflm_verified": "s-", "spec": "^-", "spec_dynamic": "v-"}
+    n = len(ks)
+    for method, style in styles.items():
+      for k in sorted({r["k"] for r in rows if r["method"] == method}):
+        rs = report.by(rows, "batch_size", method=method, k=k)
+        ax.plot([r["batch_size"] for r in rs], [r["speedup_vs_ar"] for r in rs], style,
+                color=f"C{n}",
+                label=f"{method} {'k' if method == 'pflm_verified' else 'gamma'}={k}")
+        n += 1
+    rs = report.by(rows, "batch_size", method="ar_stepwise")
+    if rs:
+      ax.plot([r["batch_size"] for r in rs], [r["speedup_vs_ar"] for r in rs], "x:",
+              color="gray", label="AR, per-step Python loop")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    report.finish_axes(
+        ax, "batch size", "throughput speedup over AR (x)", log2_x=True, legend_size=None,
+        title=title or "decode speedup over AR (dashed: k * t(1-token step) / t(2k step))",
+        title_size=10)
+    ax.legend(fontsize=8, ncol=2)

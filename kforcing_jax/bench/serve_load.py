@@ -24,6 +24,7 @@ import urllib.request
 from absl import flags
 
 from kforcing_jax import cli
+from kforcing_jax.observe import report
 
 _URL = flags.DEFINE_string("url", "http://127.0.0.1:8000", "Server base URL (loopback only).")
 _CONC = flags.DEFINE_list("concurrency", ["1", "4", "16", "64"], "Concurrency levels.")
@@ -99,40 +100,29 @@ async def run_level(url: str, model: str, concurrency: int, n: int, max_tokens: 
           "latency_p50_s": percentile(lat, 50), "latency_p99_s": percentile(lat, 99)}
 
 
+TABLE_COLUMNS = [("server", "<10"), ("conc", ">6"), ("req", ">6"), ("err", ">5"),
+                 ("req/s", ">8.2f"), ("out tok/s", ">11.0f"), ("TTFT p50", ">10.3f"),
+                 ("TTFT p99", ">10.3f"), ("lat p50", ">9.2f"), ("lat p99", ">9.2f")]
+TABLE_FIELDS = ["server", "concurrency", "requests", "errors", "requests_per_s",
+                "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "latency_p50_s",
+                "latency_p99_s"]
+
+
 def table(rows: list[dict]) -> str:
-  head = (f"{'server':<10}{'conc':>6}{'req':>6}{'err':>5}{'req/s':>8}{'out tok/s':>11}"
-          f"{'TTFT p50':>10}{'TTFT p99':>10}{'lat p50':>9}{'lat p99':>9}")
-  lines = [head, "-" * len(head)]
-  for r in rows:
-    lines.append(f"{r['server']:<10}{r['concurrency']:>6}{r['requests']:>6}{r['errors']:>5}"
-                 f"{r['requests_per_s']:>8.2f}{r['output_tokens_per_s']:>11.0f}"
-                 f"{r['ttft_p50_s']:>10.3f}{r['ttft_p99_s']:>10.3f}"
-                 f"{r['latency_p50_s']:>9.2f}{r['latency_p99_s']:>9.2f}")
-  return "\n".join(lines)
+  return report.text_table(TABLE_COLUMNS, ([r[f] for f in TABLE_FIELDS] for r in rows))
 
 
 def plot(rows: list[dict], out_png: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-  for i, server in enumerate(sorted({r["server"] for r in rows})):
-    rs = sorted((r for r in rows if r["server"] == server), key=lambda r: r["concurrency"])
-    xs = [r["concurrency"] for r in rs]
-    a.plot(xs, [r["output_tokens_per_s"] for r in rs], "o-", color=f"C{i}", label=server)
-    b.plot(xs, [r["latency_p50_s"] for r in rs], "o-", color=f"C{i}", label=f"{server} p50")
-    b.plot(xs, [r["latency_p99_s"] for r in rs], "x--", color=f"C{i}", label=f"{server} p99")
-  for ax, label in ((a, "output tokens/s"), (b, "latency (s)")):
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent requests")
-    ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle("serving load (openai client, loopback)")
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=120)
-  plt.close(fig)
+  with report.figure(out_png, 2, (10, 4), "serving load (openai client, loopback)") as (
+      _, _, (a, b)):
+    for i, server in enumerate(sorted({r["server"] for r in rows})):
+      rs = report.by(rows, "concurrency", server=server)
+      xs = [r["concurrency"] for r in rs]
+      a.plot(xs, [r["output_tokens_per_s"] for r in rs], "o-", color=f"C{i}", label=server)
+      b.plot(xs, [r["latency_p50_s"] for r in rs], "o-", color=f"C{i}", label=f"{server} p50")
+      b.plot(xs, [r["latency_p99_s"] for r in rs], "x--", color=f"C{i}", label=f"{server} p99")
+    for ax, label in ((a, "output tokens/s"), (b, "latency (s)")):
+      report.finish_axes(ax, "concurrent requests", label, log2_x=True)
 
 
 def main(argv):
@@ -179,10 +169,8 @@ def main(argv):
       shown += json.load(f)["rows"]
   print(table(shown))
   out = os.path.abspath(_OUT.value)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump({"url": url, "health": health, "max_tokens": _MAX_TOKENS.value, "rows": rows}, f,
-              indent=1)
+  report.write_result(out, {"url": url, "health": health, "max_tokens": _MAX_TOKENS.value,
+                            "rows": rows})
   png = os.path.splitext(out)[0] + ".png"
   plot(shown, png)
   log.info("wrote %s and %s", out, png)

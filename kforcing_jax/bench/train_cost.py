@@ -39,16 +39,14 @@ How to read the table:
                         does O(k N^2) attention instead of O(k^2 N^2), so it should grow with k
                         and L. MLP, projections and the head are the same work in both.
 
-Outputs: a table on stdout, DIR/train_cost.json ({"machine", "settings", "rows"}; each row has
-kind, seq_len, k, batch, seconds (median), min_seconds, compile_s, first_call_s, times, reps,
-loadavg_1m and the ratios above where meaningful) and DIR/train_cost.png (distill cost vs k with
-the budget; forward speedup vs k). Figures from a CPU are CPU figures, and on a shared machine
+Outputs: a table on stdout, DIR/train_cost.json ({"provenance", "machine", "settings", "rows"};
+a row has kind, seq_len, k, batch, seconds (median), min_seconds, compile_s, first_call_s, times,
+reps, loadavg_1m and the ratios above where meaningful) and DIR/train_cost.png (distill cost vs
+k with the budget; forward speedup vs k). Figures from a CPU are CPU figures, and on a shared machine
 they are only as good as its load: a warning is printed when the load average exceeded the CPU
 count during the run.
 """
 
-import argparse  # Namespace only: the flags are absl's
-import json
 import os
 import platform
 import sys
@@ -64,6 +62,7 @@ from kforcing_jax.bench import timing
 from kforcing_jax.config import base as config_base
 from kforcing_jax.config import check as config_check
 from kforcing_jax.distill import targets as distill
+from kforcing_jax.observe import report
 from kforcing_jax.training import state as train_state, step as train_step, trainer
 from kforcing_jax.parallel import sharding
 from kforcing_jax.model import transformer as model_lib
@@ -126,31 +125,36 @@ def _spec(k: int) -> distill.StageSpec:
 
 # ---- the benchmark ----
 
-def run(args) -> dict:
+def run(seq_lens: list[int], ks: list[int], batch: int = 4, d_model: int = 256,
+        n_layers: int = 4, n_heads: int = 4, vocab: int = 8192, reps: int = 5,
+        dense_reps: int | None = None, seed: int = 0) -> dict:
+  """Measure every kind at every (L, k); returns {"machine", "settings", "rows", "wall_s"}."""
+  dense_reps = reps if dense_reps is None else dense_reps
   devices = jax.devices()[:1]
   mesh = sharding.make_mesh(1, 1, devices)
-  cfg = model_lib.ModelConfig(vocab_size=args.vocab, mask_id=args.vocab - 1, d_model=args.d_model,
-                              n_layers=args.n_layers, n_heads=args.n_heads)
+  cfg = model_lib.ModelConfig(vocab_size=vocab, mask_id=vocab - 1, d_model=d_model,
+                              n_layers=n_layers, n_heads=n_heads)
   machine = {"device_kind": devices[0].device_kind, "platform": devices[0].platform,
              "cpu_count": os.cpu_count(), "jax": jax.__version__,
              "processor": platform.processor() or platform.machine(),
              "python": platform.python_version(),
              # Other processes on the machine skew CPU timings; compare with cpu_count.
              "loadavg_1m_at_start": os.getloadavg()[0]}
-  settings = {k: getattr(args, k) for k in ("seq_lens", "ks", "batch", "d_model", "n_layers",
-                                            "n_heads", "vocab", "reps", "dense_reps", "seed")}
+  settings = {"seq_lens": seq_lens, "ks": ks, "batch": batch, "d_model": d_model,
+              "n_layers": n_layers, "n_heads": n_heads, "vocab": vocab, "reps": reps,
+              "dense_reps": dense_reps, "seed": seed}
   settings.update(optimizer="AdamW + clip 1.0 (config_base defaults), EMA off",
                   budget_factor=BUDGET_FACTOR, dtype=cfg.dtype)
   print(f"device: {machine['device_kind']} ({machine['platform']}), {machine['cpu_count']} CPUs, "
         f"jax {machine['jax']}", flush=True)
   print(f"model: d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} V={cfg.vocab_size}; "
-        f"batch {args.batch}; reps {args.reps} (dense forward {args.dense_reps})", flush=True)
+        f"batch {batch}; reps {reps} (dense forward {dense_reps})", flush=True)
 
-  ar_graphdef, ar_params = _random_params(model_lib.Transformer, cfg, mesh, args.seed)
-  pflm_graphdef, pflm_params = _random_params(pflm_lib.PFLM, cfg, mesh, args.seed + 1)
+  ar_graphdef, ar_params = _random_params(model_lib.Transformer, cfg, mesh, seed)
+  pflm_graphdef, pflm_params = _random_params(pflm_lib.PFLM, cfg, mesh, seed + 1)
   batch_sh = sharding.batch_sharding(mesh)
   rows = []
-  total = len(args.seq_lens) * (1 + 4 * len(args.ks))
+  total = len(seq_lens) * (1 + 4 * len(ks))
   t_start = time.perf_counter()
 
   def record(row: dict) -> dict:
@@ -162,22 +166,22 @@ def run(args) -> dict:
           f" s){extra}  [{time.perf_counter() - t_start:.0f} s elapsed]", flush=True)
     return row
 
-  for li, n in enumerate(args.seq_lens):
-    key = jax.random.key(args.seed * 1000 + li)
+  for li, n in enumerate(seq_lens):
+    key = jax.random.key(seed * 1000 + li)
     tokens = jax.device_put(
-        jax.random.randint(key, (args.batch, n), 0, cfg.mask_id, jnp.int32), batch_sh)
-    base = {"seq_len": n, "batch": args.batch}
+        jax.random.randint(key, (batch, n), 0, cfg.mask_id, jnp.int32), batch_sh)
+    base = {"seq_len": n, "batch": batch}
     step_fn, state = _train_step(model_lib.Transformer, cfg, mesh,
-                                 trainer.ar_loss_fn(ar_graphdef), ar_params, (), args.seed)
+                                 trainer.ar_loss_fn(ar_graphdef), ar_params, (), seed)
     steps = {("ar_step", 0): _StepRunner(step_fn, state, tokens, ())}
     forwards = {}
-    for k in args.ks:
+    for k in ks:
       spec = _spec(k)
       t_graphdef, t_params = ((ar_graphdef, ar_params) if spec.teacher_k == 0
                               else (pflm_graphdef, pflm_params))
       zkey, ukey = jax.random.split(jax.random.fold_in(key, k))
-      z = jax.random.uniform(zkey, (args.batch, n, k), jnp.float32)
-      u = jax.random.uniform(ukey, (args.batch, n, k), jnp.float32)
+      z = jax.random.uniform(zkey, (batch, n, k), jnp.float32)
+      u = jax.random.uniform(ukey, (batch, n, k), jnp.float32)
 
       @jax.jit
       def targets_fn(params, tokens_BxN, z_BxNxK, u_BxNxK, spec=spec, graphdef=t_graphdef):
@@ -187,7 +191,7 @@ def run(args) -> dict:
       steps[("rollout", k)] = (lambda f=targets_fn, p=t_params, z=z, u=u: f(p, tokens, z, u))
       loss_fn = distill.make_loss_fn(spec, pflm_graphdef, t_graphdef)
       step_fn, state = _train_step(pflm_lib.PFLM, cfg, mesh, loss_fn, t_params, t_params,
-                                   args.seed)
+                                   seed)
       steps[("distill_step", k)] = _StepRunner(step_fn, state, tokens, t_params)
       for dense in (False, True):
         @jax.jit
@@ -204,16 +208,16 @@ def run(args) -> dict:
     say = lambda msg, n=n: print(f"  L={n}: {msg} [{time.perf_counter() - t_start:.0f} s]",
                                  flush=True)
     timed = {**timing.round_robin({m: {"seconds": (f, None)} for m, f in steps.items()},
-                                  args.reps, say),
+                                  reps, say),
              **timing.round_robin({m: {"seconds": (f, None)} for m, f in forwards.items()},
-                                  args.dense_reps, say)}
+                                  dense_reps, say)}
     del steps
     row = lambda kind, k, **extra: {"kind": kind, "k": k, **base, **extra,
                                     **timed[(kind, k)]["seconds"]}
     ar = row("ar_step", 0)
-    ar["tokens_per_s"] = args.batch * n / ar["seconds"]
+    ar["tokens_per_s"] = batch * n / ar["seconds"]
     record(ar)
-    for k in args.ks:
+    for k in ks:
       teacher_k = _spec(k).teacher_k
       roll = row("rollout", k, teacher_k=teacher_k)
       roll["ratio_to_ar"] = roll["seconds"] / ar["seconds"]
@@ -244,47 +248,55 @@ def _find(rows, kind, n, k=None):
   return None
 
 
+STEP_COLUMNS = [("L", ">5"), ("k", ">2"), ("teacher", ">8"), ("AR step", ">9.4f"),
+                ("rollout", ">9.4f"), ("distill", ">9.4f"), ("distill/AR", ">10.2f"),
+                ("budget", ">7.1f"), ("vs_budget", ">9.2f"), ("vs_model", ">8.2f"),
+                ("compile", ">8")]
+FORWARD_COLUMNS = [("L", ">5"), ("k", ">2"), ("efficient", ">10.4f"), ("dense", ">10.4f"),
+                   ("speedup", ">8"), ("compile eff/dense", ">18")]
+
+
 def format_table(result: dict) -> str:
   rows, s = result["rows"], result["settings"]
-  out = [f"Train step cost (median seconds; batch {s['batch']}; AR step = forward + backward + "
-         f"AdamW; distill step includes the teacher rollout)"]
-  head = (f"{'L':>5} {'k':>2} {'teacher':>8} {'AR step':>9} {'rollout':>9} {'distill':>9} "
-          f"{'distill/AR':>10} {'budget':>7} {'vs_budget':>9} {'vs_model':>8} {'compile':>8}")
-  out += [head, "-" * len(head)]
+  steps = []
   for n in s["seq_lens"]:
     ar = _find(rows, "ar_step", n)
-    out.append(f"{n:>5} {'-':>2} {'-':>8} {ar['seconds']:>9.4f} {'-':>9} {'-':>9} "
-               f"{1.0:>10.2f} {'-':>7} {'-':>9} {'-':>8} {ar['compile_s']:>7.1f}s")
+    steps.append([n, "-", "-", ar["seconds"], "-", "-", 1.0, "-", "-", "-",
+                  f"{ar['compile_s']:.1f}s"])
     for k in s["ks"]:
       d, r = _find(rows, "distill_step", n, k), _find(rows, "rollout", n, k)
       teacher = "AR" if d["teacher_k"] == 0 else f"PFLM({d['teacher_k']})"
-      out.append(f"{n:>5} {k:>2} {teacher:>8} {ar['seconds']:>9.4f} {r['seconds']:>9.4f} "
-                 f"{d['seconds']:>9.4f} {d['ratio_to_ar']:>10.2f} {d['budget_ar_steps']:>7.1f} "
-                 f"{d['ratio_to_budget']:>9.2f} {d['ratio_to_model']:>8.2f} "
-                 f"{d['compile_s']:>7.1f}s")
-  out += ["  budget = 1.2*(1+k) AR steps; vs_budget = distill / (budget*AR + rollout) (<= 1: "
-          "within budget);", "  vs_model = distill / ((1+k)*AR + rollout)", ""]
-  out.append("Student forward (PFLM.noise_logits, forward only; median seconds)")
-  head = (f"{'L':>5} {'k':>2} {'efficient':>10} {'dense':>10} {'speedup':>8} "
-          f"{'compile eff/dense':>18}")
-  out += [head, "-" * len(head)]
+      steps.append([n, k, teacher, ar["seconds"], r["seconds"], d["seconds"], d["ratio_to_ar"],
+                    d["budget_ar_steps"], d["ratio_to_budget"], d["ratio_to_model"],
+                    f"{d['compile_s']:.1f}s"])
+  forwards = []
   for n in s["seq_lens"]:
     for k in s["ks"]:
       e, d = _find(rows, "forward_efficient", n, k), _find(rows, "forward_dense", n, k)
-      out.append(f"{n:>5} {k:>2} {e['seconds']:>10.4f} {d['seconds']:>10.4f} "
-                 f"{e['speedup_vs_dense']:>7.2f}x {e['compile_s']:>8.1f}s/{d['compile_s']:.1f}s")
-  return "\n".join(out)
+      forwards.append([n, k, e["seconds"], d["seconds"], f"{e['speedup_vs_dense']:.2f}x",
+                       f"{e['compile_s']:.1f}s/{d['compile_s']:.1f}s"])
+  return "\n".join([
+      f"Train step cost (median seconds; batch {s['batch']}; AR step = forward + backward + "
+      f"AdamW; distill step includes the teacher rollout)",
+      report.text_table(STEP_COLUMNS, steps, sep=" "),
+      "  budget = 1.2*(1+k) AR steps; vs_budget = distill / (budget*AR + rollout) (<= 1: "
+      "within budget);", "  vs_model = distill / ((1+k)*AR + rollout)", "",
+      "Student forward (PFLM.noise_logits, forward only; median seconds)",
+      report.text_table(FORWARD_COLUMNS, forwards, sep=" ")])
 
 
 def plot(result: dict, out_png: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  rows, s = result["rows"], result["settings"]
+  rows, s, m = result["rows"], result["settings"], result["machine"]
   ks = s["ks"]
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-  for i, n in enumerate(s["seq_lens"]):
+  title = (f"{m['device_kind']} ({m['platform']}, {m['cpu_count']} CPUs); batch {s['batch']}, "
+           f"d={s['d_model']}, layers={s['n_layers']}, V={s['vocab']}")
+  with report.figure(out_png, 2, (11, 4.5), title, 9) as (_, _, (ax1, ax2)):
+    _plot_panels(ax1, ax2, rows, s["seq_lens"], ks)
+
+
+def _plot_panels(ax1, ax2, rows, seq_lens, ks) -> None:
+  """Left: distill step cost in AR steps against the budget; right: forward speedup."""
+  for i, n in enumerate(seq_lens):
     color = f"C{i}"
     ar = _find(rows, "ar_step", n)["seconds"]
     dist = [_find(rows, "distill_step", n, k)["seconds"] / ar for k in ks]
@@ -295,81 +307,63 @@ def plot(result: dict, out_png: str) -> None:
     ax2.plot(ks, [_find(rows, "forward_efficient", n, k)["speedup_vs_dense"] for k in ks], "o-",
              color=color, label=f"L={n}")
   ax1.plot(ks, [BUDGET_FACTOR * (1 + k) for k in ks], "k--", label="budget 1.2(1+k)")
-  ax1.set_xlabel("student window k")
-  ax1.set_ylabel("seconds / AR train step")
-  ax1.set_title("PFLM(k) distillation step cost")
   ax2.axhline(1.0, color="gray", lw=1)
   ax2.axhline(2.0, color="gray", lw=1, ls="--", label="2x target")
-  ax2.set_xlabel("student window k")
-  ax2.set_ylabel("dense / efficient forward time")
-  ax2.set_title("Two-stream forward: efficient vs dense mask")
+  report.finish_axes(ax1, "student window k", "seconds / AR train step",
+                     "PFLM(k) distillation step cost", log2_x=True)
+  report.finish_axes(ax2, "student window k", "dense / efficient forward time",
+                     "Two-stream forward: efficient vs dense mask", log2_x=True)
   for ax in (ax1, ax2):
-    ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  m = result["machine"]
-  fig.suptitle(f"{m['device_kind']} ({m['platform']}, {m['cpu_count']} CPUs); batch {s['batch']},"
-               f" d={s['d_model']}, layers={s['n_layers']}, V={s['vocab']}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=120)
-  plt.close(fig)
 
 
 # Its own FlagValues: tests import this module next to other CLIs whose absl flags share names
 # (--out, --seed), so these flags stay out of the global registry.
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("out", None, "Directory for train_cost.json / train_cost.png.",
-                    flag_values=FLAGS, required=True)
-flags.DEFINE_list("seq_lens", ["128", "512"], "Sequence lengths.", flag_values=FLAGS)
-flags.DEFINE_list("ks", ["1", "2", "4"], "Student windows: 1 (AR teacher) or even k (PFLM(k/2) "
-                  "teacher, R=2).", flag_values=FLAGS)
-flags.DEFINE_integer("batch", 4, "Batch size.", flag_values=FLAGS)
-flags.DEFINE_integer("d_model", 256, "Model width.", flag_values=FLAGS)
-flags.DEFINE_integer("n_layers", 4, "Blocks.", flag_values=FLAGS)
-flags.DEFINE_integer("n_heads", 4, "Attention heads.", flag_values=FLAGS)
-flags.DEFINE_integer("vocab", 8192, "Vocabulary size.", flag_values=FLAGS)
-flags.DEFINE_integer("reps", 5, "Timed runs per measurement (median).", flag_values=FLAGS)
-flags.DEFINE_integer("dense_reps", None, "Timed runs of the dense-mask forward (default: "
-                     "--reps).", flag_values=FLAGS)
-flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.", flag_values=FLAGS)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-  """Settings from command-line flags (absl syntax); a bad value raises config_check.UserError."""
-  try:
-    FLAGS.unparse_flags()
-    FLAGS(["train_cost"] + list(sys.argv[1:] if argv is None else argv))
-    ints = lambda name: [int(x) for x in FLAGS[name].value if x.strip()]
-    values = {name: FLAGS[name].value for name in FLAGS}
-    args = argparse.Namespace(**{**values, "seq_lens": ints("seq_lens"), "ks": ints("ks")})
-  except (flags.Error, ValueError) as e:
-    raise config_check.UserError(f"train_cost: {e}") from None
-  bad = [k for k in args.ks if k < 1 or (k > 1 and k % 2)]
-  if bad:
-    raise config_check.UserError(f"--ks: {bad} not supported; use 1 or even k (the teacher is "
-                                 "PFLM(k/2) with R=2)")
-  if args.reps < 1:
-    raise config_check.UserError("--reps must be >= 1")
-  if args.dense_reps is None:
-    args.dense_reps = args.reps
-  return args
+_OUT = flags.DEFINE_string("out", None, "Directory for train_cost.json / train_cost.png.",
+                           flag_values=FLAGS, required=True)
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["128", "512"], "Sequence lengths.", flag_values=FLAGS)
+_KS = flags.DEFINE_list("ks", ["1", "2", "4"], "Student windows: 1 (AR teacher) or even k "
+                        "(PFLM(k/2) teacher, R=2).", flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("batch", 4, "Batch size.", flag_values=FLAGS)
+_D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width.", flag_values=FLAGS)
+_N_LAYERS = flags.DEFINE_integer("n_layers", 4, "Blocks.", flag_values=FLAGS)
+_N_HEADS = flags.DEFINE_integer("n_heads", 4, "Attention heads.", flag_values=FLAGS)
+_VOCAB = flags.DEFINE_integer("vocab", 8192, "Vocabulary size.", flag_values=FLAGS)
+_REPS = flags.DEFINE_integer("reps", 5, "Timed runs per measurement (median).", flag_values=FLAGS)
+_DENSE_REPS = flags.DEFINE_integer("dense_reps", None, "Timed runs of the dense-mask forward "
+                                   "(default: --reps).", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.",
+                             flag_values=FLAGS)
 
 
 def main(argv=None) -> dict:
-  args = parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
-  result = run(args)
+  """Parse `argv` (absl syntax; default sys.argv[1:]), measure, print, write; a bad flag value
+  raises config_check.UserError."""
+  try:
+    FLAGS.unparse_flags()
+    FLAGS(["train_cost"] + list(sys.argv[1:] if argv is None else argv))
+    seq_lens, ks = ([int(x) for x in holder.value if x.strip()] for holder in (_SEQ_LENS, _KS))
+  except (flags.Error, ValueError) as e:
+    raise config_check.UserError(f"train_cost: {e}") from None
+  bad = [k for k in ks if k < 1 or (k > 1 and k % 2)]
+  if bad:
+    raise config_check.UserError(f"--ks: {bad} not supported; use 1 or even k (the teacher is "
+                                 "PFLM(k/2) with R=2)")
+  if _REPS.value < 1:
+    raise config_check.UserError("--reps must be >= 1")
+  os.makedirs(_OUT.value, exist_ok=True)
+  result = run(seq_lens, ks, _BATCH.value, _D_MODEL.value, _N_LAYERS.value, _N_HEADS.value,
+               _VOCAB.value, _REPS.value, _DENSE_REPS.value, _SEED.value)
   print("\n" + format_table(result))
   busiest = max(r["loadavg_1m"] for r in result["rows"])
   if busiest > result["machine"]["cpu_count"] + 1:
     print(f"\nWARNING: 1-minute load average reached {busiest:.1f} on "
           f"{result['machine']['cpu_count']} CPUs: other processes competed for the CPU, so "
           f"these timings are inflated and noisy (see rows[].times / loadavg_1m in the JSON).")
-  json_path = os.path.join(args.out, "train_cost.json")
-  png_path = os.path.join(args.out, "train_cost.png")
-  with open(json_path, "w") as f:
-    json.dump(result, f, indent=1)
+  json_path = os.path.join(_OUT.value, "train_cost.json")
+  png_path = os.path.join(_OUT.value, "train_cost.png")
+  report.write_result(json_path, result)
   plot(result, png_path)
   print(f"\nwall time {result['wall_s']:.0f} s; wrote {json_path} and {png_path}", flush=True)
   return result

@@ -1,0 +1,77 @@
+"""The decode methods by name and the stages they decode: the one default-stage rule and the one
+wiring of the lossless methods (which stage drafts, the verifier, the VerifySpec), for generate,
+benchmark, evaluate and serve.
+
+  ar              the AR teacher, one token per pass (decode.py)
+  pflm            a PFLM stage, k tokens per pass (decode.py)
+  pflm_verified   a PFLM stage drafts k' tokens per teacher pass (speculative.py; lossless)
+  spec            the 'draft' stage drafts gamma tokens, speculative sampling (lossless)
+  spec_dynamic    as spec, drafting stops below a confidence (lossless)
+"""
+
+from kforcing_jax.config import check as config_check
+from kforcing_jax.serving import speculative
+from kforcing_jax.training import stage_io
+
+LOSSLESS = speculative.METHODS
+# Which stage drafts for each lossless method: a PFLM stage of the chain, or the AR 'draft'.
+DRAFTER = {"pflm_verified": "pflm", "spec": config_check.DRAFT,
+           "spec_dynamic": config_check.DRAFT}
+
+
+def pflm_stages(workdir: str) -> list[str]:
+  """The chain's PFLM stages (every stage but the teacher and the draft), in chain order."""
+  return [s for s in stage_io.list_stages(workdir) if s != config_check.TEACHER]
+
+
+def default_stage(workdir: str, method: str = "") -> str:
+  """The stage a tool decodes when none is named: the 'draft' for the methods it drafts, else
+  the last stage of the chain (the widest PFLM once one is trained); '' when there is none."""
+  if DRAFTER.get(method) == config_check.DRAFT:
+    return config_check.DRAFT
+  found = stage_io.list_stages(workdir)
+  return found[-1] if found else ""
+
+
+def default_pflm_stage(workdir: str) -> str:
+  """The PFLM stage decoded when none is named: the last of the chain ('' when none)."""
+  found = pflm_stages(workdir)
+  return found[-1] if found else ""
+
+
+def has_draft(workdir: str) -> bool:
+  return config_check.DRAFT in stage_io.list_stages(workdir, include_draft=True)
+
+
+def verified_engine(teacher, method: str, pflm=None, draft=None) -> speculative.VerifiedEngine:
+  """The teacher verifying `method`'s drafter: `pflm` (a PFLM LoadedStage) for pflm_verified,
+  `draft` (the 'draft' LoadedStage) for spec and spec_dynamic."""
+  if method not in DRAFTER:
+    raise ValueError(f"unknown lossless method {method!r}; choose from {LOSSLESS}")
+  drafter = pflm if DRAFTER[method] == "pflm" else draft
+  if drafter is None:
+    raise ValueError(f"{method} needs a {DRAFTER[method]} stage to draft with")
+  return speculative.VerifiedEngine(teacher, drafter)
+
+
+def verify_spec(method: str, drafter_k: int, max_new_tokens: int, k: int = 0, gamma: int = 4,
+                greedy: bool = False, confidence: float = 0.4,
+                eos_id: int | None = None) -> speculative.VerifySpec:
+  """pflm_verified drafts k tokens per teacher pass (0: the drafter's trained window
+  `drafter_k`); spec and spec_dynamic draft `gamma`."""
+  if DRAFTER.get(method) == "pflm":
+    gamma = k or drafter_k
+  return speculative.VerifySpec(method, gamma=gamma, max_new_tokens=max_new_tokens,
+                                greedy=greedy, confidence=confidence, eos_id=eos_id)
+
+
+def name(spec) -> str:
+  """The method a spec decodes with: a VerifySpec's own, else 'ar' or 'pflm'."""
+  if isinstance(spec, speculative.VerifySpec):
+    return spec.method
+  return "ar" if spec.ar else "pflm"
+
+
+def window(spec) -> int:
+  """Tokens per step (a DecodeSpec's k) or drafted per teacher pass (a VerifySpec's gamma)."""
+  return spec.gamma if isinstance(spec, speculative.VerifySpec) else spec.k
