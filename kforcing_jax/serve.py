@@ -33,39 +33,6 @@ _EMA = flags.DEFINE_bool("use_ema", True, "Load the EMA weights when the checkpo
 flags.mark_flags_as_required(["workdir"])
 
 
-class DrainingServer:
-  """uvicorn.Server whose first SIGTERM / SIGINT drains: the engine refuses new requests (503),
-  live ones finish and their responses are sent (up to drain_s), then the server exits with
-  status 0. (uvicorn's own shutdown would end open streams at once.) A second signal exits now."""
-
-  def __new__(cls, config, engine, api, drain_s: float):
-    import threading
-    import time
-
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-      draining = False
-
-      def handle_exit(self, sig, frame):
-        if self.draining:
-          self.force_exit = True
-          self.should_exit = True
-          return
-        self.draining = True
-
-        def drain():
-          engine.close_intake()
-          deadline = time.monotonic() + drain_s
-          while api.inflight and time.monotonic() < deadline:
-            time.sleep(0.05)
-          self.should_exit = True
-
-        threading.Thread(target=drain, name="drain", daemon=True).start()
-
-    return _Server(config)
-
-
 def main(argv):
   del argv
   import socket
@@ -76,13 +43,13 @@ def main(argv):
   from kforcing_jax.training import stage_io
   from kforcing_jax.observe import metrics_log
   from kforcing_jax.serving import engine as engine_lib
-  from kforcing_jax.serving import server
+  from kforcing_jax.serving import methods, server
 
   metrics_log.configure_logging()
   log = metrics_log.log
   workdir = _WORKDIR.value
   found = stage_io.list_stages(workdir)
-  stage = _STAGE.value or (found[-1] if found else "")
+  stage = _STAGE.value or methods.default_stage(workdir)
   if stage not in found:
     raise config_check.UserError(f"--stage {stage!r}: no such stage in {workdir} "
                                  f"(found {found or 'none'})")
@@ -113,7 +80,7 @@ def main(argv):
   config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=_DRAIN.value,
                           lifespan="off")
   try:
-    DrainingServer(config, engine, app.state.api, _DRAIN.value).run(sockets=[sock])
+    server.DrainingServer(config, engine, app.state.api, _DRAIN.value).run(sockets=[sock])
   finally:
     engine.shutdown(drain=True, timeout=_DRAIN.value)
     log.info("stopped after %d decode steps", engine.steps)

@@ -18,9 +18,11 @@ the next block boundary. The decode loop runs in the engine's thread, never on t
 import asyncio
 import json
 import secrets
+import threading
 import time
 import uuid
 
+import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -190,6 +192,107 @@ class CompletionApp:
       if reason is None:
         req.cancel()  # the client went away (the task was cancelled): free the slot
 
+  # ---- one request ----
+
+  def _chunk(self, cid: str, created: int, index: int, text: str, reason) -> dict:
+    return {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
+            "choices": [{"text": text, "index": index, "logprobs": None,
+                         "finish_reason": reason}]}
+
+  async def complete(self, http: HttpRequest):
+    """One POST /v1/completions: an SSE StreamingResponse, or the whole response body."""
+    p = self.parse(await http.body())
+    cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    events: asyncio.Queue = asyncio.Queue()
+    prompt_tokens = sum(len(x) for x in p["prompt_ids"])
+    tasks = await self._start(p, events)
+    if p["stream"]:
+      return StreamingResponse(self._sse(http, p, cid, created, tasks, events, prompt_tokens),
+                               media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache"})
+    return await self._whole(http, p, cid, created, tasks, events, prompt_tokens)
+
+  async def _start(self, p: dict, events: asyncio.Queue) -> list[asyncio.Task]:
+    """One run_one task per prompt; a submit that fails (full queue) cancels them all."""
+    tasks = []
+    try:
+      for i, ids in enumerate(p["prompt_ids"]):
+        tasks.append(asyncio.create_task(self.run_one(i, ids, p, events)))
+        await asyncio.sleep(0)  # let run_one submit (and fail fast on a full queue)
+        if tasks[-1].done() and tasks[-1].exception() is not None:
+          raise tasks[-1].exception()
+    except BaseException:
+      for t in tasks:
+        t.cancel()
+      raise
+    return tasks
+
+  @staticmethod
+  async def _watch_disconnect(http: HttpRequest, tasks: list[asyncio.Task]):
+    while True:
+      if await http.is_disconnected():
+        for t in tasks:
+          t.cancel()
+        return
+      await asyncio.sleep(0.25)
+
+  async def _sse(self, http, p, cid, created, tasks, events, prompt_tokens):
+    """The streamed response's `data:` events; the last one sent ends the inflight count."""
+    n = len(p["prompt_ids"])
+    watcher = asyncio.create_task(self._watch_disconnect(http, tasks))
+    try:
+      finished, completion_tokens = 0, 0
+      while finished < n:
+        get = asyncio.create_task(events.get())
+        done, _ = await asyncio.wait([get, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
+        if failed and get not in done:
+          get.cancel()
+          e = failed[0].exception()
+          msg = e.message if isinstance(e, ApiError) else str(e)
+          yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n"
+          return
+        if get not in done:
+          get.cancel()
+          continue
+        index, delta, reason, n_tok = get.result()
+        if reason is not None:
+          finished += 1
+          completion_tokens += n_tok
+        yield f"data: {json.dumps(self._chunk(cid, created, index, delta, reason))}\n\n"
+      if p["include_usage"]:
+        usage = {**self._chunk(cid, created, 0, "", None), "choices": [], "usage": {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}}
+        yield f"data: {json.dumps(usage)}\n\n"
+      yield "data: [DONE]\n\n"
+    finally:
+      watcher.cancel()
+      for t in tasks:
+        t.cancel()
+      self.inflight -= 1
+
+  async def _whole(self, http, p, cid, created, tasks, events, prompt_tokens) -> dict:
+    """The non-streamed response: every completion's text once all have finished."""
+    n = len(p["prompt_ids"])
+    watcher = asyncio.create_task(self._watch_disconnect(http, tasks))
+    try:
+      texts, reasons, completion_tokens = [""] * n, [None] * n, 0
+      await asyncio.gather(*tasks)
+      while not events.empty():
+        index, delta, reason, n_tok = events.get_nowait()
+        texts[index] += delta
+        if reason is not None:
+          reasons[index] = reason
+          completion_tokens += n_tok
+    finally:
+      watcher.cancel()
+    return {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
+            "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
+                        for i, (t, r) in enumerate(zip(texts, reasons))],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
 
 def make_app(engine: engine_lib.ServingEngine, tokenizer, model_name: str) -> FastAPI:
   """The FastAPI app; the engine must be started (its thread running). `app.state.api` is the
@@ -226,104 +329,40 @@ def make_app(engine: engine_lib.ServingEngine, tokenizer, model_name: str) -> Fa
     api.inflight += 1
     streaming = False
     try:
-      response = await _completions(http)
+      response = await api.complete(http)
       streaming = isinstance(response, StreamingResponse)
       return response
     finally:
       if not streaming:  # a stream's generator decrements when it has sent its last event
         api.inflight -= 1
 
-  async def _completions(http: HttpRequest):
-    p = api.parse(await http.body())
-    cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    events: asyncio.Queue = asyncio.Queue()
-    n = len(p["prompt_ids"])
-    prompt_tokens = sum(len(x) for x in p["prompt_ids"])
-
-    def chunk(index, text, reason):
-      return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-              "choices": [{"text": text, "index": index, "logprobs": None,
-                           "finish_reason": reason}]}
-
-    async def start():
-      tasks = []
-      try:
-        for i, ids in enumerate(p["prompt_ids"]):
-          tasks.append(asyncio.create_task(api.run_one(i, ids, p, events)))
-          await asyncio.sleep(0)  # let run_one submit (and fail fast on a full queue)
-          if tasks[-1].done() and tasks[-1].exception() is not None:
-            raise tasks[-1].exception()
-      except BaseException:
-        for t in tasks:
-          t.cancel()
-        raise
-      return tasks
-
-    tasks = await start()
-
-    async def watch_disconnect():
-      while True:
-        if await http.is_disconnected():
-          for t in tasks:
-            t.cancel()
-          return
-        await asyncio.sleep(0.25)
-
-    if p["stream"]:
-      async def sse():
-        watcher = asyncio.create_task(watch_disconnect())
-        try:
-          finished, completion_tokens = 0, 0
-          while finished < n:
-            get = asyncio.create_task(events.get())
-            done, _ = await asyncio.wait([get, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
-            if failed and get not in done:
-              get.cancel()
-              e = failed[0].exception()
-              msg = e.message if isinstance(e, ApiError) else str(e)
-              yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n"
-              return
-            if get not in done:
-              get.cancel()
-              continue
-            index, delta, reason, n_tok = get.result()
-            if reason is not None:
-              finished += 1
-              completion_tokens += n_tok
-            yield f"data: {json.dumps(chunk(index, delta, reason))}\n\n"
-          if p["include_usage"]:
-            usage = {**chunk(0, "", None), "choices": [], "usage": {
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}}
-            yield f"data: {json.dumps(usage)}\n\n"
-          yield "data: [DONE]\n\n"
-        finally:
-          watcher.cancel()
-          for t in tasks:
-            t.cancel()
-          api.inflight -= 1
-
-      return StreamingResponse(sse(), media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache"})
-
-    watcher = asyncio.create_task(watch_disconnect())
-    try:
-      texts, reasons, completion_tokens = [""] * n, [None] * n, 0
-      results = await asyncio.gather(*tasks)
-      del results
-      while not events.empty():
-        index, delta, reason, n_tok = events.get_nowait()
-        texts[index] += delta
-        if reason is not None:
-          reasons[index] = reason
-          completion_tokens += n_tok
-    finally:
-      watcher.cancel()
-    return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-            "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
-                        for i, (t, r) in enumerate(zip(texts, reasons))],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
-
   return app
+
+
+class DrainingServer(uvicorn.Server):
+  """uvicorn.Server whose first SIGTERM / SIGINT drains: the engine refuses new requests (503),
+  live ones finish and their responses are sent (up to drain_s), then the server exits with
+  status 0. (uvicorn's own shutdown would end open streams at once.) A second signal exits now."""
+
+  def __init__(self, config: uvicorn.Config, engine: engine_lib.ServingEngine,
+               api: CompletionApp, drain_s: float):
+    super().__init__(config)
+    self._engine, self._api, self._drain_s = engine, api, drain_s
+    self.draining = False
+
+  def handle_exit(self, sig, frame):
+    if self.draining:
+      self.force_exit = True
+      self.should_exit = True
+      return
+    self.draining = True
+    threading.Thread(target=self._drain, name="drain", daemon=True).start()
+
+  def _drain(self):
+    self._engine.close_intake()
+    deadline = time.monotonic() + self._drain_s
+    while self._api.inflight and time.monotonic() < deadline:
+      time.sleep(0.05)
+    self.should_exit = True
+
+
