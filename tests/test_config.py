@@ -163,12 +163,45 @@ def test_cli_rejects_bad_config_before_compiling(tmp_path):
 
 
 def test_cli_rejects_unknown_field(tmp_path):
+  """A mistyped override is one line naming the field and the nearest existing one."""
   proc = subprocess.run(
       [sys.executable, "-m", "kforcing_jax.train", "--config", "configs/kjv_tiny.py",
-       "--workdir", str(tmp_path / "w"), "--config.optim.learning_rate=1e-3"],
+       "--workdir", str(tmp_path / "w"), "--config.train.batch_size=0"],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0
-  assert "learning_rate" in proc.stderr
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "error: config.train.batch_size: no such field; did you mean config.batch_size?"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.optimizer.lr=1"], "config.optimizer.lr: no such field; did you mean "
+                                  "config.optim.lr?"),
+    (["--config.optim.lr=1e-3", "--config.stage_overrides.k4.optim.lrr=1"],
+     "config.stage_overrides.k4.optim.lrr: no such field; did you mean "
+     "config.stage_overrides.k4.optim.lr?"),
+    (["--config.zzzzz=1"], "config.zzzzz: no such field"),
+    (["--config.optim.lr=1e-3"], None),  # a valid override is not this check's business
+], ids=["group", "stage_override", "no_suggestion", "valid"])
+def test_unknown_override_names_the_nearest_field(args, message):
+  from absl import flags
+  from ml_collections import config_flags
+  from kforcing_jax import cli
+
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+  argv = ["prog", "--config", os.path.join(ROOT, "configs", "kjv_tiny.py"), *args]
+  assert cli.missing_config_file(argv, fv) is None
+  assert cli.unknown_override(argv, fv) == message
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "kforcing_jax.train", "--config", "configs/nope.py:k=4",
+       "--workdir", str(tmp_path / "w")],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "error: --config configs/nope.py:k=4: no such config file"]
 
 
 def test_stage_overrides_merge_and_validate():
