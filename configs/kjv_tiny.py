@@ -57,8 +57,7 @@ def get_config():
   c.data.bpe_vocab_size = 8192
   # Ids by descending frequency: sampling's inverse-CDF runs over ids in order, and with frequent
   # tokens first the k4 student's samples were less repetitive in the fidelity study (unigram
-  # entropy 0.81x vs 0.76x of the teacher's at 1024 ids, 0.89x vs 0.76x at 259). Ids by
-  # similarity lower NLL_j at offsets 2-4 by 0.1-0.2 but make the samples repetitive (README).
+  # entropy 0.81x vs 0.76x of the teacher's at 1024 ids, 0.89x vs 0.76x at 259).
   c.data.bpe_id_order = "frequency"
   # Noise features up to 1000 cycles over z in [0, 1] (the authors' encoder: 1): the student
   # resolves z faster (fidelity study: NLL_j 0.02-0.08 lower at every offset and vocabulary).

@@ -69,8 +69,6 @@ BAD = [
     ("train.num_steps", 0, 8, "config.train.num_steps: must be >= 1"),
     ("seq_len", 1, 8, "config.seq_len: must be >= 2"),
     ("train.head_bias_init", "normal", 8, "config.train.head_bias_init: must be one of"),
-    ("model.pflm_n_layers", 2, 8, "config.model.pflm_n_layers: must be 0 (the teacher's depth)"),
-    ("distill.offset_weight_growth", -0.5, 8, "config.distill.offset_weight_growth: must be >= 0"),
     ("distill.cdf_blur", 1.0, 8, "config.distill.cdf_blur: must be in [0, 1)"),
     ("distill.cdf_blur", -0.01, 8, "config.distill.cdf_blur: must be in [0, 1)"),
     ("data.val_fraction", 0.0, 8, "config.data.val_fraction: must be in (0, 1)"),

@@ -111,37 +111,6 @@ def test_frequency_id_order_renumbers_but_tokenizes_the_same(kjv_env, tmp_path):
     tokenizer_lib.build_tokenizer(_data_cfg(), str(tmp_path / "w"))
 
 
-def test_similarity_id_order_puts_tokens_with_alike_left_contexts_next_to_each_other(kjv_env,
-                                                                                     tmp_path):
-  """data.bpe_id_order='similarity': the same pieces, reserved ids unchanged, the commonest token
-  first, the same ids on a rebuild, and neighbouring ids whose raw previous-token counts are
-  far more alike than under frequency order."""
-  cfg, tok, workdir = kjv_env
-  build = lambda order, name: tokenizer_lib.build_tokenizer(_data_cfg(bpe_id_order=order),
-                                                          str(tmp_path / name))
-  sim, freq = build("similarity", "s"), build("frequency", "f")
-  assert (sim.vocab_size, sim.eos_id, sim.mask_id) == (tok.vocab_size, tok.eos_id, tok.mask_id)
-  assert build("similarity", "s2").hf.get_vocab() == sim.hf.get_vocab()
-  piece = lambda t, ids: [t.hf.id_to_token(i) for i in ids]
-  texts = list(pipeline.iter_texts(cfg, "train", workdir))
-  sample = " ".join(texts[:50])
-  assert piece(sim, sim.encode(sample)) == piece(tok, tok.encode(sample))
-  assert sim.hf.id_to_token(2) == freq.hf.id_to_token(2)  # the chain starts at the commonest
-
-  def neighbour_similarity(t):
-    v = t.vocab_size
-    left = np.zeros((v, v))
-    for ids in t.encode_batch(texts):
-      ids = np.asarray(ids)
-      np.add.at(left, (ids[1:], ids[:-1]), 1.0)
-    seen = np.flatnonzero(left.sum(1) > 0)
-    seen = seen[seen >= 2]
-    unit = left[seen] / np.linalg.norm(left[seen], axis=1, keepdims=True)
-    return float(np.mean(np.sum(unit[:-1] * unit[1:], axis=1)))
-
-  assert neighbour_similarity(sim) > 2 * neighbour_similarity(freq)  # measured: 0.56 vs 0.13
-
-
 def _fake_hub(name):
   """Stand-ins for the hub's gpt2 (no mask token) and bert (has [MASK], eos = [SEP])."""
   vocab = {w: i for i, w in enumerate(["[UNK]", "hello", "world"])}

@@ -293,36 +293,11 @@ def test_init_from_pflm_teacher_copies_everything():
   assert jax.tree.structure(student) == jax.tree.structure(s_fresh)
 
 
-def test_deeper_student_starts_as_its_teacher_and_its_extra_blocks_train():
-  # A student with two blocks more than its PFLM teacher (config model.pflm_n_layers): same
-  # noise logits and context stream as the teacher at the start, yet every extra block gets a
-  # gradient (zero residual outputs, fresh inputs), so the depth is usable.
-  t_graphdef, t_params = _pflm(seed=11)
-  deep_cfg = dataclasses.replace(CFG, n_layers=CFG.n_layers + 2)
-  s_graphdef, s_fresh = _pflm(deep_cfg, seed=12)
-  student = pflm_lib.init_from(t_params, s_fresh)
-  assert sorted(student["blocks"]) == list(range(deep_cfg.n_layers))
-  for i in range(CFG.n_layers, deep_cfg.n_layers):
-    fresh_qkv = s_fresh["blocks"][i]["attn_qkv"]
-    np.testing.assert_array_equal(student["blocks"][i]["attn_qkv"], fresh_qkv)
-    assert not np.any(student["blocks"][i]["mlp_out"])
-  tokens = _tokens(53, 2, 7)
-  z = jax.random.uniform(jax.random.key(54), (2, 7, 3))
-  fwd = lambda m, t, zz: (m.noise_logits(t, zz), m(t))
-  t_out = _jit(t_graphdef, fwd)(t_params, tokens, z)
-  s_out = _jit(s_graphdef, fwd)(student, tokens, z)
-  for a, b in zip(t_out, s_out):
-    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
-
-  def loss(params):
-    return nnx.merge(s_graphdef, params).noise_logits(tokens, z).std()
-
-  grads = jax.grad(loss)(student)["blocks"]
-  for i in range(CFG.n_layers, deep_cfg.n_layers):
-    for name in ("attn_out", "mlp_out"):
-      assert float(jnp.abs(grads[i][name]).max()) > 0, (i, name)
+def test_init_from_a_teacher_of_another_depth_fails():
+  _, t_params = _pflm(seed=11)
+  _, s_fresh = _pflm(dataclasses.replace(CFG, n_layers=CFG.n_layers + 2), seed=12)
   with pytest.raises(ValueError, match="cannot start from a teacher"):
-    pflm_lib.init_from(student, t_params)
+    pflm_lib.init_from(t_params, s_fresh)
 
 
 # ---- cached decoding (spec section 5) ----

@@ -129,15 +129,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir
 def test_per_stage_settings_and_validation_against_the_ar_teacher(tmp_path, data_dir):
   """Each stage trains with its own steps, schedule, batch and optimizer (k2 even drops the
   clipping that k1 used, so its optimizer state has another structure: loading k1 must not
-  depend on it); the PFLM stages are deeper than the teacher (model.pflm_n_layers, checked
-  against the checkpoints' architecture); every PFLM stage also reports NLL_j / acc_j against
-  the AR teacher's targets. k2_2 (phase 2 of k2) starts from k2's weights and is distilled
+  depend on it); every PFLM stage keeps the teacher's architecture (checked against the
+  checkpoints') and also reports NLL_j / acc_j against the AR teacher's targets. k2_2 (phase 2 of k2) starts from k2's weights and is distilled
   from k2's teacher k1, with its own seed: at an lr too small to move it, its validation
   equals k2's exactly (same weights, same teacher, same validation noise); rolling out k2
   itself would not."""
   import ml_collections
   cfg = tiny_config(data_dir, stages="teacher,k1,k2,k2_2", steps=4)
-  cfg.model.pflm_n_layers = 3  # the PFLM stages one block deeper than the teacher
   cfg.stage_overrides = ml_collections.ConfigDict({
       "k1": {"train": {"num_steps": 6}, "optim": {"lr": 1e-2, "warmup_steps": 3,
                                                    "schedule": "constant"}, "batch_size": 16},
@@ -157,7 +155,7 @@ def test_per_stage_settings_and_validation_against_the_ar_teacher(tmp_path, data
   assert meta["config"]["batch_size"] == 16
   layers = {st: checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", st)).read_meta()[
       "model_config"]["n_layers"] for st in ("teacher", "k1", "k2")}
-  assert layers == {"teacher": 2, "k1": 3, "k2": 3}
+  assert layers == {"teacher": 2, "k1": 2, "k2": 2}
   k1, k2 = out["k1"]["val"], out["k2"]["val"]
   # Right after the teacher the stage's own targets ARE the AR teacher's targets; val_ar_*
   # scores the weights k1 hands on: its EMA (k1 keeps one, k2 does not).
@@ -173,7 +171,7 @@ def test_per_stage_settings_and_validation_against_the_ar_teacher(tmp_path, data
     assert k2_2[f"val_ar_nll_{j}"] == pytest.approx(k2[f"val_ar_nll_{j}"], rel=1e-6)
   meta = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints", "k2_2")).read_meta()
   assert meta["stage"] == "k2_2" and meta["config"]["seed"] == cfg.seed + 1
-  assert meta["model_config"]["n_layers"] == 3
+  assert meta["model_config"]["n_layers"] == 2
   assert _train_losses(workdir, "k2_2")[2] != pytest.approx(_train_losses(workdir, "k2")[2],
                                                             rel=1e-6)  # other data and noise
 

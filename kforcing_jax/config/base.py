@@ -38,10 +38,6 @@ def base_config() -> ml_collections.ConfigDict:
   # the previous stage only initialises the student (a curriculum with no drift along the chain).
   c.distill.target = "self_forcing"
   c.distill.tau = 1.0  # Sampling temperature (fed to the noise encoder too); the paper uses 1.
-  # Loss weight of offset j grows as 1 + growth * (j - 1), scaled to mean 1; 0 = uniform (the
-  # paper). Later offsets are the hard ones (the student decodes z_1..z_(j-1) implicitly); a
-  # positive growth moves capacity to them from offset 1, which is far below the teacher's NLL.
-  c.distill.offset_weight_growth = 0.0
   # Soft targets from the AR teacher: the distribution of inverse_cdf(q, z') for z' uniform on
   # [z - cdf_blur, z + cdf_blur] (clipped to [0, 1]) instead of the one-hot inverse_cdf(q, z).
   # A student that cannot yet resolve z finer than that would be best off predicting exactly
@@ -68,10 +64,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.d_model = 256  # Residual width d.
   c.model.n_layers = 4  # Transformer blocks.
-  # Blocks of the PFLM stages; 0 = n_layers. More than the teacher's: the student appends the
-  # extra blocks with zero output projections, so it starts as an exact copy of its teacher and
-  # gets depth to decode z_1..z_(j-1) before offset j (the teacher keeps its own depth).
-  c.model.pflm_n_layers = 0
   c.model.n_heads = 4  # Attention heads; head_dim = d_model // n_heads (64 in the paper).
   c.model.mlp_ratio = 4  # MLP hidden width = mlp_ratio * d_model.
   c.model.rope_base = 10000.0  # Rotary embedding base.
@@ -105,11 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   # "gpt2" / "bert-base-uncased": the standard tokenizers (downloaded once; need internet).
   c.data.tokenizer = "bpe"
   c.data.bpe_vocab_size = 8192  # Vocabulary size of the trained BPE (special tokens included).
-  # Ids of the trained BPE: "merges" (the trainer's order: bytes, then merges), "frequency" (by
-  # descending count in the training split) or "similarity" (tokens that follow the same tokens
-  # next to each other: a nearest-neighbour chain of bigram-PMI embeddings). Sampling's
-  # inverse-CDF runs over ids in order, so this changes which z gives which token (not the
-  # model's distribution).
+  # Ids of the trained BPE: "merges" (the trainer's order: bytes, then merges) or "frequency"
+  # (by descending count in the training split). Sampling's inverse-CDF runs over ids in order,
+  # so this changes which z gives which token (not the model's distribution).
   c.data.bpe_id_order = "merges"
   c.data.worker_count = 0  # grain worker processes (0 = read in the main process).
   c.seq_len = 128  # Tokens per training sequence (L).

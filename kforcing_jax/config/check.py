@@ -8,7 +8,7 @@ TEACHER = "teacher"
 DRAFT = "draft"  # the speculative-decoding draft model: AR, trained on data, outside the chain
 SOURCES = ("kjv", "text_files", "tfds")
 TOKENIZERS = ("bpe", "gpt2", "bert-base-uncased")
-BPE_ID_ORDERS = ("merges", "frequency", "similarity")
+BPE_ID_ORDERS = ("merges", "frequency")
 MIN_BPE_VOCAB = 259  # 256 bytes + end-of-document + mask
 DTYPES = ("float32", "bfloat16")
 TARGETS = ("self_forcing", "ar_rollout", "noise_inversion")  # config.distill.target
@@ -205,8 +205,6 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
            "distill.target", "noise_inversion distils the AR teacher directly: use "
            "stages='teacher,k<n>' (and its phases k<n>_<p>)")
   _require(dc.tau > 0, "distill.tau", f"must be > 0, got {dc.tau}")
-  _require(dc.offset_weight_growth >= 0, "distill.offset_weight_growth",
-           f"must be >= 0 (0 = uniform over offsets), got {dc.offset_weight_growth}")
   _require(0.0 <= dc.cdf_blur < 1.0, "distill.cdf_blur",
            f"must be in [0, 1) (0 = one-hot targets), got {dc.cdf_blur}")
   _require(0.0 <= dc.own_prefix <= 1.0, "distill.own_prefix",
@@ -215,9 +213,6 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
            "needs the AR teacher's rollout as targets; noise_inversion's are real tokens")
   m = config.model
   _require(m.n_layers >= 1, "model.n_layers", f"must be >= 1, got {m.n_layers}")
-  _require(m.pflm_n_layers == 0 or m.pflm_n_layers >= m.n_layers, "model.pflm_n_layers",
-           f"must be 0 (the teacher's depth) or >= model.n_layers={m.n_layers}, got "
-           f"{m.pflm_n_layers}")
   _require(m.n_heads >= 1, "model.n_heads", f"must be >= 1, got {m.n_heads}")
   _require(m.d_model % m.n_heads == 0, "model.d_model",
            f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")

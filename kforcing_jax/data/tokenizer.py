@@ -184,8 +184,6 @@ def _train_bpe(data_cfg, workdir: str) -> Tokenizer:
   hf.train_from_iterator(texts(), trainer=trainer)
   if data_cfg.bpe_id_order == "frequency":
     hf = _frequency_order(hf, texts())
-  elif data_cfg.bpe_id_order == "similarity":
-    hf = _similarity_order(hf, texts())
   tok = Tokenizer(hf)
   if tok.vocab_size < vocab_size:
     pipeline.log.warning("BPE stopped at %d ids (< data.bpe_vocab_size=%d): the corpus has no more "
@@ -225,63 +223,6 @@ def _frequency_order(hf: tokenizers.Tokenizer, texts) -> tokenizers.Tokenizer:
   for ids in _encoded(hf, texts):
     counts.update(ids)
   return _renumbered(hf, lambda i: (-counts[i], i))
-
-
-# Width of the token embeddings behind data.bpe_id_order='similarity'.
-SIMILARITY_DIM = 64
-
-
-def _similarity_order(hf: tokenizers.Tokenizer, texts) -> tokenizers.Tokenizer:
-  """Ids along a nearest-neighbour chain of token embeddings, so that neighbouring ids are
-  tokens that follow the same tokens (unseen tokens last, in merge order).
-
-  Embedding: the SVD (SIMILARITY_DIM wide) of the positive PMI between each token and the token
-  before it in `texts`. The chain starts at the commonest token and steps to the most similar
-  (cosine) token not yet placed. Why: a PFLM must land z in one token's inverse-CDF bin, and
-  bins narrower than it can resolve are common (~40% of a 4.3-nat teacher's samples are < 0.01
-  wide). With similar tokens next to each other, the ids near a z that it cannot resolve are
-  tokens the same contexts predict (one region of its output space, where frequency order
-  scatters them), and an earlier token decoded as a neighbour of the right one leaves the
-  later offsets' distributions nearly as they would be. Measured on the default (README): NLL_j
-  0.1-0.2 lower at offsets 2-4, but the argmax then favours the commonest of the alike tokens
-  and the samples turn repetitive.
-  """
-  import numpy as np
-  from scipy import sparse
-  from scipy.sparse.linalg import svds
-
-  v = hf.get_vocab_size(with_added_tokens=True)
-  prev, cur, counts = [], [], np.zeros(v, np.int64)
-  for ids in _encoded(hf, texts):
-    a = np.asarray(ids, np.int64)
-    counts += np.bincount(a, minlength=v)
-    prev.append(a[:-1])
-    cur.append(a[1:])
-  prev, cur = np.concatenate(prev), np.concatenate(cur)
-  # Counts of (token, token before it); tocsr sums the repeated pairs.
-  pairs = sparse.coo_matrix((np.ones(len(cur)), (cur, prev)), shape=(v, v)).tocsr()
-  rows, cols = np.asarray(pairs.sum(1)).ravel(), np.asarray(pairs.sum(0)).ravel()
-  total = rows.sum()
-  coo = pairs.tocoo()
-  ppmi = np.maximum(np.log(coo.data * total / (rows[coo.row] * cols[coo.col])), 0.0)
-  dim = min(SIMILARITY_DIM, v - 2)
-  # A fixed start vector: ARPACK's default is random, and the order must not change between runs.
-  u, sv, _ = svds(sparse.csr_matrix((ppmi, (coo.row, coo.col)), shape=(v, v)), k=dim,
-                  v0=np.full(v, 1.0 / np.sqrt(v)))
-  emb = (u * np.sqrt(sv)).astype(np.float32)
-  norm = np.linalg.norm(emb, axis=1)
-  seen = (counts > 0) & (norm > 0)
-  seen[list(hf.get_added_tokens_decoder())] = False  # the special ids keep their places
-  emb = emb / np.maximum(norm, 1e-12)[:, None]
-  rank = np.full(v, v, np.int64)  # position in the chain; unseen ids stay at v (merge order)
-  free = seen.copy()
-  here = int(np.argmax(np.where(seen, counts, -1)))
-  for step in range(int(seen.sum())):
-    rank[here], free[here] = step, False
-    if not free.any():
-      break
-    here = int(np.argmax(np.where(free, emb @ emb[here], -np.inf)))
-  return _renumbered(hf, lambda i: (int(rank[i]), i))
 
 
 def _from_hub(name: str) -> tokenizers.Tokenizer:

@@ -29,19 +29,11 @@ class StageSpec:
   teacher_k: int  # 0 = the AR teacher
   target: str = "self_forcing"  # or "noise_inversion" (see stage_spec for "ar_rollout")
   tau: float = 1.0
-  offset_weight_growth: float = 0.0  # config.distill.offset_weight_growth
   cdf_blur: float = 0.0  # config.distill.cdf_blur
   own_prefix: float = 0.0  # config.distill.own_prefix
 
 
-def offset_weights(k: int, growth: float) -> jax.Array:
-  """Loss weight of offsets 1..k, 1 + growth * (j - 1), scaled to mean 1 (growth 0: uniform)."""
-  w = 1.0 + growth * jnp.arange(k, dtype=jnp.float32)
-  return w / w.mean()
-
-
-def stage_spec(stage: str, prev: str, target: str, tau: float,
-               offset_weight_growth: float = 0.0, cdf_blur: float = 0.0,
+def stage_spec(stage: str, prev: str, target: str, tau: float, cdf_blur: float = 0.0,
                own_prefix: float = 0.0) -> tuple[StageSpec, str]:
   """(spec, the stage whose frozen weights make the targets) of distillation stage `stage`.
 
@@ -59,7 +51,6 @@ def stage_spec(stage: str, prev: str, target: str, tau: float,
   ar_targets = teacher_k == 0 and target != "noise_inversion"
   spec = StageSpec(student_k=k, teacher_k=teacher_k,
                    target="self_forcing" if target == "ar_rollout" else target, tau=tau,
-                   offset_weight_growth=offset_weight_growth,
                    cdf_blur=cdf_blur if ar_targets else 0.0,
                    own_prefix=own_prefix if ar_targets else 0.0)
   return spec, config_check.TEACHER if target == "ar_rollout" else prev
@@ -116,24 +107,20 @@ def logit_scores(logits, targets_BxNxK, soft=None, with_argmax: bool = False):
 
 
 def student_loss(student: pflm_lib.PFLM, tokens_BxN, z_BxNxK, targets_BxNxK, weights_BxNxK,
-                 tau: float = 1.0, offset_weights_K: jax.Array | None = None,
-                 soft=None):
-  """Cross-entropy averaged over positions and offsets (offset j weighted by offset_weights_K[j],
-  default uniform), against the soft targets (ids, weights) when given; per-offset NLL_j / acc_j
-  (unweighted, always against the one-hot targets) and acc_all."""
+                 tau: float = 1.0, soft=None):
+  """Cross-entropy averaged over positions and offsets, against the soft targets (ids, weights)
+  when given; per-offset NLL_j / acc_j (always against the one-hot targets) and acc_all."""
   scores = window_scores(student, tokens_BxN, z_BxNxK, targets_BxNxK, tau, soft)
-  return summarize_windows(*scores[:2], weights_BxNxK, offset_weights_K, *scores[2:])
+  return summarize_windows(*scores[:2], weights_BxNxK, *scores[2:])
 
 
-def summarize_windows(nll_BxNxK, hit_BxNxK, weights_BxNxK, offset_weights_K=None,
-                      train_nll_BxNxK=None):
+def summarize_windows(nll_BxNxK, hit_BxNxK, weights_BxNxK, train_nll_BxNxK=None):
   """(loss, aux) of `student_loss` from per-window scores; the loss averages train_nll (default
   nll)."""
   nll, hit, w = nll_BxNxK, hit_BxNxK, weights_BxNxK
   per_offset = lambda x: (x * w).sum((0, 1)) / jnp.maximum(w.sum((0, 1)), 1.0)
-  lw = w if offset_weights_K is None else w * offset_weights_K
   train = nll if train_nll_BxNxK is None else train_nll_BxNxK
-  loss = (train * lw).sum() / jnp.maximum(w.sum(), 1.0)
+  loss = (train * w).sum() / jnp.maximum(w.sum(), 1.0)
   full = (w.min(-1) > 0).astype(jnp.float32)
   aux = {"acc_all": (hit.min(-1) * full).sum() / jnp.maximum(full.sum(), 1.0)}
   nll_j, acc_j = per_offset(nll), per_offset(hit)
@@ -167,8 +154,6 @@ def make_loss_fn(spec: StageSpec, student_graphdef, teacher_graphdef):
           make_targets(spec, teacher, tokens_BxN, z, u))
       logits = student.noise_logits(tokens_BxN, z, spec.tau)
     scores = logit_scores(logits, targets, soft)
-    return summarize_windows(*scores[:2], weights,
-                             offset_weights(spec.student_k, spec.offset_weight_growth),
-                             *scores[2:])
+    return summarize_windows(*scores[:2], weights, *scores[2:])
 
   return loss_fn

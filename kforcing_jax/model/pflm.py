@@ -6,7 +6,6 @@ teacher's backbone and head (`init_from`).
 
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from kforcing_jax.model import transformer as model_lib
@@ -45,27 +44,15 @@ def stage_module(cfg: model_lib.ModelConfig, k: int):
   return (lambda rngs: cls(cfg, rngs)), abstract
 
 
-# A block's residual-branch outputs: zero them and the block is the identity.
-_BRANCH_OUTPUTS = ("attn_out", "mlp_out", "mlp_out_bias")
-
-
 def init_from(teacher_params: dict, student_params: dict) -> dict:
   """Student params = the teacher's tensors wherever the teacher has them (all of the backbone
   and head; the noise encoder too when the teacher is itself a PFLM), else the fresh init.
-
-  A deeper student (config model.pflm_n_layers) keeps the teacher's blocks first; its extra
-  blocks keep their fresh qkv and MLP input weights but get zero residual-branch outputs, so
-  each is the identity at the start and the student computes exactly its teacher's function.
-  """
+  Student and teacher have the same blocks."""
+  t_blocks, s_blocks = teacher_params["blocks"], student_params["blocks"]
+  if len(s_blocks) != len(t_blocks):
+    raise ValueError(f"a student of {len(s_blocks)} blocks cannot start from a teacher of "
+                     f"{len(t_blocks)}")
   out = dict(student_params)
   for key, value in teacher_params.items():
     out[key] = value
-  t_blocks, s_blocks = teacher_params["blocks"], student_params["blocks"]
-  if len(s_blocks) < len(t_blocks):
-    raise ValueError(f"a student of {len(s_blocks)} blocks cannot start from a teacher of "
-                     f"{len(t_blocks)}")
-  if len(s_blocks) > len(t_blocks):
-    out["blocks"] = {i: t_blocks[i] if i in t_blocks else {
-        **b, **{n: jnp.zeros_like(b[n]) for n in _BRANCH_OUTPUTS}}
-        for i, b in s_blocks.items()}
   return out

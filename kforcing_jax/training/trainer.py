@@ -229,9 +229,8 @@ def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init
   num_steps = config_check.stage_steps(cfg, stage)
   parts = train_step.assemble(cfg.optim, num_steps, abstract, mesh, cfg.mesh.fsdp, loss_fn,
                               frozen, cfg.seed)
-  tx, ema, state_sh, step_fn = parts.tx, parts.ema, parts.state_sh, parts.step_fn
-  batch_sh, rep, frozen_sh = parts.batch_sh, parts.metrics_sh, parts.frozen_sh
-  eval_fn = train_step.make_eval_step(loss_fn, state_sh["params"], batch_sh, rep, frozen_sh)
+  eval_fn = train_step.make_eval_step(loss_fn, parts.state_sh["params"], parts.batch_sh,
+                                      parts.metrics_sh, parts.frozen_sh)
 
   pidx, pcount = jax.process_index(), jax.process_count()
   data_kw = dict(seq_len=cfg.seq_len, global_batch_size=cfg.batch_size, workdir=s.workdir,
@@ -244,98 +243,29 @@ def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init
   meta = {"model_config": dataclasses.asdict(stage_model_config(cfg, s.model_cfg, stage)),
           "stage": stage,
           "config": cfg.to_dict()}
-  latest = ckpt.latest_step()
-  if latest is not None:
-    shapes = train_state.state_shapes(factory, tx, ema)
-    state, _ = ckpt.restore(latest, train_state.abstract_state(shapes, state_sh), it)
-    s.writer.drop_after(stage, latest)
-    log.info("[%s] resumed from step %d (%s)", stage, latest, ckpt.directory)
-  else:
-    state = train_state.init_state(factory, tx, state_sh, cfg.seed, ema)
-    if init_params is not None:
-      state["params"] = init_params(state["params"])
-      if ema:
-        state["ema"] = init_params(state["ema"])
-    log.info("[%s] new run: %s parameters", stage,
-             f"{model_lib.count_params(state['params']):,}")
+  state, latest = _resume_or_init(s, stage, cfg, ckpt, parts, factory, it, init_params)
   start = int(state["step"])
-  last_saved = latest
-
-  ref_nll = None
-  if reference is not None:
-    ref_eval = train_step.make_eval_step(
-        reference[0], jax.tree.map(lambda x: x.sharding, reference[1]), batch_sh, rep)
-    ref_nll = float(np.mean([float(ref_eval(reference[1], b, i)["loss"])
-                             for i, b in enumerate(eval_batches)]))
-
-  ar_eval = None
-  if ar_targets is not None and ar_targets[0] is not None:
-    ar_eval = train_step.make_eval_step(ar_targets[0], state_sh["params"], batch_sh, rep,
-                                        jax.tree.map(lambda x: x.sharding, ar_targets[1]))
-
-  def evaluate(step: int) -> dict:
-    out = {}
-    for name in ("params", "ema") if ema else ("params",):
-      ms = [jax.device_get(eval_fn(state[name], b, i, frozen))
-            for i, b in enumerate(eval_batches)]
-      prefix = "val_" if name == "params" else "val_ema_"
-      out.update({prefix + k: float(np.mean([m[k] for m in ms])) for k in ms[0]})
-    # val_ar_* scores the weights the stage hands on: its EMA when kept, else its params.
-    handed_on = "ema" if ema else "params"
-    if ar_eval is not None:
-      ms = [jax.device_get(ar_eval(state[handed_on], b, i, ar_targets[1]))
-            for i, b in enumerate(eval_batches)]
-      out.update({"val_ar_" + k: float(np.mean([m[k] for m in ms])) for k in ms[0]})
-    elif ar_targets is not None:
-      src = "val_ema_" if ema else "val_"
-      out.update({"val_ar_" + k[len(src):]: v for k, v in list(out.items())
-                  if k.startswith(src)})
-    if ref_nll is not None:
-      out["val_teacher_data_nll"] = ref_nll
-    s.writer.write({"stage": stage, "step": step, **out,
-                    "elapsed_s": time.perf_counter() - t_start})
-    log.info("[%s] step %d validation %s", stage, step,
-             " ".join(f"{k}={v:.4f}" for k, v in out.items()))
-    return out
-
-  progress = metrics_log.Progress(num_steps, start=start)
-  tokens_per_step = cfg.batch_size * cfg.seq_len
+  validate = _Validation(s, stage, parts, eval_fn, eval_batches, frozen, reference, ar_targets)
+  train_log = _TrainMetrics(s, stage, num_steps, start, tcfg.log_every,
+                            cfg.batch_size * cfg.seq_len, latest)
   t_start = time.perf_counter()
-  last_train, last_val = {}, {}
-  pending = None  # (step, device metrics): fetched after the next step is dispatched.
-
-  def drain():
-    nonlocal pending, last_train
-    if pending is None:
-      return
-    step, dev_metrics = pending
-    pending = None
-    m = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
-    _finite_or_raise(stage, step, m, last_saved)
-    last_train = m
-    if step % tcfg.log_every == 0 or step == num_steps or step == start + 1:
-      p = progress.tick(step)
-      m.update(tokens_per_s=p["per_s"] * tokens_per_step, steps_per_s=p["per_s"],
-               eta_s=p["eta_s"], elapsed_s=p["elapsed_s"])
-      s.writer.write({"stage": stage, "step": step, **m})
-      log.info(progress.line(f"[{stage}] step", step,
-                             f"loss {m['loss']:.4f} | {m['tokens_per_s']:,.0f} tok/s", p["eta_s"]))
+  last_val = {}
 
   for step in range(start, num_steps):
     batch = sharding.global_batch(next(it), mesh)
-    state, metrics = step_fn(state, batch, frozen)
-    drain()
-    pending = (step + 1, metrics)
+    state, metrics = parts.step_fn(state, batch, frozen)
+    train_log.drain()
+    train_log.pending = (step + 1, metrics)
     done = step + 1
     is_last = done == num_steps
     if done % tcfg.eval_every == 0 or done % tcfg.ckpt_every == 0 or is_last:
-      drain()  # A checkpoint is only written after its step's loss is known to be finite.
+      train_log.drain()  # A checkpoint is only written after its step's loss is known finite.
       if done % tcfg.eval_every == 0 or is_last:
-        last_val = evaluate(done)
+        last_val = validate(state, done, t_start)
       if done % tcfg.ckpt_every == 0 or is_last:
         ckpt.save(done, state, meta, data_iter=it)
-        last_saved = done
-  drain()
+        train_log.last_saved = done
+  train_log.drain()
   if start >= num_steps:
     log.info("[%s] already complete at step %d", stage, start)
   else:
@@ -344,4 +274,106 @@ def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init
     log.info("[%s] %d steps in %.1f s (%.0f tokens/s overall)", stage, num_steps - start,
              wall, tokens / wall)
   ckpt.close()
-  return {"state": state, "train": last_train, "val": last_val}
+  return {"state": state, "train": train_log.last, "val": last_val}
+
+
+def _resume_or_init(s: Setup, stage: str, cfg, ckpt: checkpoint.Checkpointer, parts, factory,
+                    it, init_params):
+  """(state, latest step): the stage's latest checkpoint restored (the data iterator `it` with
+  it), or (a fresh state, None), its params mapped through init_params when given."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    shapes = train_state.state_shapes(factory, parts.tx, parts.ema)
+    state, _ = ckpt.restore(latest, train_state.abstract_state(shapes, parts.state_sh), it)
+    s.writer.drop_after(stage, latest)
+    log.info("[%s] resumed from step %d (%s)", stage, latest, ckpt.directory)
+  else:
+    state = train_state.init_state(factory, parts.tx, parts.state_sh, cfg.seed, parts.ema)
+    if init_params is not None:
+      state["params"] = init_params(state["params"])
+      if parts.ema:
+        state["ema"] = init_params(state["ema"])
+    log.info("[%s] new run: %s parameters", stage,
+             f"{model_lib.count_params(state['params']):,}")
+  return state, latest
+
+
+class _Validation:
+  """A stage's validation metrics: val_* of its params (and val_ema_* of its EMA), val_ar_*
+  against the AR teacher's own targets, and the teacher's val_teacher_data_nll."""
+
+  def __init__(self, s: Setup, stage: str, parts, eval_fn, eval_batches, frozen, reference,
+               ar_targets):
+    self.s, self.stage, self.ema, self.eval_fn = s, stage, parts.ema, eval_fn
+    self.eval_batches, self.frozen, self.ar_targets = eval_batches, frozen, ar_targets
+    batch_sh, rep = parts.batch_sh, parts.metrics_sh
+    self.ref_nll = None
+    if reference is not None:
+      ref_eval = train_step.make_eval_step(
+          reference[0], jax.tree.map(lambda x: x.sharding, reference[1]), batch_sh, rep)
+      self.ref_nll = float(np.mean([float(ref_eval(reference[1], b, i)["loss"])
+                                    for i, b in enumerate(eval_batches)]))
+    self.ar_eval = None
+    if ar_targets is not None and ar_targets[0] is not None:
+      self.ar_eval = train_step.make_eval_step(
+          ar_targets[0], parts.state_sh["params"], batch_sh, rep,
+          jax.tree.map(lambda x: x.sharding, ar_targets[1]))
+
+  def _mean_metrics(self, fn, params, frozen) -> dict:
+    ms = [jax.device_get(fn(params, b, i, frozen)) for i, b in enumerate(self.eval_batches)]
+    return {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
+
+  def __call__(self, state: dict, step: int, t_start: float) -> dict:
+    """Evaluate `state` at `step`; writes the metrics line (elapsed since t_start) and logs it."""
+    out = {}
+    for name in ("params", "ema") if self.ema else ("params",):
+      prefix = "val_" if name == "params" else "val_ema_"
+      out.update({prefix + k: v for k, v in
+                  self._mean_metrics(self.eval_fn, state[name], self.frozen).items()})
+    # val_ar_* scores the weights the stage hands on: its EMA when kept, else its params.
+    handed_on = "ema" if self.ema else "params"
+    if self.ar_eval is not None:
+      out.update({"val_ar_" + k: v for k, v in self._mean_metrics(
+          self.ar_eval, state[handed_on], self.ar_targets[1]).items()})
+    elif self.ar_targets is not None:
+      src = "val_ema_" if self.ema else "val_"
+      out.update({"val_ar_" + k[len(src):]: v for k, v in list(out.items())
+                  if k.startswith(src)})
+    if self.ref_nll is not None:
+      out["val_teacher_data_nll"] = self.ref_nll
+    self.s.writer.write({"stage": self.stage, "step": step, **out,
+                         "elapsed_s": time.perf_counter() - t_start})
+    log.info("[%s] step %d validation %s", self.stage, step,
+             " ".join(f"{k}={v:.4f}" for k, v in out.items()))
+    return out
+
+
+class _TrainMetrics:
+  """Pipelined train metrics: step t's `pending` device metrics are fetched (`drain`) after step
+  t + 1 is dispatched, so the host never stalls the device; each is checked finite, and logged
+  every log_every steps (and at the first and last step)."""
+
+  def __init__(self, s: Setup, stage: str, num_steps: int, start: int, log_every: int,
+               tokens_per_step: int, last_saved: int | None):
+    self.s, self.stage, self.num_steps, self.start = s, stage, num_steps, start
+    self.log_every, self.tokens_per_step, self.last_saved = log_every, tokens_per_step, last_saved
+    self.progress = metrics_log.Progress(num_steps, start=start)
+    self.pending = None  # (step, device metrics)
+    self.last: dict = {}
+
+  def drain(self) -> None:
+    if self.pending is None:
+      return
+    step, dev_metrics = self.pending
+    self.pending = None
+    m = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
+    _finite_or_raise(self.stage, step, m, self.last_saved)
+    self.last = m
+    if step % self.log_every == 0 or step == self.num_steps or step == self.start + 1:
+      p = self.progress.tick(step)
+      m.update(tokens_per_s=p["per_s"] * self.tokens_per_step, steps_per_s=p["per_s"],
+               eta_s=p["eta_s"], elapsed_s=p["elapsed_s"])
+      self.s.writer.write({"stage": self.stage, "step": step, **m})
+      log.info(self.progress.line(f"[{self.stage}] step", step,
+                                  f"loss {m['loss']:.4f} | {m['tokens_per_s']:,.0f} tok/s",
+                                  p["eta_s"]))
