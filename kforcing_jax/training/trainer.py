@@ -100,10 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def stage_model_config(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelConfig,
                        stage: str) -> model_lib.ModelConfig:
-  """A stage's architecture: the run's, except the draft's width, depth and heads, and the
-  PFLM stages' depth when model.pflm_n_layers is set."""
-  if config_check.stage_k(stage) > 0 and config.model.pflm_n_layers:
-    return dataclasses.replace(model_cfg, n_layers=config.model.pflm_n_layers)
+  """A stage's architecture: the run's, except the draft's width, depth and heads."""
   if stage != config_check.DRAFT:
     return model_cfg
   d = config.draft
@@ -200,8 +197,7 @@ def stage_targets(cfg: ml_collections.ConfigDict, stage: str, target_prev: str):
   """(spec, the stage whose frozen weights make the targets) of a PFLM stage under cfg, for the
   trainer and the dry run alike; a phase "k<n>_<p>" makes the targets "k<n>" makes."""
   return distill.stage_spec(config_check.base_stage(stage), target_prev, cfg.distill.target,
-                            cfg.distill.tau, cfg.distill.offset_weight_growth,
-                            cfg.distill.cdf_blur, cfg.distill.own_prefix)
+                            cfg.distill.tau, cfg.distill.cdf_blur, cfg.distill.own_prefix)
 
 
 def _finite_or_raise(stage: str, step: int, m: dict, last_saved: int | None) -> None:
