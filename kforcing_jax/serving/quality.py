@@ -176,6 +176,15 @@ def _evaluator_ppl(scorer, evaluator, tok, prompts, outs) -> float:
   return math.exp(s / n)
 
 
+def _full_windows(rows: list[dict], field: str) -> dict:
+  """{stage: its PFLM row of the largest k} among the rows that carry `field`."""
+  full = {}
+  for r in rows:
+    if r.get("method") == "pflm" and field in r and r["k"] >= full.get(r["stage"], r)["k"]:
+      full[r["stage"]] = r
+  return full
+
+
 def table(rows: list[dict]) -> str:
   kmax = max([r["k"] for r in rows if r["method"] == "pflm"] or [0])
   cols = ["gen_ppl"] + (["eval_ppl"] if any("eval_ppl" in r for r in rows) else []) + [
@@ -196,11 +205,7 @@ def table(rows: list[dict]) -> str:
         cells = [ref[c] if ref.get(c) is not None else "-" for c in cols]
         lines.append(report.text_row(columns, [label, r["stage"], ""] + cells))
   # Each stage's full window: NLL_j - data NLL paired by row, and its standard error.
-  full = {}
-  for r in rows:
-    if r.get("method") == "pflm" and "gap_1" in r and r["k"] >= full.get(r["stage"], r)["k"]:
-      full[r["stage"]] = r
-  for r in full.values():
+  for r in _full_windows(rows, "gap_1").values():
     for name, label, fmt in (("gap", "gap to data", "+.3f"), ("gap_se", "  s.e.", ".3f")):
       key = lambda c: c.replace("nll", name, 1)
       cells = [f"{r[key(c)]:{fmt}}" if c.startswith("nll_") and key(c) in r else ""
@@ -211,10 +216,7 @@ def table(rows: list[dict]) -> str:
 
 def miss_table(rows: list[dict]) -> str:
   """`miss_anatomy` of each stage's full window, one line per offset ('' when no PFLM row)."""
-  full = {}
-  for r in rows:
-    if r.get("method") == "pflm" and "q_share_1" in r and r["k"] >= full.get(r["stage"], r)["k"]:
-      full[r["stage"]] = r
+  full = _full_windows(rows, "q_share_1")
   if not full:
     return ""
   fmt = lambda v: f"{v:>8.3f}" if v is not None else f"{'-':>8}"
