@@ -6,7 +6,12 @@ No timing assertions: this only checks that the script works and its JSON keeps 
 import json
 import os
 
+import pytest
+
 from kforcing_jax.bench import train_cost
+
+# Slow tier (-m 'not slow' skips it): times real training steps.
+pytestmark = pytest.mark.slow
 
 KINDS = {"ar_step", "rollout", "distill_step", "forward_efficient", "forward_dense"}
 ROW_KEYS = {"kind", "seq_len", "k", "batch", "seconds", "min_seconds", "compile_s", "first_call_s",

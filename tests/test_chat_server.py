@@ -20,6 +20,9 @@ from kforcing_jax.serving import server as server_lib
 from test_serving_cli import workdir  # noqa: F401  (a module-scoped fixture: tiny work dir)
 from test_server import Server
 
+# Slow tier (-m 'not slow' skips it): a live server on the serving-CLI work dir.
+pytestmark = pytest.mark.slow
+
 TEMPLATE = (
     "{% if messages[0]['role'] == 'assistant' %}"
     "{{ raise_exception('the conversation must not start with the assistant') }}{% endif %}"

@@ -64,6 +64,7 @@ def test_bad_mesh_fails_before_compiling_with_the_field_to_change():
     aot.dry_run(cfg, "", 32)
 
 
+@pytest.mark.slow  # compiles three stages in a fresh process of 32 fake devices
 def test_dry_run_cli_compiles_a_shrunken_paper_config(tmp_path):
   """The real entry point (`--dry_run` creates its own fake devices in a fresh process) on the
   LM1B config shrunk to 1 layer, d=64: teacher, a k2 distillation stage and its phase 2 k2_2

@@ -22,6 +22,9 @@ from kforcing_jax.observe import metrics_log
 from kforcing_jax.training import trainer
 from kforcing_jax.config.base import base_config
 
+# Slow tier (-m 'not slow' skips it): processes joining one jax.distributed job.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 400  # Whole 2-process run incl. start-up and compiles (~1-3 min on 2 shared cores).
 

@@ -24,6 +24,9 @@ from kforcing_jax.serving import decode
 
 from test_serving_cli import workdir  # noqa: F401  (a module-scoped fixture: tiny work dir)
 
+# Slow tier (-m 'not slow' skips it): its fixture trains a model; soak and drain runs.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -19,6 +19,9 @@ from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.model import pflm as pflm_lib
 from kforcing_jax.data import tokenizer as tokenizer_lib
 
+# Slow tier (-m 'not slow' skips it): each test runs a command-line tool in a fresh process.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("and the lord said unto moses of israel in that day he shall come thou art my "
          "people land house king children behold went out spake").split()

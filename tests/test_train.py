@@ -13,6 +13,9 @@ from kforcing_jax.data import pipeline
 from kforcing_jax.observe import metrics_log
 from kforcing_jax.parallel import sharding
 
+# Slow tier (-m 'not slow' skips it): end-to-end trainer.run chains, resume.
+pytestmark = pytest.mark.slow
+
 
 def tiny_config(data_dir: str, stages="teacher", steps=8):
   c = config_base.base_config()
