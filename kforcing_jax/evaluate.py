@@ -69,8 +69,8 @@ def main(argv):
   stages = [stage_io.load_stage(workdir, s, load_tokenizer=False) for s in names]
   rows_needed = max(_NUM.value, _VAL_SEQS.value)
   val = quality.held_out(teacher, workdir, rows_needed)
-  eos = teacher.tokenizer.eos_id
-  prompts = [[eos] + r[:_PROMPT_LEN.value - 1].tolist() for r in val[:_NUM.value]]
+  start = teacher.tokenizer.prompt_start
+  prompts = [start + r[:_PROMPT_LEN.value - len(start)].tolist() for r in val[:_NUM.value]]
   val_tokens = np.asarray(val[:_VAL_SEQS.value])
   evaluator = None
   if _EVAL_DIR.value:
@@ -97,7 +97,7 @@ def main(argv):
   print(quality.table(rows))
   print(quality.miss_table(rows))
   tok = teacher.tokenizer
-  shown = {name: [{"prompt": tok.decode(p[1:]), "completion": tok.decode(o)}
+  shown = {name: [{"prompt": tok.decode(p[len(start):]), "completion": tok.decode(o)}
                   for p, o in zip(prompts[:_SHOW.value], outs[:_SHOW.value])]
            for name, outs in samples.items()}
   settings = {"workdir": os.path.abspath(workdir), "stages": ["teacher"] + names,

@@ -51,9 +51,11 @@ def hf_model(loaded: stage_io.LoadedStage, dtype: str):
   config = transformers.AutoConfig.for_model(**cfg_dict)
   model = transformers.AutoModelForCausalLM.from_config(config).eval()
   host = jax.tree.map(np.asarray, jax.device_get(loaded.params))
-  state = {n: torch.from_numpy(v) for n, v in hf_format.to_hf(host, loaded.model_cfg).items()}
+  tensors = hf_format.to_hf(host, loaded.model_cfg)
+  state = {n: torch.from_numpy(np.array(v)) for n, v in tensors.items()}
   missing, unexpected = model.load_state_dict(state, strict=False)
-  missing = [n for n in missing if not (loaded.model_cfg.tie_embeddings and n == "lm_head.weight")]
+  tied = loaded.model_cfg.tie_embeddings
+  missing = [n for n in missing if not (tied and n == "lm_head.weight")]
   if missing or unexpected:
     raise RuntimeError(f"weights do not fit transformers' model: missing {missing}, "
                        f"unexpected {unexpected}")

@@ -74,6 +74,19 @@ def base_config() -> ml_collections.ConfigDict:
   # of z. 1.0 is the authors' encoder (required to export to / import from their layout); higher
   # values hand the network fine z resolution that it otherwise learns slowly.
   c.model.noise_max_freq = 1.0
+  # Llama-family options (the defaults are the authors' backbone). A teacher imported with
+  # `convert --from_hf` brings its own architecture and overrides all of model.* but dtype;
+  # these fields let a config describe it for --dry_run (configs/smollm2_k4.py).
+  c.model.norm = "scale"  # "scale": LayerNorm without bias (the authors'); "rms": RMSNorm.
+  c.model.norm_eps = 1e-5
+  c.model.mlp = "gelu"  # "gelu": tanh-GELU with biases (the authors'); "swiglu": gated, no bias.
+  c.model.mlp_hidden = 0  # MLP hidden width; 0 = mlp_ratio * d_model.
+  c.model.n_kv_heads = 0  # Key/value heads (grouped-query attention); 0 = n_heads.
+  c.model.head_size = 0  # Per-head width; 0 = d_model // n_heads.
+  c.model.tie_embeddings = False  # Output head = the token embedding table transposed.
+  c.model.qkv_bias = False  # Biases on q, k and v (Qwen2).
+  c.model.head_bias = True  # Bias on the output head (the authors').
+  c.model.mask_token = True  # Reserve a mask id (the authors'); imported models have none.
 
   # ---- data ----
   c.data = ml_collections.ConfigDict()

@@ -214,15 +214,23 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
   m = config.model
   _require(m.n_layers >= 1, "model.n_layers", f"must be >= 1, got {m.n_layers}")
   _require(m.n_heads >= 1, "model.n_heads", f"must be >= 1, got {m.n_heads}")
-  _require(m.d_model % m.n_heads == 0, "model.d_model",
+  _require(m.head_size or m.d_model % m.n_heads == 0, "model.d_model",
            f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
-  _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads",
+  _require(m.head_size or (m.d_model // m.n_heads) % 2 == 0, "model.n_heads",
            f"head_dim = d_model / n_heads = {m.d_model // m.n_heads} must be even (rotary)")
   _require(m.mlp_ratio >= 1, "model.mlp_ratio", f"must be >= 1, got {m.mlp_ratio}")
   _require(m.vocab_size == -1 or m.vocab_size >= 2, "model.vocab_size",
            f"must be -1 (from the tokenizer) or >= 2, got {m.vocab_size}")
   _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
   _require(m.noise_max_freq > 0, "model.noise_max_freq", f"must be > 0, got {m.noise_max_freq}")
+  _require(m.norm in ("scale", "rms"), "model.norm", f"must be 'scale' or 'rms', got {m.norm!r}")
+  _require(m.mlp in ("gelu", "swiglu"), "model.mlp", f"must be 'gelu' or 'swiglu', got {m.mlp!r}")
+  _require(m.n_kv_heads == 0 or (m.n_kv_heads >= 1 and m.n_heads % m.n_kv_heads == 0),
+           "model.n_kv_heads", f"must be 0 (= n_heads) or divide model.n_heads={m.n_heads}, got "
+           f"{m.n_kv_heads}")
+  _require(m.head_size == 0 or (m.head_size >= 2 and m.head_size % 2 == 0), "model.head_size",
+           f"must be 0 (d_model / n_heads) or even (rotary), got {m.head_size}")
+  _require(m.mlp_hidden >= 0, "model.mlp_hidden", f"must be >= 0, got {m.mlp_hidden}")
   dr = config.draft
   for name in ("d_model", "n_layers", "n_heads"):
     _require(isinstance(dr[name], int) and dr[name] >= 1, f"draft.{name}",
@@ -250,10 +258,13 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
            f"must be one of {HEAD_BIAS_INITS}, got {config.train.head_bias_init!r}")
 
   data, model = mesh_shape(config, n_devices)
-  _require(m.n_heads % model == 0, "model.n_heads",
-           f"{m.n_heads} heads are not divisible by the model axis (mesh.model={model})")
-  _require((m.mlp_ratio * m.d_model) % model == 0, "model.mlp_ratio",
-           f"MLP width {m.mlp_ratio * m.d_model} is not divisible by mesh.model={model}")
+  kv_heads = m.n_kv_heads or m.n_heads
+  _require(kv_heads % model == 0, "model.n_kv_heads" if m.n_kv_heads else "model.n_heads",
+           f"{kv_heads} {'kv ' if m.n_kv_heads else ''}heads are not divisible by the model "
+           f"axis (mesh.model={model})")
+  mlp_width = m.mlp_hidden or m.mlp_ratio * m.d_model
+  _require(mlp_width % model == 0, "model.mlp_hidden" if m.mlp_hidden else "model.mlp_ratio",
+           f"MLP width {mlp_width} is not divisible by mesh.model={model}")
   _require(not config.mesh.fsdp or m.d_model % data == 0, "mesh.fsdp",
            f"FSDP shards d_model={m.d_model} over the data axis ({data}), which does not divide it")
   _validate_schedule(config, "", data, process_count)

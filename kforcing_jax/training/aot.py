@@ -55,6 +55,8 @@ class StageReport:
 def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
   """The architecture from the config alone (no tokenizer is built): the tokenizer's known size."""
   d = config.data
+  if config.model.vocab_size != -1 and not config.model.mask_token:  # an imported model's
+    return trainer.model_config(config, config.model.vocab_size, None)
   if d.tokenizer == "bpe":
     vocab, mask = d.bpe_vocab_size, tokenizer_lib.BPE_MASK_ID
   else:

@@ -49,10 +49,13 @@ def model_config(config: ml_collections.ConfigDict, tokenizer_vocab: int,
   if vocab < tokenizer_vocab:
     raise config_check.ConfigError(f"config.model.vocab_size: {vocab} is smaller than the "
                                    f"{config.data.tokenizer} tokenizer's {tokenizer_vocab} ids")
-  return model_lib.ModelConfig(vocab_size=vocab, mask_id=mask_id, d_model=m.d_model,
-                               n_layers=m.n_layers, n_heads=m.n_heads, mlp_ratio=m.mlp_ratio,
-                               rope_base=m.rope_base, dtype=m.dtype,
-                               noise_max_freq=float(m.noise_max_freq))
+  return model_lib.ModelConfig(
+      vocab_size=vocab, mask_id=mask_id if m.mask_token else None, d_model=m.d_model,
+      n_layers=m.n_layers, n_heads=m.n_heads, mlp_ratio=m.mlp_ratio, rope_base=m.rope_base,
+      dtype=m.dtype, noise_max_freq=float(m.noise_max_freq), norm=m.norm,
+      norm_eps=float(m.norm_eps), mlp=m.mlp, mlp_hidden=m.mlp_hidden, n_kv_heads=m.n_kv_heads,
+      head_size=m.head_size, tie_embeddings=m.tie_embeddings, qkv_bias=m.qkv_bias,
+      head_bias=m.head_bias)
 
 
 def resolve_model_config(config: ml_collections.ConfigDict,
@@ -68,7 +71,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   log.info("processes %d (this is %d), devices %d, mesh data=%d model=%d",
            jax.process_count(), jax.process_index(), jax.device_count(), data, model)
   tok = tokenizer_lib.build_tokenizer(config.data, workdir)
-  model_cfg = resolve_model_config(config, tok)
+  imported = stage_io.final_stage_meta(workdir, config_check.TEACHER)
+  if imported is None:
+    model_cfg = resolve_model_config(config, tok)
+  else:  # An imported teacher fixes the architecture; config.model.dtype still applies.
+    model_cfg = dataclasses.replace(
+        model_lib.ModelConfig.from_dict(imported["model_config"]), dtype=config.model.dtype)
+    log.info("[teacher] imported from %s: the run uses its architecture (config.model.* other "
+             "than dtype does not apply)", imported["converted_from"])
   writer = metrics_log.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
   return Setup(config, workdir, mesh, tok, model_cfg, writer)
 
@@ -84,7 +94,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {}
   stages = config_check.parse_stages(config.stages)
   for prev, stage in config_check.chain(stages):
-    if stage in (config_check.TEACHER, config_check.DRAFT):
+    if stage == config_check.TEACHER and stage_io.final_stage_meta(workdir, stage):
+      log.info("[teacher] imported, final: not trained; the next stage starts from it")
+      results[stage] = {}
+    elif stage in (config_check.TEACHER, config_check.DRAFT):
       results[stage] = run_teacher_stage(s, stage)
     else:
       results[stage] = run_distill_stage(s, stage, prev,
@@ -104,8 +117,9 @@ def stage_model_config(config: ml_collections.ConfigDict, model_cfg: model_lib.M
   if stage != config_check.DRAFT:
     return model_cfg
   d = config.draft
+  # Full attention and the default head and MLP widths: the teacher's would not fit its width.
   return dataclasses.replace(model_cfg, d_model=d.d_model, n_layers=d.n_layers,
-                             n_heads=d.n_heads)
+                             n_heads=d.n_heads, n_kv_heads=0, head_size=0, mlp_hidden=0)
 
 
 def stage_model(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelConfig, stage: str):
