@@ -177,6 +177,28 @@ def test_grouped_decode_on_a_sharded_mesh_equals_one_device():
   assert outs[0] == outs[1]
 
 
+def test_pflm_verified_and_spec_on_grouped_heads_are_the_teacher_token_for_token(imported):
+  """Lossless methods on an imported teacher: a PFLM from its weights drafts (pflm_verified:
+  the teacher's own sampled tokens); the teacher drafts for itself (greedy spec: its greedy
+  tokens; sampled spec matches only in distribution, tested in test_speculative.py)."""
+  from kforcing_jax.serving import speculative  # pylint: disable=import-outside-toplevel
+  _, _, _, teacher = imported
+  cfg = teacher.model_cfg
+  with nnx.use_eager_sharding(False):
+    graphdef, fresh = model_lib.split_params(pflm_lib.PFLM(cfg, nnx.Rngs(3)))
+    abstract = nnx.eval_shape(lambda: pflm_lib.PFLM(cfg, nnx.Rngs(0)))
+  params = jax.device_put(pflm_lib.init_from(teacher.params, fresh),
+                          sharding.param_shardings(abstract, teacher.mesh, fsdp=False))
+  pflm = stage_io.LoadedStage("k3", 3, cfg, graphdef, params, None, 0, {}, teacher.mesh)
+  for drafter, method, greedy in ((pflm, "pflm_verified", False), (teacher, "spec", True)):
+    ar = decode.DecodeSpec(k=1, max_new_tokens=10, ar=True, greedy=greedy)
+    want = [c.tokens for c in decode.Engine.from_stage(teacher).generate(PROMPTS, ar, seed=4)]
+    engine = speculative.VerifiedEngine(teacher, drafter)
+    spec = speculative.VerifySpec(method, gamma=3, max_new_tokens=10, greedy=greedy)
+    outs, _ = engine.generate(PROMPTS, spec, seed=4)
+    assert [o.tokens for o in outs] == want, method
+
+
 def test_kv_cache_is_sized_by_kv_heads():
   cache_k, _ = model_lib.init_cache(_gqa_cfg(), batch=2, slots=16)
   assert cache_k[0].shape == (2, 2, 16, 16)
