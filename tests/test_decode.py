@@ -48,6 +48,7 @@ def _padded(ids):
 # ---- cached decode == uncached full forward ----
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("greedy", [True, False])
 def test_ar_loop_equals_uncached_rollout_and_rows_are_batch_independent(greedy):
   graphdef, params = _params(pflm=False)
@@ -70,6 +71,7 @@ def test_ar_loop_equals_uncached_rollout_and_rows_are_batch_independent(greedy):
   assert len({tuple(t) for t in got}) == len(got)
 
 
+@pytest.mark.slow
 def test_pflm_step_logits_equal_uncached_two_stream_forward():
   k, max_new = 3, 11  # 4 blocks; the last one is truncated to 2 tokens
   graphdef, params = _params(pflm=True, seed=1)

@@ -113,6 +113,7 @@ def test_logits_equal_transformers(imported):
   _assert_close(ours, _torch_logits(model, ids))
 
 
+@pytest.mark.slow
 def test_greedy_decode_equals_transformers_generate_and_uncached_rollout(imported):
   model, _, _, loaded = imported
   n = 12
@@ -152,6 +153,7 @@ def _gqa_cfg(**kw):
                                tie_embeddings=True, qkv_bias=True, head_bias=False, **kw)
 
 
+@pytest.mark.slow
 def test_pflm_window_attention_matches_dense_with_grouped_heads():
   cfg = _gqa_cfg()
   with nnx.use_eager_sharding(False):

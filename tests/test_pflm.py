@@ -303,6 +303,7 @@ def test_init_from_a_teacher_of_another_depth_fails():
 # ---- cached decoding (spec section 5) ----
 
 
+@pytest.mark.slow
 def test_cached_decode_matches_window_pass():
   k, p_len, b = 2, 6, 2
   graphdef, params = _pflm(seed=9)

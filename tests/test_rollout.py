@@ -64,6 +64,7 @@ def _tokens(key, b, n):
 # ---- PFLM rollout (scan over rounds) == round-by-round by hand ----
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 2])
 def test_pflm_rollout_equals_hand_rounds(k):
   """R = 2 and R = 4 rounds of a PFLM(k) teacher. Rollouts are prefix-consistent (round r
@@ -108,6 +109,7 @@ def test_pflm_rollout_equals_hand_rounds(k):
 # ---- AR rollout == sequential inverse-CDF sampling with the plain causal forward ----
 
 
+@pytest.mark.slow
 def test_ar_rollout_equals_sequential_inverse_cdf():
   b, n, max_rounds = 2, 6, 4
   graphdef, params = _ar(seed=3)
@@ -150,6 +152,7 @@ def test_ar_rollout_equals_sequential_inverse_cdf():
     assert len(np.unique(got)) > 3
 
 
+@pytest.mark.slow
 def test_ar_rollout_continues_a_given_prefix_where_mixed():
   """distill.own_prefix: where mix, round j continues the given tokens (the student's argmax),
   checked against the plain causal forward on [x_0..x_t, prefix_0..prefix_(j-1)]; elsewhere,
@@ -207,6 +210,7 @@ def _all_targets(ar, pf, tokens, z4, u):
           for name, (spec, teacher, z) in specs.items()}
 
 
+@pytest.mark.slow
 def test_targets_reproducible_across_batch_jit_and_sharding():
   n = 8
   ar_graphdef, ar_params = _ar(seed=4)
@@ -343,6 +347,7 @@ def test_loss_is_the_mean_of_the_per_offset_nlls():
 # ---- reference points of NLL_j from the teacher alone (serving/scorer.offset_floors) ----
 
 
+@pytest.mark.slow
 def test_offset_floors_bracket_the_no_noise_student():
   from kforcing_jax.serving import scorer
 
@@ -374,6 +379,7 @@ def test_offset_floors_bracket_the_no_noise_student():
     np.testing.assert_allclose(one[f"blind_lo_{j}"], one[f"prefix_{j}"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_offset_metrics_and_floors_in_row_chunks_match_one_batch(monkeypatch):
   """serving/scorer computes both in fixed-size row chunks (bounded memory): 5 rows in
   chunks of 2 (the last padded) must give what one batch of 5 gives, row by row."""
@@ -456,6 +462,7 @@ def test_cdf_blur_applies_only_where_the_ar_teacher_makes_the_targets():
   assert blur("k4", "teacher", "noise_inversion") == 0.0
 
 
+@pytest.mark.slow
 def test_soft_targets_train_the_loss_but_metrics_stay_against_the_one_hot_targets():
   """distill.cdf_blur: make_targets returns the blurred AR rollout; student_loss averages the
   cross-entropy against it (recomputed here from the student's logits), while NLL_j / acc_j are

@@ -150,6 +150,7 @@ def test_clamp_when_cdf_never_reaches_z():
   assert int(got[0]) == 6
 
 
+@pytest.mark.slow
 def test_row_result_independent_of_batch():
   v = 3000
   k1, k2, k3 = jax.random.split(jax.random.key(4), 3)

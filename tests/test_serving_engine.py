@@ -44,6 +44,7 @@ def _collect(engine, reqs):
   return done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,k", [("k3", 3), ("k3", 2), ("teacher", 1)])
 def test_requests_joining_mid_generation_equal_offline_generate(stages, name, k):
   loaded = stages[name]

@@ -71,6 +71,7 @@ def test_eight_devices_available():
   assert jax.device_count() == 8, "tests need XLA_FLAGS=--xla_force_host_platform_device_count=8"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,fsdp", [((4, 2), False), ((2, 4), True), ((8, 1), True)])
 def test_sharded_equals_single_device(shape, fsdp):
   batches = _batches(5)
@@ -89,6 +90,7 @@ def test_sharded_equals_single_device(shape, fsdp):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_muon_sharded_equals_single_device_and_its_moments_follow_their_params():
   """optim.name=muon: the blocks' matrices take orthogonalised updates (their AdamW moments are
   masked out), the embedding and head take AdamW's, and every moment is sharded like its
@@ -115,6 +117,7 @@ def test_muon_sharded_equals_single_device_and_its_moments_follow_their_params()
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optim_name", ["adamw", "muon"])
 def test_checkpoint_restores_on_other_meshes(tmp_path, optim_name):
   batches = _batches(6, seed=1)

@@ -52,6 +52,7 @@ def _ar(teacher, prompts, n, seed, greedy=False, eos=None, row_ids=None):
                                                                       row_ids=row_ids)]
 
 
+@pytest.mark.slow
 def test_pflm_verified_is_the_ar_teacher_token_for_token(models):
   engine = speculative.VerifiedEngine(models["teacher"], models["k3"])
   want = _ar(models["teacher"], PROMPTS, 14, seed=5)
@@ -69,6 +70,7 @@ def test_pflm_verified_is_the_ar_teacher_token_for_token(models):
   assert [o.tokens for o in outs2] == want
 
 
+@pytest.mark.slow
 def test_rows_finishing_at_different_steps_stop_at_their_eos(models):
   free = _ar(models["teacher"], PROMPTS, 14, seed=7)
   # Row 0 stops at the first token (from its 3rd on) it had not produced before; the other rows
@@ -89,6 +91,7 @@ def test_rows_finishing_at_different_steps_stop_at_their_eos(models):
   assert [o.tokens for o in outs] == greedy_want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["spec", "spec_dynamic"])
 def test_greedy_spec_is_the_greedy_teacher_token_for_token(models, method):
   want = _ar(models["teacher"], PROMPTS, 13, seed=0, greedy=True)
@@ -133,6 +136,7 @@ def _reference_acceptance(teacher, drafter, prompt, row_id, seed, k, n_new, buf=
   return seq[len(prompt):][:n_new], accepted
 
 
+@pytest.mark.slow
 def test_acceptance_counts_match_a_step_by_step_reference():
   # A drafter close to the teacher, so that some drafts are accepted and some rejected: the
   # teacher's own weights plus a noise encoder (its noise shifts the logits a little).
@@ -153,6 +157,7 @@ def test_acceptance_counts_match_a_step_by_step_reference():
   assert 0 < total < sum(o.drafted for o in outs)
 
 
+@pytest.mark.slow
 def test_speculative_sampling_matches_the_teacher_distribution():
   """Two tokens after one prompt, 4000 rows (independent streams): the empirical joint of
   (token 1, token 2) against the teacher's exact p(t1) p(t2 | t1), chi-square at 0.1%."""

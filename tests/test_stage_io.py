@@ -38,6 +38,7 @@ def _save_train_state(workdir, stage, seed):
   return _host(state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["teacher", "k2"])
 def test_load_stage_restores_params_or_ema_on_other_meshes(tmp_path, stage):
   saved = _save_train_state(str(tmp_path), stage, seed=3)
