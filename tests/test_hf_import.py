@@ -179,6 +179,7 @@ def test_grouped_decode_on_a_sharded_mesh_equals_one_device():
   assert outs[0] == outs[1]
 
 
+@pytest.mark.slow
 def test_pflm_verified_and_spec_on_grouped_heads_are_the_teacher_token_for_token(imported):
   """Lossless methods on an imported teacher: a PFLM from its weights drafts (pflm_verified:
   the teacher's own sampled tokens); the teacher drafts for itself (greedy spec: its greedy
