@@ -68,7 +68,7 @@ def main(argv):
     raise FileNotFoundError(f"stages {missing} have no checkpoint in {workdir} (found {found})")
   stages = [stage_io.load_stage(workdir, s, load_tokenizer=False) for s in names]
   rows_needed = max(_NUM.value, _VAL_SEQS.value)
-  val = quality.held_out(teacher, workdir, rows_needed)
+  val = quality.held_out(teacher, workdir, rows_needed, stages=stages)
   start = teacher.tokenizer.prompt_start
   prompts = [start + r[:_PROMPT_LEN.value - len(start)].tolist() for r in val[:_NUM.value]]
   val_tokens = np.asarray(val[:_VAL_SEQS.value])

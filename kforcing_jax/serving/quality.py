@@ -47,17 +47,20 @@ from kforcing_jax.serving import scorer as scorer_lib
 # ---- held-out prompts and the whole evaluation ----
 
 
-def held_out(teacher, workdir: str, n_rows: int, seq_len: int | None = None):
-  """(n_rows, seq_len) validation rows of the run's own data config."""
+def held_out(teacher, workdir: str, n_rows: int, seq_len: int | None = None, stages=()):
+  """(n_rows, seq_len) validation rows of the run's own data config: the teacher's, or for an
+  imported teacher (which records none) that of the first of `stages` trained here."""
   import ml_collections
 
   from kforcing_jax.config import check as config_check
   from kforcing_jax.data import pipeline
 
-  cfg = teacher.meta.get("config")
+  cfg = next((st.meta["config"] for st in (teacher, *stages) if st.meta.get("config")), None)
   if not cfg:
-    raise ValueError(f"the teacher checkpoint of {workdir} records no training config (a "
-                     "converted checkpoint?): evaluation needs its data config for held-out prompts")
+    raise config_check.UserError(
+        f"no stage of {workdir} evaluated here records a training config (only converted "
+        "checkpoints?): evaluation needs a data config for held-out prompts; distil a stage "
+        "first")
   cfg = ml_collections.ConfigDict(cfg)
   seq_len = seq_len or cfg.seq_len
   try:
