@@ -20,9 +20,8 @@ docs/results/kjv_small_eval.json, _seed1.json, _seed2.json):
   Gen-PPL 0.87x / 0.82x / 0.90x of the teacher's samples (goal 0.77-1.3x)
   unigram entropy 0.921x / 0.914x / 0.921x of the teacher's (goal >= 0.90x); rep_2 0.077.
 Every goal is met at every seed; offset 4 by less than a standard error (mean -0.030).
-The k4-only config (4800 x 8, ~125 min; docs/results/kjv_small_4800_eval*.json) sat on the line
-at offset 4; before it, 2400 x 8 without own_prefix (docs/results/kjv_small_2400_eval*.json):
-offset 4 +0.03 / +0.07, entropy 0.900x / 0.884x.
+The k4-only config (4800 x 8, ~125 min) sat on the line at offset 4; before it, 2400 x 8 without
+own_prefix: offset 4 +0.03 / +0.07, entropy 0.900x / 0.884x (their JSONs: git history).
 """
 
 import importlib.util
@@ -44,7 +43,7 @@ def get_config():
   # Batches of 8 sequences, not kjv_tiny.py's half batch: against 2400 steps of 8, 4800 steps of 4
   # (the same sequences, 1.1x the time) ended level (2026-12-06, 2 heads, same teacher; evaluate on
   # 128 rows: gaps -2.12 / -0.77 / -0.16 / +0.11, Gen-PPL 0.92x, entropy 0.884x; validation
-  # 2.13 / 3.45 / 4.13 / 4.30; docs/results/kjv_small_k4_4800x4_eval.json).
+  # 2.13 / 3.45 / 4.13 / 4.30).
   k4.batch_size = 8
   # 4800 steps (the previous 2400 ended at offset 4 +0.03 / +0.07 over two evaluate seeds).
   k4.train.num_steps = 4800
@@ -54,7 +53,7 @@ def get_config():
   k4.train.ckpt_every = 400
   # A tenth of the windows' AR targets continue the student's own argmax tokens: the samples'
   # entropy rises off the 0.90x line for ~0.01 at offset 4 (on the default, 0.2 bought +0.018
-  # of entropy ratio for +0.02 at offset 4; README, "own_prefix"). Only k4 has AR targets here.
+  # of entropy ratio for +0.02 at offset 4; docs/fidelity-study.md). Only k4 has AR targets here.
   c.distill.own_prefix = 0.1
   # Then k4_2: phase 2 of k4 (same AR-rollout targets, fresh data order and noise), 4000 more
   # steps of 8 from k4's weights on a second cosine cycle at half k4's peak lr.

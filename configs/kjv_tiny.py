@@ -18,7 +18,7 @@ runs/kjv_tiny/eval.json --num_prompts 32 --max_new_tokens 64` (3-4 min; per-offs
 vs 3.65 (0.87x), NLL_j 2.51 / 3.73 / 4.20 / 4.44 vs data NLL 4.28 (gaps -1.77 / -0.56 / -0.08 /
 +0.16, standard error 0.04; 2 heads: -1.73 / -0.51 / -0.00 / +0.21, Gen-PPL 1.00x, entropy
 0.87x). Offset 4 and the entropy do not yet match the teacher at this budget: see
-configs/kjv_small.py and the README's fidelity study.
+configs/kjv_small.py and docs/fidelity-study.md.
 metrics.jsonl, tensorboard/ and loss_curve.png in the work dir. Smoke test:
   --config.stage_overrides.teacher.train.num_steps=40 --config.stage_overrides.k4.train.num_steps=10
   --config.stage_overrides.k4.optim.warmup_steps=2 --config.stage_overrides.draft.train.num_steps=30
@@ -31,7 +31,7 @@ def get_config():
   c = base_config()
   # Single-stage distillation AR -> k4 (k rounds of inverse-CDF sampling of the teacher): at
   # this budget it beats the paper's chain AR -> k1 -> k2 -> k4 against the AR teacher (see
-  # the fidelity study in the README); --config.stages=teacher,k1,k2,k4 runs the chain.
+  # docs/fidelity-study.md); --config.stages=teacher,k1,k2,k4 runs the chain.
   c.stages = "teacher,draft,k4"
   # The speculative-decoding baseline's draft model (stage "draft"; trained on the data, not part
   # of the distillation chain): a quarter of the teacher's blocks. At width 64 it did not get

@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   # follow the student's decisions teach it to commit to them rather than hedge over prefixes
   # it cannot resolve: on the default, 1 raised the entropy of k4@k4 samples from 0.87x to 0.94x
   # of the teacher's and cut rep_2 from 0.11 to 0.08, but NLL_4 against the teacher's rollout
-  # rose from 4.44 to 5.22 (README, "Does the student match its teacher?"). Applies where
+  # rose from 4.44 to 5.22 (docs/fidelity-study.md). Applies where
   # cdf_blur does (stages whose targets are the AR teacher's rollout); val_ar_* always scores
   # against the teacher's own rollout. Costs no extra student pass (the loss's own argmax).
   c.distill.own_prefix = 0.0
