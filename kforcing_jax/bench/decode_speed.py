@@ -90,7 +90,8 @@ def _matmul_chain(cfg, rows: int, head_rows: int, platform: str) -> Callable[[],
       x = (((x @ w_qkv)[:, :att] @ w_out) @ w_in)[:, :hidden] @ w_mlp_out
     return x[-head_rows:] @ head
 
-  fn = jax.jit(chain, compiler_options=decode.compiler_options(platform, rows))
+  opts = decode.compiler_options(platform, rows, decode.weight_bytes((layers, head)))
+  fn = jax.jit(chain, compiler_options=opts)
   x = normal(rows, d)
   return lambda: fn(x, layers, head)
 

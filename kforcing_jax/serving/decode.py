@@ -226,16 +226,27 @@ def run_steps(m: model_lib.Transformer, spec: DecodeSpec, state: DecodeState, n:
 # ---- batching: padding, shardings, compiled programs ----
 
 # XLA:CPU hands matmuls to YNNPACK by default. Inside the decode loop its kernels were ~15% slower
-# than XLA's own dot emitter for matmuls of <= 64 rows (PFLM k=4 step at batch 1: 4.1 vs 3.5 ms,
-# interleaved A/B on the 2-core dev machine) and faster for larger ones (prefill, batch >= 16),
-# so small programs are compiled without it. Other platforms ignore this.
+# than XLA's own dot emitter for matmuls of <= 64 rows on a model whose weights sit in cache
+# (the 12 MB default: PFLM k=4 step at batch 1, 4.1 vs 3.5 ms) and faster for larger ones
+# (prefill, batch >= 16), so such programs are compiled without it. Weights streamed from memory
+# turn that around: SmolLM2-135M's greedy AR decode at batch 4 ran 24.6 tokens/s with XLA's
+# emitter and 60.0 with YNNPACK (batch 1 and 16 equal; round-robin on the 2-core machine).
+# Other platforms ignore this.
 SMALL_MATMUL_ROWS = 64
+SMALL_WEIGHT_BYTES = 64 << 20
 _NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def compiler_options(platform: str, matmul_rows: int) -> dict | None:
-  """Per-program XLA options for a program whose matmuls have `matmul_rows` rows."""
-  return dict(_NO_YNN) if platform == "cpu" and matmul_rows <= SMALL_MATMUL_ROWS else None
+def compiler_options(platform: str, matmul_rows: int, weight_bytes: int = 0) -> dict | None:
+  """Per-program XLA options for a program whose matmuls have `matmul_rows` rows over
+  `weight_bytes` of weights."""
+  small = matmul_rows <= SMALL_MATMUL_ROWS and weight_bytes <= SMALL_WEIGHT_BYTES
+  return dict(_NO_YNN) if platform == "cpu" and small else None
+
+
+def weight_bytes(params) -> int:
+  """Bytes of a parameter pytree (global sizes)."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(params))
 
 
 def bucket_len(n: int, minimum: int = 8) -> int:
@@ -319,7 +330,8 @@ class Engine:
     # Matmul rows per device: the prefill's, or one step's (the steps dominate `generate`).
     width = plen + (0 if spec.ar else spec.k) if kind == "prefill" else (
         1 if spec.ar else 2 * spec.k)
-    opts = compiler_options(mesh.devices.flat[0].platform, batch // self.data_size * width)
+    opts = compiler_options(mesh.devices.flat[0].platform, batch // self.data_size * width,
+                            weight_bytes(self.params))
     if kind == "generate":
       fn = jax.jit(lambda p, x, pad, keys: generate(merge(p), spec, x, pad, keys, st_sh.cache_k[0]),
                    in_shardings=ins, out_shardings=(d2, d1), compiler_options=opts)

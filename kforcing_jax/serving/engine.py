@@ -175,7 +175,8 @@ class ServingEngine:
       raise ValueError(f"slots={self.slots} must be a multiple of the mesh's data axis "
                        f"({mesh.shape[sharding.DATA]})")
     opts = decode.compiler_options(mesh.devices.flat[0].platform,
-                                   self.slots * (1 if spec.ar else 2 * k))
+                                   self.slots * (1 if spec.ar else 2 * k),
+                                   decode.weight_bytes(self.loaded.params))
     self._init = jax.jit(init, out_shardings=self._state_sh)
     self._prefill = jax.jit(prefill, in_shardings=(self._param_sh, rep, rep, rep, rep),
                             out_shardings=rep)
