@@ -108,6 +108,7 @@ def test_pflm_step_logits_equal_uncached_two_stream_forward():
   np.testing.assert_array_equal(streamed, tokens[:len(PROMPTS)])
 
 
+@pytest.mark.slow
 def test_k_prime_decoding_equals_truncated_k_windows():
   """A PFLM(4) decoded with k'=2: each block = the first 2 outputs of a full 4-noise window
   (whatever the 2 extra uniforms), computed without a cache."""

@@ -165,6 +165,7 @@ def test_pflm_window_attention_matches_dense_with_grouped_heads():
   np.testing.assert_allclose(np.asarray(fast), np.asarray(dense), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_grouped_decode_on_a_sharded_mesh_equals_one_device():
   cfg = _gqa_cfg()
   with nnx.use_eager_sharding(False):
@@ -213,6 +214,7 @@ def _convert(*args) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_in_one_line(tmp_path):
   with pytest.raises(hf_format.UnsupportedModel, match="model_type 'gemma'"):
     hf_format.config_from_hf({"model_type": "gemma"})

@@ -46,6 +46,7 @@ def smollm2():
   return ours, ref
 
 
+@pytest.mark.slow
 def test_gguf_tokenizer_matches_transformers(smollm2):
   ours, ref = smollm2
   assert ours.vocab_size == len(ref) == 49152

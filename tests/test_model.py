@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from kforcing_jax.model import attention
@@ -46,6 +47,7 @@ def test_mask_token_logit_is_forced():
   assert (logits[..., :CFG.mask_id] > -100).all()
 
 
+@pytest.mark.slow
 def test_causality_gradients_exactly_zero_after_t():
   graphdef, params = _model_and_params()
   length = 12
@@ -85,6 +87,7 @@ def test_cached_decode_equals_full_forward():
   np.testing.assert_allclose(got, full, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_ragged_cached_rows_equal_their_own_full_forward():
   """Per-row cache lengths (ragged batches: speculative decoding, serving slots): each row at its
   own start and left padding gives its own uncached logits, whatever the other rows hold."""
@@ -131,6 +134,7 @@ def test_cache_drops_positions_not_kept():
   np.testing.assert_allclose(a, full[:, 4:], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_close_to_float32():
   cfg16 = model_lib.ModelConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
   graphdef, params = _model_and_params()

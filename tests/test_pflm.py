@@ -131,6 +131,7 @@ def _dense_window_hidden(m, xc, xw):
   return h[:, :n], h[:, n:].reshape(b, n, k, d)
 
 
+@pytest.mark.slow
 def test_mask_semantics_via_exact_zero_gradients():
   n, k = 5, 3
   graphdef, params = _pflm()

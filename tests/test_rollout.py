@@ -330,6 +330,7 @@ def test_noise_inversion_targets_are_next_tokens():
   assert ((z >= 0) & (z < 1)).all()
 
 
+@pytest.mark.slow
 def test_loss_is_the_mean_of_the_per_offset_nlls():
   """With full windows the loss weighs every offset alike: the mean of NLL_1..NLL_k."""
   b, n, k = 2, 6, 4
@@ -420,6 +421,7 @@ def _dense(ids_xW, w_xW, v):
   return out
 
 
+@pytest.mark.slow
 def test_blurred_targets_match_a_monte_carlo_over_z_and_reach_both_limits():
   """blurred_window(q, z, ids, s, r) is the law of inverse_cdf(q, z') for z' ~ U[z - s, z + s]
   clipped to [0, 1]: checked against 20000 such draws through the exact sampler (r covering the

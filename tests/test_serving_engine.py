@@ -73,6 +73,7 @@ def test_requests_joining_mid_generation_equal_offline_generate(stages, name, k)
     eng.shutdown()
 
 
+@pytest.mark.slow
 def test_eos_stop_check_cancel_queue_and_shutdown(stages):
   loaded = stages["k3"]
   free = _offline(loaded, PROMPTS[1], 12, 7, 3)

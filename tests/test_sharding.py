@@ -162,6 +162,7 @@ def test_incomplete_save_never_shadows_latest_good(tmp_path):
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_ema_follows_its_warmup_formula_step_by_step():
   """EMA after step t+1 = d_t * EMA + (1 - d_t) * params, d_t = min(decay, (1+t)/(10+t)),
   recomputed on the host from the raw params the step returned."""
