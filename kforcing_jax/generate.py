@@ -6,8 +6,10 @@
 Each input line is {"prompt": "..."} (or {"text": ...}, or a bare JSON string). Each output line:
 {"index", "prompt", "completion", "prompt_ids", "completion_ids", "finished", "stage", "k",
 "method"}. The stage defaults to the last one of the chain; --k defaults to the stage's trained
-window (any k' <= it works); the teacher decodes as the AR baseline (inverse-CDF sampling at
-tau=1 from the same per-row uniform streams, or --greedy). Prompts are prefixed with the
+window (any k' <= it works); the teacher decodes as the AR baseline (inverse-CDF sampling from
+the same per-row uniform streams). Sampling: --temperature (0 = greedy; a PFLM stage only at the
+temperatures it was trained at, and 0 only if trained with a greedy share), and for the teacher
+and the lossless methods --top_k, --top_p, --min_p. Prompts are prefixed with the
 tokenizer's end-of-document id (the training data's document separator) unless --no_bos.
 Row i's uniforms come from (--seed, i), so a sample does not depend on --batch_size.
 
@@ -15,12 +17,13 @@ Lossless methods (the AR teacher verifies a drafter; serving/speculative.py):
   --method pflm_verified   the PFLM stage (--stage, default the last) drafts --k tokens from the
                            row's uniforms; the output is token for token the teacher's own
                            inverse-CDF decode (--stage teacher) with the same --seed
-  --method spec            the "draft" stage proposes --gamma tokens (speculative sampling at
-                           tau=1, or --greedy: the teacher's greedy decode)
+  --method spec            the "draft" stage proposes --gamma tokens (speculative sampling;
+                           --temperature 0: the teacher's greedy decode)
   --method spec_dynamic    as spec, drafting stops below --confidence
 Their records also carry "drafted" and "accepted".
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -37,7 +40,11 @@ _K = flags.DEFINE_integer("k", 0, "Tokens per step for a PFLM (0 = its trained k
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per batch (one compiled program).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the per-row uniform streams.")
-_GREEDY = flags.DEFINE_bool("greedy", False, "AR teacher: argmax instead of inverse-CDF.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "AR / lossless: sample among the k likeliest (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "AR / lossless: nucleus sampling mass (1 = off).")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "AR / lossless: drop ids below min_p x the top "
+                            "probability (0 = off).")
 _PENALTY = flags.DEFINE_float("frequency_penalty", 0.0, "Subtract penalty * count from logits.")
 _STOP = flags.DEFINE_bool("stop_at_eos", True, "Stop a row at the end-of-document token.")
 _NO_BOS = flags.DEFINE_bool("no_bos", False, "Do not prefix prompts with the eos id.")
@@ -71,20 +78,7 @@ def read_prompts(path: str) -> list[str]:
   return out
 
 
-def make_spec(trained_k: int, k: int, max_new_tokens: int, greedy: bool = False,
-              frequency_penalty: float = 0.0, eos_id: int | None = None):
-  """The DecodeSpec for a stage: AR baseline for the teacher, PFLM(k or its trained k) else."""
-  from kforcing_jax.serving import decode
-  if trained_k == 0:
-    if k > 1:
-      raise ValueError(f"--k={k}: the teacher is an AR model and decodes one token per step")
-    return decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True, greedy=greedy,
-                             frequency_penalty=frequency_penalty, eos_id=eos_id)
-  return decode.DecodeSpec(k=k or trained_k, max_new_tokens=max_new_tokens,
-                           frequency_penalty=frequency_penalty, eos_id=eos_id)
-
-
-def _verified_decoder(workdir, drafter, method, k, gamma, confidence, max_new_tokens, greedy,
+def _verified_decoder(workdir, drafter, method, k, gamma, confidence, max_new_tokens, controls,
                       frequency_penalty, eos, use_ema):
   """(decode_batch, VerifySpec, method name) of a lossless method: the teacher verifies."""
   from kforcing_jax.training import stage_io
@@ -96,28 +90,29 @@ def _verified_decoder(workdir, drafter, method, k, gamma, confidence, max_new_to
     if drafter.k == 0:
       raise ValueError(f"--method=pflm_verified drafts with a PFLM stage (k<n>), not "
                        f"{drafter.stage!r}")
-    if greedy:
-      raise ValueError("--method=pflm_verified reproduces the teacher's inverse-CDF samples; "
-                       "drop --greedy")
   elif drafter.stage != "draft":
     raise ValueError(f"--method={method} drafts with the 'draft' stage, not {drafter.stage!r}")
   teacher = stage_io.load_stage(workdir, "teacher", use_ema=use_ema, mesh=drafter.mesh,
                                 load_tokenizer=False)
   engine = methods.verified_engine(teacher, method, pflm=drafter, draft=drafter)
-  spec = methods.verify_spec(method, drafter.k, max_new_tokens, k=k, gamma=gamma, greedy=greedy,
-                             confidence=confidence, eos_id=eos)
+  spec = methods.verify_spec(method, drafter.k, max_new_tokens, k=k, gamma=gamma,
+                             controls=controls, confidence=confidence, eos_id=eos,
+                             drafter_temps=drafter.temperatures)
   engine.check(spec)
-  name = method + ("_greedy" if greedy else "")
-  return engine.generate, spec, name
+  return engine.generate, spec, method + methods.controls_label(controls)
 
 
 def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int = 0,
-        batch_size: int = 64, max_new_tokens: int = 128, seed: int = 0, greedy: bool = False,
-        frequency_penalty: float = 0.0, stop_at_eos: bool = True, bos: bool = True,
-        use_ema: bool = True, method: str = "", gamma: int = 4,
+        batch_size: int = 64, max_new_tokens: int = 128, seed: int = 0,
+        controls=None, frequency_penalty: float = 0.0, stop_at_eos: bool = True,
+        bos: bool = True, use_ema: bool = True, method: str = "", gamma: int = 4,
         confidence: float = 0.4) -> list[dict]:
-  """Generate for every prompt of `prompts_path`; writes and returns the output records."""
+  """Generate for every prompt of `prompts_path` under the sampling `controls`
+  (`sampling.Controls`, default temperature 1); writes and returns the output records."""
+  from kforcing_jax.distill import sampling
   from kforcing_jax.serving import decode, methods
+  controls = controls or sampling.Controls()
+  sampling.check_controls(*dataclasses.astuple(controls))
   from kforcing_jax.observe import metrics_log
   from kforcing_jax.training import stage_io
 
@@ -134,13 +129,13 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
     raise ValueError("an empty prompt with --no_bos has no token to condition on")
   if method:
     decode_batch, spec, method = _verified_decoder(workdir, loaded, method, k, gamma, confidence,
-                                                   max_new_tokens, greedy, frequency_penalty,
+                                                   max_new_tokens, controls, frequency_penalty,
                                                    eos, use_ema)
   else:
-    spec = make_spec(loaded.k, k, max_new_tokens, greedy, frequency_penalty, eos)
+    spec = methods.decode_spec(loaded.k, max_new_tokens, k, controls, frequency_penalty, eos)
     engine = decode.Engine.from_stage(loaded)
     engine.check(spec)
-    method = methods.name(spec) + ("_greedy" if spec.greedy else "")
+    method = methods.name(spec) + methods.controls_label(controls)
     decode_batch = lambda *a, **kw: (engine.generate(*a, **kw), None)
   k_out = methods.window(spec)
   log.info("stage %s (step %d, trained k=%d): %s decoding, k=%d, %d prompts, batch %d, "
@@ -176,8 +171,10 @@ def main(argv):
   del argv
   from kforcing_jax.observe import metrics_log
   metrics_log.configure_logging()
+  from kforcing_jax.distill import sampling
+  controls = sampling.Controls(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
   run(_WORKDIR.value, _PROMPTS.value, _OUT.value, _STAGE.value, _K.value, _BATCH.value,
-      _MAX_NEW.value, _SEED.value, _GREEDY.value, _PENALTY.value, _STOP.value,
+      _MAX_NEW.value, _SEED.value, controls, _PENALTY.value, _STOP.value,
       not _NO_BOS.value, _EMA.value, _METHOD.value, _GAMMA.value, _CONFIDENCE.value)
 
 

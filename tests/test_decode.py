@@ -53,7 +53,7 @@ def _padded(ids):
 def test_ar_loop_equals_uncached_rollout_and_rows_are_batch_independent(greedy):
   graphdef, params = _params(pflm=False)
   engine = _engine(graphdef, params, trained_k=0)
-  spec = decode.DecodeSpec(k=1, max_new_tokens=10, ar=True, greedy=greedy)
+  spec = decode.DecodeSpec(k=1, max_new_tokens=10, ar=True, tau=0.0 if greedy else 1.0)
   got = [c.tokens for c in engine.generate(PROMPTS, spec, seed=3)]
   keys = decode.row_keys(3, range(len(PROMPTS)))
   z = np.asarray(decode.uniforms(jnp.asarray(keys), 0, 10))
@@ -168,7 +168,7 @@ def test_frequency_penalty_counts_token_by_token_inside_a_block():
   bias = _bias({10: 3.0, 11: 2.5, 12: 2.2, 13: 0.9})
   want = [10, 11, 12, 10, 11, 12, 10, 13]
   for trained_k, spec in ((4, decode.DecodeSpec(k=4, max_new_tokens=8, frequency_penalty=1.0)),
-                          (0, decode.DecodeSpec(k=1, max_new_tokens=8, ar=True, greedy=True,
+                          (0, decode.DecodeSpec(k=1, max_new_tokens=8, ar=True, tau=0.0,
                                                 frequency_penalty=1.0))):
     engine = _constant_logits_engine(bias, trained_k)
     out = engine.generate(PROMPTS[:2], spec)

@@ -119,7 +119,7 @@ def test_greedy_decode_equals_transformers_generate_and_uncached_rollout(importe
   model, _, _, loaded = imported
   n = 12
   engine = decode.Engine.from_stage(loaded)
-  spec = decode.DecodeSpec(k=1, max_new_tokens=n, ar=True, greedy=True)
+  spec = decode.DecodeSpec(k=1, max_new_tokens=n, ar=True, tau=0.0)
   ours = [c.tokens for c in engine.generate(PROMPTS, spec, seed=0)]
   fwd = jax.jit(lambda p, x: model_lib.merge(loaded.graphdef, p)(x))
   for prompt, got in zip(PROMPTS, ours):
@@ -276,7 +276,7 @@ def test_smollm2_logits_and_greedy_generation_equal_transformers(smol):
     assert float(np.max(np.abs(ours - theirs))) < 2e-3, float(np.max(np.abs(ours - theirs)))
   engine = decode.Engine.from_stage(loaded)
   # Both stop after the model's EOS (<|im_end|>), as transformers' generate does by default.
-  spec = decode.DecodeSpec(k=1, max_new_tokens=32, ar=True, greedy=True, eos_id=tok.eos_id)
+  spec = decode.DecodeSpec(k=1, max_new_tokens=32, ar=True, tau=0.0, eos_id=tok.eos_id)
   ours = [c.tokens for c in engine.generate(ids, spec, seed=0)]
   for row, got in zip(ids, ours):
     with torch.no_grad():

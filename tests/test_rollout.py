@@ -186,10 +186,10 @@ def test_ar_rollout_continues_a_given_prefix_where_mixed():
 
 
 def test_own_prefix_applies_only_to_the_ar_teachers_rollout():
-  ar, _ = distill.stage_spec("k4", "teacher", "self_forcing", 1.0, own_prefix=0.5)
-  chain, _ = distill.stage_spec("k4", "k2", "self_forcing", 1.0, own_prefix=0.5)
-  rolled, _ = distill.stage_spec("k4", "k2", "ar_rollout", 1.0, own_prefix=0.5)
-  inverted, _ = distill.stage_spec("k4", "teacher", "noise_inversion", 1.0, own_prefix=0.5)
+  ar, _ = distill.stage_spec("k4", "teacher", "self_forcing", own_prefix=0.5)
+  chain, _ = distill.stage_spec("k4", "k2", "self_forcing", own_prefix=0.5)
+  rolled, _ = distill.stage_spec("k4", "k2", "ar_rollout", own_prefix=0.5)
+  inverted, _ = distill.stage_spec("k4", "teacher", "noise_inversion", own_prefix=0.5)
   assert (ar.own_prefix, chain.own_prefix, rolled.own_prefix, inverted.own_prefix) == (
       0.5, 0.0, 0.5, 0.0)
 
@@ -455,7 +455,7 @@ def test_blurred_targets_match_a_monte_carlo_over_z_and_reach_both_limits():
 
 
 def test_cdf_blur_applies_only_where_the_ar_teacher_makes_the_targets():
-  blur = lambda stage, prev, target: distill.stage_spec(stage, prev, target, 1.0,
+  blur = lambda stage, prev, target: distill.stage_spec(stage, prev, target,
                                                         cdf_blur=0.01)[0].cdf_blur
   assert blur("k1", "teacher", "self_forcing") == 0.01  # the chain's first stage
   assert blur("k4", "teacher", "self_forcing") == 0.01  # single-stage AR -> k4

@@ -103,8 +103,8 @@ def test_generate_cli_lossless_methods_reproduce_the_teacher(workdir, tmp_path):
   assert [r["completion_ids"] for r in verified] == [r["completion_ids"] for r in teacher]
   assert all(r["method"] == "pflm_verified" and r["stage"] == "k2" and r["k"] == 2 and
              0 <= r["accepted"] <= r["drafted"] for r in verified)
-  greedy = gen("arg", "--stage=teacher", "--greedy")
-  spec = gen("spec", "--method=spec", "--greedy", "--gamma=3")
+  greedy = gen("arg", "--stage=teacher", "--temperature=0")
+  spec = gen("spec", "--method=spec", "--temperature=0", "--gamma=3")
   assert [r["completion_ids"] for r in spec] == [r["completion_ids"] for r in greedy]
   assert all(r["method"] == "spec_greedy" and r["stage"] == "draft" for r in spec)
   sampled = gen("specs", "--method=spec_dynamic")

@@ -47,7 +47,8 @@ def models():
 
 
 def _ar(teacher, prompts, n, seed, greedy=False, eos=None, row_ids=None):
-  spec = decode.DecodeSpec(k=1, max_new_tokens=n, ar=True, greedy=greedy, eos_id=eos)
+  spec = decode.DecodeSpec(k=1, max_new_tokens=n, ar=True, tau=0.0 if greedy else 1.0,
+                           eos_id=eos)
   return [c.tokens for c in decode.Engine.from_stage(teacher).generate(prompts, spec, seed,
                                                                       row_ids=row_ids)]
 
@@ -87,7 +88,7 @@ def test_rows_finishing_at_different_steps_stop_at_their_eos(models):
   greedy_want = _ar(models["teacher"], PROMPTS, 14, seed=7, greedy=True, eos=eos)
   spec_engine = speculative.VerifiedEngine(models["teacher"], models["draft"])
   outs, _ = spec_engine.generate(PROMPTS, speculative.VerifySpec(
-      "spec", gamma=3, max_new_tokens=14, greedy=True, eos_id=eos), seed=7)
+      "spec", gamma=3, max_new_tokens=14, tau=0.0, eos_id=eos), seed=7)
   assert [o.tokens for o in outs] == greedy_want
 
 
@@ -95,7 +96,7 @@ def test_rows_finishing_at_different_steps_stop_at_their_eos(models):
 @pytest.mark.parametrize("method", ["spec", "spec_dynamic"])
 def test_greedy_spec_is_the_greedy_teacher_token_for_token(models, method):
   want = _ar(models["teacher"], PROMPTS, 13, seed=0, greedy=True)
-  spec = speculative.VerifySpec(method, gamma=4, max_new_tokens=13, greedy=True,
+  spec = speculative.VerifySpec(method, gamma=4, max_new_tokens=13, tau=0.0,
                                 confidence=0.3)
   outs, st = speculative.VerifiedEngine(models["teacher"], models["draft"]).generate(
       PROMPTS, spec)
@@ -198,5 +199,5 @@ def test_bad_pairings_are_rejected(models):
         speculative.VerifySpec("pflm_verified", gamma=4, max_new_tokens=4))
   with pytest.raises(ValueError, match="verifier must be the AR teacher"):
     speculative.VerifiedEngine(models["k3"], models["draft"])
-  with pytest.raises(ValueError, match="greedy"):
-    speculative.VerifySpec("pflm_verified", gamma=2, max_new_tokens=4, greedy=True)
+  with pytest.raises(ValueError, match="top_p"):
+    speculative.VerifySpec("pflm_verified", gamma=2, max_new_tokens=4, top_p=0.0)

@@ -74,7 +74,7 @@ def measure(loaded: stage_io.LoadedStage, batch_sizes, dtypes, prompt_len: int,
                                dataclasses.replace(loaded.model_cfg, dtype=dt), 0, loaded.mesh)
              for dt in dtypes}
   theirs = {dt: hf_model(loaded, dt) for dt in dtypes}
-  spec = decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True, greedy=True)
+  spec = decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True, tau=0.0)
   rows, note = [], metrics_log.Progress(len(batch_sizes), progress).step
   for b in batch_sizes:
     prompts = rng.randint(0, vocab, size=(b, prompt_len))

@@ -37,7 +37,15 @@ def base_config() -> ml_collections.ConfigDict:
   # "ar_rollout": every stage's targets come from the AR teacher's k-round inverse-CDF rollout,
   # the previous stage only initialises the student (a curriculum with no drift along the chain).
   c.distill.target = "self_forcing"
-  c.distill.tau = 1.0  # Sampling temperature (fed to the noise encoder too); the paper uses 1.
+  # Temperatures a PFLM stage is trained at, and so may decode at: each sequence draws tau
+  # uniformly from [tau_min, tau_max]; the teacher's targets are made at it and the student's
+  # noise encoder sees it (spec section 2). With greedy_share > 0, that share of sequences is
+  # trained at tau = 0 on the teacher's greedy rollout, so the stage also decodes greedily
+  # (temperature 0). The range is saved with the stage; decoding outside it is an error. The
+  # paper trains at tau = 1 only (tau_min = tau_max = 1, greedy_share = 0).
+  c.distill.tau_min = 1.0
+  c.distill.tau_max = 1.0
+  c.distill.greedy_share = 0.0
   # Soft targets from the AR teacher: the distribution of inverse_cdf(q, z') for z' uniform on
   # [z - cdf_blur, z + cdf_blur] (clipped to [0, 1]) instead of the one-hot inverse_cdf(q, z).
   # A student that cannot yet resolve z finer than that would be best off predicting exactly

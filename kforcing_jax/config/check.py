@@ -204,7 +204,12 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
   _require(dc.target != "noise_inversion" or len({base_stage(n) for n in stages} - {DRAFT}) <= 2,
            "distill.target", "noise_inversion distils the AR teacher directly: use "
            "stages='teacher,k<n>' (and its phases k<n>_<p>)")
-  _require(dc.tau > 0, "distill.tau", f"must be > 0, got {dc.tau}")
+  _require(0 < dc.tau_min <= dc.tau_max, "distill.tau_min",
+           f"need 0 < tau_min <= tau_max, got {dc.tau_min} and {dc.tau_max}")
+  _require(0.0 <= dc.greedy_share < 1.0, "distill.greedy_share",
+           f"must be in [0, 1), got {dc.greedy_share}")
+  _require(dc.greedy_share == 0.0 or dc.target != "noise_inversion", "distill.greedy_share",
+           "noise inversion targets real tokens: it has no greedy rollout")
   _require(0.0 <= dc.cdf_blur < 1.0, "distill.cdf_blur",
            f"must be in [0, 1) (0 = one-hot targets), got {dc.cdf_blur}")
   _require(0.0 <= dc.own_prefix <= 1.0, "distill.own_prefix",

@@ -16,7 +16,7 @@ from kforcing_jax.distill import sampling
 
 
 def pflm_rollout(teacher: pflm_lib.PFLM, tokens_BxN: jax.Array, z_BxNxRK: jax.Array, k: int,
-                 tau: float = 1.0) -> jax.Array:
+                 tau: float | jax.Array = 1.0) -> jax.Array:
   """A PFLM(k) teacher rolled out R = z.shape[-1] / k rounds -> argmax targets (B, N, R*k).
 
   Round r's noise tokens (slots r*k..r*k+k-1, positions t+r*k+1..) see the context (staircase),
@@ -38,12 +38,13 @@ def pflm_rollout(teacher: pflm_lib.PFLM, tokens_BxN: jax.Array, z_BxNxRK: jax.Ar
     y_BxNxK = teacher.logits(h_r).argmax(-1).astype(jnp.int32)
     return jax.lax.dynamic_update_slice_in_dim(produced_BxNxW, y_BxNxK, r * k, axis=2), None
 
+  # tau (a number or per sequence (B,)) reaches only the teacher's noise encoder.
   produced, _ = jax.lax.scan(one_round, jnp.zeros((b, n, w), jnp.int32), jnp.arange(w // k))
   return produced
 
 
 def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: jax.Array,
-               tau: float = 1.0, with_logits: bool = False,
+               tau: float | jax.Array = 1.0, with_logits: bool = False,
                blur: tuple[float, int] | None = None, prefix_BxNxR: jax.Array | None = None,
                mix_BxN: jax.Array | None = None):
   """An AR teacher as a k=1 inverse-CDF sampler, rolled out R rounds -> targets (B, N, R), and
@@ -57,17 +58,25 @@ def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: j
   Round 0 samples from the context's own logits; round r >= 1 feeds y_0..y_(r-1) back as real
   tokens at positions t+1..t+r and samples from the hidden state of y_(r-1). R = 1 gives the
   stage-1 (AR -> PFLM(1)) targets; R = k distils AR -> PFLM(k) in one stage.
+  tau: the temperature, a number or per sequence (B,); 0 = the teacher's greedy rollout (its
+  soft targets are one-hot and its logits are at temperature 1).
   """
   b, n, rounds = z_BxNxR.shape
+  greedy = None if isinstance(tau, (int, float)) else (jnp.asarray(tau) == 0)[:, None, None]
 
   def sample(logits, z):
-    y = sampling.inverse_cdf(logits, z)
+    y = sampling.sample(logits, z, tau)
+    logits = sampling.transformed_logits(logits, tau)
     if blur is not None:
-      return y, sampling.blurred_window(logits, z, y, *blur)
+      ids, w = sampling.blurred_window(logits, z, y, *blur)
+      if greedy is not None or tau == 0:
+        one_hot = (jnp.arange(w.shape[-1]) == blur[1]).astype(w.dtype)
+        w = one_hot if greedy is None else jnp.where(greedy, one_hot, w)
+      return y, (ids, w)
     return y, (logits if with_logits else None)
 
   h_ctx, ctx_kvs = teacher.context_pass(tokens_BxN)
-  logits0 = teacher.logits(h_ctx).astype(jnp.float32) / tau
+  logits0 = teacher.logits(h_ctx).astype(jnp.float32)
   y0, extra0 = sample(logits0, z_BxNxR[..., 0])
   produced = jnp.zeros((b, n, rounds), jnp.int32).at[..., 0].set(y0)
   extra = with_logits or blur is not None
@@ -84,7 +93,7 @@ def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: j
       y_prev = jnp.where(mix_BxN[..., None], given, y_prev)
     h, cache = teacher.window_pass(ctx_kvs, teacher.embed(y_prev), cache=cache, start=r - 1)
     z_r = jax.lax.dynamic_index_in_dim(z_BxNxR, r, axis=2, keepdims=False)
-    y, extra_r = sample(teacher.logits(h[:, :, 0]).astype(jnp.float32) / tau, z_r)
+    y, extra_r = sample(teacher.logits(h[:, :, 0]).astype(jnp.float32), z_r)
     produced_BxNxR = jax.lax.dynamic_update_index_in_dim(produced_BxNxR, y, r, axis=2)
     return (produced_BxNxR, cache), extra_r
 

@@ -9,6 +9,7 @@ prefix sums), ~2.5x faster than a V-long double-float scan at V = 8192. Every op
 or along the vocabulary axis of one row, so a row's result never depends on the batch it is in.
 """
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -168,3 +169,154 @@ def blurred_window(logits_xV: jax.Array, z_x: jax.Array, ids_x: jax.Array, sigma
   total = w.sum(-1, keepdims=True)
   one_hot = (jnp.arange(2 * radius + 1) == radius).astype(jnp.float32)
   return win, jnp.where(total > 0, w / jnp.maximum(total, 1e-30), one_hot)
+
+
+# ---- sampling controls: temperature (0 = greedy), top-k, top-p, min-p ----
+#
+# Applied in this order (as Hugging Face's and vLLM's samplers do), to the logits before the
+# inverse-CDF, so the same uniform z gives the same token whatever path computes it (the AR
+# decode, the lossless methods' teacher, the distillation targets). Each setting is a Python
+# number (one compiled program per setting: offline decoding, training) or a per-row array
+# (the server: one program for every request's settings); a Python number that switches a
+# filter off removes it from the program.
+
+
+def _is_const(x, value) -> bool:
+  return isinstance(x, (int, float)) and x == value
+
+
+def _per_row(x, ndim: int) -> jax.Array:
+  """A scalar or per-row setting shaped to broadcast against (..., V) logits of `ndim` axes
+  (a per-row array aligns with the leading axes)."""
+  x = jnp.asarray(x)
+  return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def filter_logits(logits_xV: jax.Array, top_k=0, top_p=1.0, min_p=0.0) -> jax.Array:
+  """The logits with every id outside the kept set at -inf (float32).
+
+  top_k >= 1: the ids whose logit is at least the k-th largest; top_p < 1: the smallest set of
+  most probable ids whose probability reaches top_p; min_p > 0: the ids with probability at
+  least min_p times the largest. Ties at a threshold are all kept, so the rule depends on the
+  distribution only, never on id order. Settings broadcast against the leading axes; 0 / 1 / 0
+  switch each filter off.
+  """
+  logits = logits_xV.astype(jnp.float32)
+  off = [isinstance(top_k, int) and top_k <= 0, _is_const(top_p, 1.0), _is_const(min_p, 0.0)]
+  if all(off):
+    return logits
+  v = logits.shape[-1]
+  expand = lambda x: _per_row(x, logits.ndim)
+  mx = logits.max(-1, keepdims=True)
+
+  def apply(lg):
+    keep = jnp.ones(lg.shape, bool)
+    if not off[0] or not off[1]:
+      srt = -jnp.sort(-lg, axis=-1)  # descending
+      if not off[0]:
+        k = jnp.asarray(top_k, jnp.int32)
+        kth = jnp.take_along_axis(srt, expand(jnp.clip(k - 1, 0, v - 1)), axis=-1)
+        keep &= (lg >= kth) | (expand(k) <= 0)  # top_k <= 0: off (vLLM's -1)
+      if not off[1]:
+        p = jnp.exp(srt - mx)
+        cum = jnp.cumsum(p, axis=-1) / p.sum(-1, keepdims=True)
+        # The first sorted id where the mass reaches top_p is the last one kept.
+        last = jnp.argmax(cum >= expand(jnp.asarray(top_p, jnp.float32)), axis=-1)
+        thr = jnp.take_along_axis(srt, last[..., None], axis=-1)
+        keep &= (lg >= thr) | (expand(jnp.asarray(top_p)) >= 1.0)
+    if not off[2]:
+      keep &= lg >= mx + jnp.log(expand(jnp.asarray(min_p, jnp.float32)))
+    return jnp.where(keep, lg, -jnp.inf)
+
+  if any(isinstance(x, (int, float)) for x, o in zip((top_k, top_p, min_p), off) if not o):
+    return apply(logits)
+  # Per-row arrays: skip the sort unless some row asks for a filter.
+  active = jnp.any(jnp.asarray(top_k) > 0) | jnp.any(jnp.asarray(top_p) < 1.0) | jnp.any(
+      jnp.asarray(min_p) > 0.0)
+  return jax.lax.cond(active, apply, lambda lg: lg, logits)
+
+
+def _temperature_of(logits, temperature):
+  """(logits / temperature with 0 taken as 1, greedy mask or None)."""
+  if isinstance(temperature, (int, float)):
+    return (logits if temperature in (0, 1) else logits / temperature), None
+  t = _per_row(jnp.asarray(temperature, jnp.float32), logits.ndim)
+  greedy = t == 0
+  return logits / jnp.where(greedy, 1.0, t), greedy[..., 0]
+
+
+def transformed_logits(logits_xV: jax.Array, temperature=1.0, top_k=0, top_p=1.0,
+                       min_p=0.0) -> jax.Array:
+  """The logits of the distribution the controls sample from (float32; filtered ids at -inf);
+  temperature 0 rows come back at temperature 1 (their token is the argmax)."""
+  scaled, _ = _temperature_of(logits_xV.astype(jnp.float32), temperature)
+  return filter_logits(scaled, top_k, top_p, min_p)
+
+
+def sample(logits_xV: jax.Array, z_x: jax.Array, temperature=1.0, top_k=0, top_p=1.0,
+           min_p=0.0) -> jax.Array:
+  """Token ids (int32, shape of z): the argmax where temperature is 0, else the inverse-CDF at
+  z of the transformed distribution."""
+  if _is_const(temperature, 0):
+    return jnp.argmax(logits_xV, axis=-1).astype(jnp.int32)
+  logits = logits_xV.astype(jnp.float32)
+  scaled, greedy = _temperature_of(logits, temperature)
+  y = inverse_cdf(filter_logits(scaled, top_k, top_p, min_p), z_x)
+  if greedy is None:
+    return y
+  return jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), y)
+
+
+def probabilities(logits_xV: jax.Array, temperature=1.0, top_k=0, top_p=1.0,
+                  min_p=0.0) -> jax.Array:
+  """The distribution `sample` draws from (float32): one-hot on the argmax where temperature
+  is 0 (speculative sampling accepts and corrects against it)."""
+  p = jax.nn.softmax(transformed_logits(logits_xV, temperature, top_k, top_p, min_p), axis=-1)
+  if _is_const(temperature, 1) or isinstance(temperature, (int, float)) and temperature != 0:
+    return p
+  one_hot = jax.nn.one_hot(jnp.argmax(logits_xV, axis=-1), logits_xV.shape[-1],
+                           dtype=jnp.float32)
+  if _is_const(temperature, 0):
+    return one_hot
+  return jnp.where(_per_row(jnp.asarray(temperature) == 0, p.ndim), one_hot, p)
+
+
+@flax.struct.dataclass
+class Controls:
+  """Sampling controls: Python numbers (static: hashable, one program per setting) or per-row
+  arrays (B,) (traced: one program for any mix of settings). temperature 0 = greedy."""
+  temperature: float | jax.Array = 1.0
+  top_k: int | jax.Array = 0
+  top_p: float | jax.Array = 1.0
+  min_p: float | jax.Array = 0.0
+
+  @classmethod
+  def rows(cls, b: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> "Controls":
+    """Per-row arrays of `b` rows, every row at the given (scalar or (b,)) settings."""
+    full = lambda x, dt: jnp.broadcast_to(jnp.asarray(x, dt), (b,))
+    return cls(full(temperature, jnp.float32), full(top_k, jnp.int32), full(top_p, jnp.float32),
+               full(min_p, jnp.float32))
+
+  def _args(self):
+    return self.temperature, self.top_k, self.top_p, self.min_p
+
+  def sample(self, logits_xV: jax.Array, z_x: jax.Array) -> jax.Array:
+    return sample(logits_xV, z_x, *self._args())
+
+  def transformed(self, logits_xV: jax.Array) -> jax.Array:
+    return transformed_logits(logits_xV, *self._args())
+
+  def probabilities(self, logits_xV: jax.Array) -> jax.Array:
+    return probabilities(logits_xV, *self._args())
+
+
+def check_controls(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> None:
+  """Raise ValueError naming the first setting out of range."""
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+  if int(top_k) != top_k or top_k < -1:
+    raise ValueError(f"top_k must be an integer >= 0 (0 or -1: off), got {top_k}")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if not 0 <= min_p <= 1:
+    raise ValueError(f"min_p must be in [0, 1], got {min_p}")

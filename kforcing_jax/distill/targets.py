@@ -28,19 +28,21 @@ class StageSpec:
   student_k: int
   teacher_k: int  # 0 = the AR teacher
   target: str = "self_forcing"  # or "noise_inversion" (see stage_spec for "ar_rollout")
-  tau: float = 1.0
+  tau_min: float = 1.0  # config.distill.tau_min / tau_max / greedy_share
+  tau_max: float = 1.0
+  greedy_share: float = 0.0
   cdf_blur: float = 0.0  # config.distill.cdf_blur
   own_prefix: float = 0.0  # config.distill.own_prefix
 
 
-def stage_spec(stage: str, prev: str, target: str, tau: float, cdf_blur: float = 0.0,
-               own_prefix: float = 0.0) -> tuple[StageSpec, str]:
+def stage_spec(stage: str, prev: str, target: str, tau: tuple[float, float, float] = (1., 1., 0.),
+               cdf_blur: float = 0.0, own_prefix: float = 0.0) -> tuple[StageSpec, str]:
   """(spec, the stage whose frozen weights make the targets) of distillation stage `stage`.
 
   self_forcing: the previous stage makes the targets (the paper's chain); ar_rollout: the AR
   teacher makes them by k-round inverse-CDF rollout whatever the previous stage is, which then
   only initialises the student (a curriculum without drift along the chain); noise_inversion:
-  real tokens, z from the AR teacher's CDF.
+  real tokens, z from the AR teacher's CDF. tau: (tau_min, tau_max, greedy_share).
   """
   from kforcing_jax.config import check as config_check
 
@@ -50,25 +52,38 @@ def stage_spec(stage: str, prev: str, target: str, tau: float, cdf_blur: float =
   # noise inversion's real tokens keep one-hot targets.
   ar_targets = teacher_k == 0 and target != "noise_inversion"
   spec = StageSpec(student_k=k, teacher_k=teacher_k,
-                   target="self_forcing" if target == "ar_rollout" else target, tau=tau,
+                   target="self_forcing" if target == "ar_rollout" else target,
+                   tau_min=tau[0], tau_max=tau[1], greedy_share=tau[2],
                    cdf_blur=cdf_blur if ar_targets else 0.0,
                    own_prefix=own_prefix if ar_targets else 0.0)
   return spec, config_check.TEACHER if target == "ar_rollout" else prev
 
 
+def sequence_tau(spec: StageSpec, key: jax.Array, b: int) -> float | jax.Array:
+  """Each sequence's temperature: uniform on [tau_min, tau_max], or 0 (the greedy rollout) with
+  probability greedy_share; a plain number when the stage trains at one temperature (so a
+  one-temperature stage compiles exactly as before the ranges existed)."""
+  if spec.tau_min == spec.tau_max and spec.greedy_share == 0:
+    return spec.tau_min
+  ku, kg = jax.random.split(key)
+  tau = jax.random.uniform(ku, (b,), jnp.float32, spec.tau_min, spec.tau_max)
+  return jnp.where(jax.random.uniform(kg, (b,)) < spec.greedy_share, 0.0, tau)
+
+
 def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.Array,
                  u_BxNxK: jax.Array, own_BxNxK: jax.Array | None = None,
-                 mix_BxN: jax.Array | None = None):
+                 mix_BxN: jax.Array | None = None, tau: float | jax.Array = 1.0):
   """(targets (B, N, k), weights (B, N, k), z the student sees (B, N, k), soft targets or None):
   soft targets, (ids, weights) on the BLUR_RADIUS ids either side of each target, only with
   spec.cdf_blur > 0 (an AR teacher's rollout). own_BxNxK / mix_BxN: the AR teacher's rollout
-  continues from own_BxNxK in the windows where mix_BxN (spec.own_prefix)."""
+  continues from own_BxNxK in the windows where mix_BxN (spec.own_prefix). tau: the
+  temperature, a number or per sequence (`sequence_tau`)."""
   b, n, k = z_BxNxK.shape
   ones = jnp.ones((b, n, k), jnp.float32)
   if spec.target == "noise_inversion":
     # Window (t, j) targets the real token x_(t+1+j); its z lies in that token's CDF bin under
     # q(. | x_<=t+j). Offsets running past the sequence end have no target (weight 0).
-    logits_BxNxV = teacher(tokens_BxN) / spec.tau
+    logits_BxNxV = sampling.transformed_logits(teacher(tokens_BxN), tau)
     idx_NxK = jnp.arange(n)[:, None] + jnp.arange(k)[None, :]  # position of the predicting state
     valid_NxK = idx_NxK + 1 < n
     idx_NxK = jnp.minimum(idx_NxK, n - 2)
@@ -78,12 +93,12 @@ def make_targets(spec: StageSpec, teacher, tokens_BxN: jax.Array, z_BxNxK: jax.A
   if spec.teacher_k == 0:
     prefix = dict(prefix_BxNxR=own_BxNxK, mix_BxN=mix_BxN)
     if spec.cdf_blur > 0:
-      targets, soft = rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, spec.tau,
+      targets, soft = rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, tau,
                                          blur=(spec.cdf_blur, BLUR_RADIUS), **prefix)
       return targets, ones, z_BxNxK, soft
-    return (rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, spec.tau, **prefix), ones, z_BxNxK,
+    return (rollout.ar_rollout(teacher, tokens_BxN, z_BxNxK, tau, **prefix), ones, z_BxNxK,
             None)
-  targets = rollout.pflm_rollout(teacher, tokens_BxN, z_BxNxK, spec.teacher_k, spec.tau)
+  targets = rollout.pflm_rollout(teacher, tokens_BxN, z_BxNxK, spec.teacher_k, tau)
   return targets, ones, z_BxNxK, None
 
 
@@ -138,21 +153,22 @@ def make_loss_fn(spec: StageSpec, student_graphdef, teacher_graphdef):
     kz, ku = jax.random.split(key)
     z = jax.random.uniform(kz, (b, n, spec.student_k), jnp.float32)
     u = jax.random.uniform(ku, (b, n, spec.student_k), jnp.float32)
+    tau = sequence_tau(spec, jax.random.fold_in(key, 2), b)
     teacher = model_lib.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
     student = model_lib.merge(student_graphdef, params)
     if spec.own_prefix > 0:
       # The student's own decisions on this z as the prefix: the argmax of the same forward
       # the loss differentiates (targets carry no gradient), so no second student pass. (z is
       # unchanged: own_prefix excludes noise inversion, the one target that moves z.)
-      logits = student.noise_logits(tokens_BxN, z, spec.tau)
+      logits = student.noise_logits(tokens_BxN, z, tau)
       own = jax.lax.stop_gradient(logits.argmax(-1).astype(jnp.int32))
       mix = jax.random.uniform(jax.random.fold_in(key, 1), (b, n)) < spec.own_prefix
       targets, weights, _, soft = jax.lax.stop_gradient(
-          make_targets(spec, teacher, tokens_BxN, z, u, own, mix))
+          make_targets(spec, teacher, tokens_BxN, z, u, own, mix, tau))
     else:
       targets, weights, z, soft = jax.lax.stop_gradient(
-          make_targets(spec, teacher, tokens_BxN, z, u))
-      logits = student.noise_logits(tokens_BxN, z, spec.tau)
+          make_targets(spec, teacher, tokens_BxN, z, u, tau=tau))
+      logits = student.noise_logits(tokens_BxN, z, tau)
     scores = logit_scores(logits, targets, soft)
     return summarize_windows(*scores[:2], weights, *scores[2:])
 

@@ -61,10 +61,13 @@ class NoiseEncoder(nnx.Module):
     self.mlp_out_bias = layers._param(zeros, rngs.params(), (d,), ("norm",))
 
   def __call__(self, z: jax.Array, tau: float | jax.Array = 1.0) -> jax.Array:
-    """z (...) in [0, 1) -> embeddings (..., d) in float32."""
+    """z (...) in [0, 1) -> embeddings (..., d) in float32; tau a number or an array aligned
+    with z's leading axes (e.g. one temperature per sequence, (B,))."""
     # Only z's features take max_freq: tau is a setting, not a draw that needs resolving.
     fz = sinusoidal_features(z, self.d, self.max_freq)
-    ft = jnp.broadcast_to(sinusoidal_features(jnp.asarray(tau, jnp.float32), self.d), fz.shape)
+    tau = jnp.asarray(tau, jnp.float32)
+    tau = tau.reshape(tau.shape + (1,) * (jnp.ndim(z) - tau.ndim))
+    ft = jnp.broadcast_to(sinusoidal_features(tau, self.d), fz.shape)
     h = jnp.concatenate([fz, ft], axis=-1) @ self.combined_proj[...] + self.combined_proj_bias[...]
     mean = h.mean(-1, keepdims=True)
     var = jnp.square(h - mean).mean(-1, keepdims=True)

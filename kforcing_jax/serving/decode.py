@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from kforcing_jax.distill import sampling
 from kforcing_jax.parallel import sharding
 from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.training import stage_io
 
 KEY_IMPL = "threefry2x32"
 STREAM_BASE = 1 << 30  # fold_in tag of stream s > 0; token indices stay below it
@@ -48,8 +49,14 @@ class DecodeSpec:
   k: int  # tokens per step: the PFLM window k' (<= the trained k); 1 for the AR baseline
   max_new_tokens: int
   ar: bool = False  # the AR baseline: one position per step, no noise encoder
-  greedy: bool = False  # AR only: argmax instead of inverse-CDF sampling
-  tau: float = 1.0  # AR: logits / tau; PFLM: fed to the noise encoder
+  # Temperature. AR: logits / tau, 0 = greedy (argmax); PFLM: fed to the noise encoder (0: the
+  # greedy mode of a stage trained with distill.greedy_share), argmax always.
+  tau: float = 1.0
+  # AR only (sampling.filter_logits): a PFLM's samples are fixed by its noise, so filters other
+  # than the temperature would need a student trained on them.
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
   frequency_penalty: float = 0.0
   eos_id: int | None = None  # None: always max_new_tokens (benchmarks)
   fill_id: int = 0  # written after a row's EOS
@@ -59,8 +66,21 @@ class DecodeSpec:
       raise ValueError(f"DecodeSpec.k must be >= 1 (and 1 for ar=True), got k={self.k}")
     if self.max_new_tokens < 1:
       raise ValueError(f"DecodeSpec.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if self.greedy and not self.ar:
-      raise ValueError("DecodeSpec.greedy is an AR option; a PFLM always takes the argmax")
+    sampling.check_controls(self.tau, self.top_k, self.top_p, self.min_p)
+    if not self.ar:
+      for name, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)):
+        if getattr(self, name) != off and not (name == "top_k" and self.top_k == -1):
+          raise ValueError(f"DecodeSpec.{name} is an AR option: a PFLM samples through its "
+                           "noise at its trained temperatures only")
+
+  @property
+  def greedy(self) -> bool:
+    return self.tau == 0
+
+  @property
+  def controls(self) -> sampling.Controls:
+    """The AR sampling controls (static)."""
+    return sampling.Controls(self.tau, self.top_k, self.top_p, self.min_p)
 
   @property
   def n_blocks(self) -> int:
@@ -120,19 +140,23 @@ def uniforms(keys_Bx2: jax.Array, first: jax.Array | int, n: int, stream: int = 
   return jax.vmap(row)(keys_Bx2, idx_BxN)
 
 
-def noise(m, keys_Bx2, first, k: int, tau: float) -> jax.Array:
-  """Noise embeddings (B, k, D) of the k uniforms from token index `first` (() or per row)."""
-  z_BxK = uniforms(keys_Bx2, first, k)
-  return m.noise_encoder(z_BxK, tau).astype(model_lib.RESIDUAL_DTYPE)
+def noise(m, keys_Bx2, first, k: int, tau) -> jax.Array:
+  """Noise embeddings (B, k, D) of the k uniforms from token index `first` (() or per row), at
+  temperature tau (a number, or per row (B,))."""
+  return m.noise_encoder(uniforms(keys_Bx2, first, k), tau).astype(model_lib.RESIDUAL_DTYPE)
 
 
 def choose(spec: DecodeSpec, logits_BxKxV, keys_Bx2, first, done_B, length_B, counts_BxV,
-           penalty_B: jax.Array | None = None):
+           penalty_B: jax.Array | None = None, controls: sampling.Controls | None = None):
   """The k tokens of a block, one at a time (the penalty sees earlier tokens of the block).
   `first`: () or per-row (B,) index of the block's first token in the rows' streams.
-  `penalty_B`: per-row frequency penalties (the serving engine) instead of the spec's."""
+  `penalty_B` / `controls`: per-row frequency penalties / sampling controls (the serving
+  engine) instead of the spec's. A PFLM takes the argmax; the AR baseline samples."""
   b = logits_BxKxV.shape[0]
-  z_BxK = uniforms(keys_Bx2, first, spec.k) if spec.ar and not spec.greedy else None
+  if spec.ar:
+    static = controls is None
+    controls = spec.controls if static else controls
+    z_BxK = None if static and spec.greedy else uniforms(keys_Bx2, first, spec.k)
   alive, rows, ys = ~done_B, jnp.arange(b), []
   penalize = penalty_B is not None or spec.frequency_penalty
   for j in range(spec.k):
@@ -141,8 +165,8 @@ def choose(spec: DecodeSpec, logits_BxKxV, keys_Bx2, first, done_B, length_B, co
       logits_BxV = logits_BxV - penalty_B[:, None] * counts_BxV.astype(jnp.float32)
     elif spec.frequency_penalty:
       logits_BxV = logits_BxV - spec.frequency_penalty * counts_BxV.astype(jnp.float32)
-    if z_BxK is not None:
-      y_B = sampling.inverse_cdf(logits_BxV / spec.tau, z_BxK[:, j])
+    if spec.ar:
+      y_B = controls.sample(logits_BxV, None if z_BxK is None else z_BxK[:, j])
     else:
       y_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     y_B = jnp.where(alive, y_B, spec.fill_id)
@@ -156,14 +180,16 @@ def choose(spec: DecodeSpec, logits_BxKxV, keys_Bx2, first, done_B, length_B, co
 
 
 def block_logits(m: model_lib.Transformer, spec: DecodeSpec, tokens_BxW: jax.Array, keys_Bx2,
-                 first, cache_k, cache_v, start, pad_B, fresh: bool = False):
+                 first, cache_k, cache_v, start, pad_B, fresh: bool = False, tau_B=None):
   """One decode pass: [tokens ; k noise from stream index `first`] (a PFLM) or the tokens (AR)
-  through the KV cache at `start`; `first` and `start` are () or per row. Returns (logits of the
-  block's k outputs (B, k, V), cache_k, cache_v). Offline decoding and the serving engine both
-  run every prefill and step through here."""
+  through the KV cache at `start`; `first` and `start` are () or per row; tau_B: per-row noise
+  temperatures instead of spec.tau. Returns (logits of the block's k outputs (B, k, V),
+  cache_k, cache_v). Offline decoding and the serving engine both run every prefill and step
+  through here."""
   x = m.embed(tokens_BxW)
   if not spec.ar:
-    x = jnp.concatenate([x, noise(m, keys_Bx2, first, spec.k, spec.tau)], axis=1)
+    tau = spec.tau if tau_B is None else tau_B
+    x = jnp.concatenate([x, noise(m, keys_Bx2, first, spec.k, tau)], axis=1)
   h, cache_k, cache_v = m.forward_cached(x, cache_k, cache_v, start, pad_B, n_out=spec.k,
                                         fresh=fresh)
   return m.logits(h), cache_k, cache_v
@@ -293,8 +319,9 @@ class Engine:
   """
 
   def __init__(self, graphdef, params: dict, model_cfg: model_lib.ModelConfig, trained_k: int,
-               mesh: Mesh | None = None):
+               mesh: Mesh | None = None, temperatures: stage_io.Temperatures | None = None):
     self.graphdef, self.params, self.cfg, self.trained_k = graphdef, params, model_cfg, trained_k
+    self.temperatures = temperatures or stage_io.Temperatures.from_meta({}, trained_k)
     self.mesh = mesh if mesh is not None else jax.tree.leaves(params)[0].sharding.mesh
     model_axis = self.mesh.shape[sharding.MODEL]
     if model_cfg.n_heads % model_axis:
@@ -307,13 +334,16 @@ class Engine:
   @classmethod
   def from_stage(cls, loaded) -> "Engine":
     """From a `stage_io.LoadedStage`."""
-    return cls(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.k, loaded.mesh)
+    return cls(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.k, loaded.mesh,
+               loaded.temperatures)
 
   def check(self, spec: DecodeSpec) -> None:
     if self.trained_k == 0 and not spec.ar:
       raise ValueError("this is an AR checkpoint (stage 'teacher'): decode it with ar=True")
     if not spec.ar and spec.k > self.trained_k:
       raise ValueError(f"k={spec.k} exceeds the checkpoint's trained window k={self.trained_k}")
+    if not spec.ar:
+      self.temperatures.check(spec.tau, f"this k={self.trained_k} stage")
 
   def padded_batch(self, n: int) -> int:
     return -(-n // self.data_size) * self.data_size

@@ -10,7 +10,8 @@ benchmark, evaluate and serve.
 """
 
 from kforcing_jax.config import check as config_check
-from kforcing_jax.serving import speculative
+from kforcing_jax.distill import sampling
+from kforcing_jax.serving import decode, speculative
 from kforcing_jax.training import stage_io
 
 LOSSLESS = speculative.METHODS
@@ -55,14 +56,57 @@ def verified_engine(teacher, method: str, pflm=None, draft=None) -> speculative.
 
 
 def verify_spec(method: str, drafter_k: int, max_new_tokens: int, k: int = 0, gamma: int = 4,
-                greedy: bool = False, confidence: float = 0.4,
-                eos_id: int | None = None) -> speculative.VerifySpec:
+                controls: sampling.Controls = sampling.Controls(), confidence: float = 0.4,
+                eos_id: int | None = None,
+                drafter_temps: stage_io.Temperatures | None = None) -> speculative.VerifySpec:
   """pflm_verified drafts k tokens per teacher pass (0: the drafter's trained window
-  `drafter_k`); spec and spec_dynamic draft `gamma`."""
+  `drafter_k`) at the trained temperature nearest the teacher's (`drafter_temps`); spec and
+  spec_dynamic draft `gamma`. The output follows the teacher under `controls`."""
+  draft_tau = None
   if DRAFTER.get(method) == "pflm":
     gamma = k or drafter_k
+    draft_tau = nearest_temperature(drafter_temps or stage_io.Temperatures(), controls.temperature)
   return speculative.VerifySpec(method, gamma=gamma, max_new_tokens=max_new_tokens,
-                                greedy=greedy, confidence=confidence, eos_id=eos_id)
+                                tau=controls.temperature, top_k=controls.top_k,
+                                top_p=controls.top_p, min_p=controls.min_p,
+                                draft_tau=draft_tau, confidence=confidence, eos_id=eos_id)
+
+
+def nearest_temperature(temps: stage_io.Temperatures, tau: float) -> float:
+  """The temperature a PFLM drafts best at for a teacher sampling at tau: tau itself when the
+  stage was trained at it, else the nearest trained one (drafts stay lossless either way)."""
+  if temps.allows(tau):
+    return tau
+  return min(max(tau, temps.lo), temps.hi)
+
+
+def decode_spec(stage_k: int, max_new_tokens: int, k: int = 0,
+                controls: sampling.Controls = sampling.Controls(), frequency_penalty: float = 0.0,
+                eos_id: int | None = None):
+  """The DecodeSpec of a stage's own decoding: the AR baseline for the teacher (any controls),
+  a PFLM(k, default its trained k) else (temperature only: filters are refused by the spec)."""
+  if stage_k == 0:
+    if k > 1:
+      raise ValueError(f"k={k}: the teacher is an AR model and decodes one token per step")
+    return decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True,
+                             tau=controls.temperature, top_k=controls.top_k,
+                             top_p=controls.top_p, min_p=controls.min_p,
+                             frequency_penalty=frequency_penalty, eos_id=eos_id)
+  return decode.DecodeSpec(k=k or stage_k, max_new_tokens=max_new_tokens,
+                           tau=controls.temperature, top_k=controls.top_k, top_p=controls.top_p,
+                           min_p=controls.min_p, frequency_penalty=frequency_penalty,
+                           eos_id=eos_id)
+
+
+def controls_label(controls: sampling.Controls) -> str:
+  """'' at the defaults, else e.g. '_t0.8_p0.9' / '_greedy': a suffix for method names."""
+  if controls.temperature == 0:
+    return "_greedy"
+  parts = [f"t{controls.temperature:g}"] if controls.temperature != 1 else []
+  parts += [f"k{controls.top_k}"] if controls.top_k > 0 else []
+  parts += [f"p{controls.top_p:g}"] if controls.top_p < 1 else []
+  parts += [f"minp{controls.min_p:g}"] if controls.min_p > 0 else []
+  return "".join("_" + p for p in parts)
 
 
 def name(spec) -> str:

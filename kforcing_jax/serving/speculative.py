@@ -54,8 +54,15 @@ class VerifySpec:
   method: str  # one of METHODS
   gamma: int  # tokens drafted per teacher pass (pflm_verified: the PFLM's k' <= trained k)
   max_new_tokens: int
-  greedy: bool = False  # spec/spec_dynamic: argmax acceptance (pflm_verified is inverse-CDF)
+  # The teacher's sampling controls (sampling.Controls; tau 0 = greedy: argmax acceptance). The
+  # output is exactly the AR teacher's decode under them.
   tau: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+  # pflm_verified: the temperature fed to the drafting PFLM's noise encoder (any value keeps the
+  # output lossless; one inside the stage's trained range drafts best). None: tau.
+  draft_tau: float | None = None
   confidence: float = 0.4  # spec_dynamic: stop drafting below this draft probability
   eos_id: int | None = None
   fill_id: int = 0
@@ -67,11 +74,17 @@ class VerifySpec:
       raise ValueError(f"VerifySpec.gamma must be >= 1, got {self.gamma}")
     if self.max_new_tokens < 1:
       raise ValueError(f"VerifySpec.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if self.greedy and self.method == "pflm_verified":
-      raise ValueError("pflm_verified reproduces the teacher's inverse-CDF samples; greedy is a "
-                       "spec/spec_dynamic option")
+    sampling.check_controls(self.tau, self.top_k, self.top_p, self.min_p)
     if not 0.0 <= self.confidence <= 1.0:
       raise ValueError(f"VerifySpec.confidence must be in [0, 1], got {self.confidence}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.tau == 0
+
+  @property
+  def controls(self) -> sampling.Controls:
+    return sampling.Controls(self.tau, self.top_k, self.top_p, self.min_p)
 
   def seq_len(self, prompt_len: int) -> int:
     """Slots of `seq` and of both caches: room for a full step past max_new_tokens."""
@@ -134,7 +147,8 @@ def _draft_pflm(m, spec: VerifySpec, s: VerifyState, plen: int):
   k = spec.gamma
   c_B = plen + s.n_B - s.d_len_B  # real tokens to feed, in [1, k + 1]
   toks_BxK1 = _gather(s.seq_BxS, s.d_len_B, k + 1)
-  noise_BxKxD = decode.noise(m, s.keys_Bx2, s.n_B, k, spec.tau)
+  noise_BxKxD = decode.noise(m, s.keys_Bx2, s.n_B, k,
+                             spec.tau if spec.draft_tau is None else spec.draft_tau)
   w = jnp.arange(2 * k + 1)
   tok_x = m.embed(jnp.concatenate([toks_BxK1, jnp.zeros_like(toks_BxK1[:, :k])], 1))
   j_BxW = jnp.clip(w[None, :] - c_B[:, None], 0, k - 1)
@@ -161,12 +175,9 @@ def _draft_ar(m, spec: VerifySpec, s: VerifyState, plen: int):
   v = m.cfg.vocab_size
 
   def pick(logits_BxV, i):
-    logits_BxV = logits_BxV / (1.0 if spec.greedy else spec.tau)
-    if spec.greedy:
-      y = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    else:
-      y = sampling.inverse_cdf(logits_BxV, z_BxG[:, i])
-    probs = jax.nn.softmax(logits_BxV, axis=-1)
+    # The draft samples under the teacher's controls: the closer q is to p, the more accepted.
+    y = spec.controls.sample(logits_BxV, z_BxG[:, i])
+    probs = jax.nn.softmax(spec.controls.transformed(logits_BxV), axis=-1)
     return y, probs
 
   y0, q0 = pick(m.logits(h)[:, 0], 0)
@@ -213,15 +224,13 @@ def _verify(teacher, spec: VerifySpec, s: VerifyState, plen: int, drafts_BxG, q_
   logits_BxG1xV = teacher.logits(h)
   valid_BxG = jnp.arange(g)[None, :] < gamma_B[:, None]
   if spec.method == "pflm_verified" or spec.greedy:
-    if spec.greedy:
-      t_BxG1 = jnp.argmax(logits_BxG1xV, axis=-1).astype(jnp.int32)
-    else:
-      z = decode.uniforms(s.keys_Bx2, s.n_B, g + 1)
-      t_BxG1 = sampling.inverse_cdf(logits_BxG1xV / spec.tau, z)
+    # The teacher's own tokens (its argmax, or its inverse-CDF samples under the row's uniforms).
+    z = None if spec.greedy else decode.uniforms(s.keys_Bx2, s.n_B, g + 1)
+    t_BxG1 = spec.controls.sample(logits_BxG1xV, z)
     a_B = _leading((drafts_BxG == t_BxG1[:, :g]) & valid_BxG)
     return t_BxG1, a_B, (ck, cv)
-  # Speculative sampling.
-  p_BxG1xV = jax.nn.softmax(logits_BxG1xV / spec.tau, axis=-1)
+  # Speculative sampling against the transformed teacher distribution.
+  p_BxG1xV = spec.controls.probabilities(logits_BxG1xV)
   p_d = jnp.take_along_axis(p_BxG1xV[:, :g], drafts_BxG[..., None], axis=-1)[..., 0]
   q_d = jnp.take_along_axis(q_BxGxV, drafts_BxG[..., None], axis=-1)[..., 0]
   r_BxG = decode.uniforms(s.keys_Bx2, s.n_B, g, stream=ACCEPT_STREAM)

@@ -27,6 +27,44 @@ from kforcing_jax.data import tokenizer as tokenizer_lib
 TOKENIZER_FILE = "tokenizer.json"
 
 
+@dataclasses.dataclass(frozen=True)
+class Temperatures:
+  """The temperatures a stage decodes at. A PFLM samples through its noise encoder, so only at
+  those it was trained at: [lo, hi] (config distill.tau_min / tau_max), and 0 (greedy) when it
+  trained with distill.greedy_share > 0. The AR teacher samples at any (ar=True)."""
+  lo: float = 1.0
+  hi: float = 1.0
+  greedy: bool = False
+  ar: bool = False
+
+  @classmethod
+  def from_meta(cls, meta: dict, k: int) -> "Temperatures":
+    if k == 0:
+      return cls(0.0, float("inf"), True, ar=True)
+    d = (meta.get("config") or {}).get("distill") or {}
+    if "tau_min" in d:
+      return cls(float(d["tau_min"]), float(d["tau_max"]), float(d["greedy_share"]) > 0)
+    tau = float(d.get("tau", 1.0))  # one temperature: stages trained before ranges, converted
+    return cls(tau, tau)
+
+  def __str__(self) -> str:
+    if self.ar:
+      return "any temperature >= 0"
+    span = f"{self.lo:g}" if self.lo == self.hi else f"{self.lo:g}..{self.hi:g}"
+    return span + (" or 0 (greedy)" if self.greedy else "")
+
+  def allows(self, tau: float) -> bool:
+    if self.ar:
+      return tau >= 0
+    return (tau == 0 and self.greedy) or self.lo - 1e-6 <= tau <= self.hi + 1e-6
+
+  def check(self, tau: float, stage: str = "this stage") -> None:
+    """Raise ValueError naming the trained range when tau is outside it."""
+    if not self.allows(tau):
+      raise ValueError(f"temperature {tau:g} is outside the temperatures {stage} was trained "
+                       f"at: {self}")
+
+
 @dataclasses.dataclass
 class LoadedStage:
   """A stage's weights, sharded on `mesh`, with what is needed to run them."""
@@ -42,6 +80,10 @@ class LoadedStage:
 
   def model(self) -> model_lib.Transformer:
     return model_lib.merge(self.graphdef, self.params)
+
+  @property
+  def temperatures(self) -> Temperatures:
+    return Temperatures.from_meta(self.meta, self.k)
 
 
 def stages_dir(workdir: str) -> str:

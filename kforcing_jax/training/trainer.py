@@ -185,6 +185,12 @@ def run_distill_stage(s: Setup, stage: str, prev: str, target_prev: str | None =
   init_from = load_stage_params(s, prev)
   teacher_params = init_from if source == prev else load_stage_params(s, source)
   loss_fn = distill.make_loss_fn(spec, graphdef, teacher_graphdef)
+  # Validation at one temperature (1, or the trained range's nearest), so its lines compare
+  # across runs whatever range a stage trains on.
+  eval_tau = min(max(1.0, spec.tau_min), spec.tau_max)
+  eval_spec = dataclasses.replace(spec, tau_min=eval_tau, tau_max=eval_tau, greedy_share=0.0)
+  eval_loss_fn = (loss_fn if eval_spec == spec else
+                  distill.make_loss_fn(eval_spec, graphdef, teacher_graphdef))
 
   def init_params(fresh: dict) -> dict:
     # Copies (not aliases): the student's buffers are donated every step, the teacher's are not.
@@ -198,20 +204,21 @@ def run_distill_stage(s: Setup, stage: str, prev: str, target_prev: str | None =
   # Drift along the chain: the student's per-offset NLL / accuracy against the ORIGINAL AR
   # teacher's k-round inverse-CDF targets (equal to the stage's own metrics right after the
   # teacher with self-forcing targets; logged for every stage so runs compare line by line).
-  ar_spec = dataclasses.replace(spec, teacher_k=0, target="self_forcing", own_prefix=0.0)
-  same = ar_spec == spec  # then val_ar_* = val_*: copied, not recomputed
+  ar_spec = dataclasses.replace(eval_spec, teacher_k=0, target="self_forcing", own_prefix=0.0)
+  same = ar_spec == eval_spec  # then val_ar_* = val_*: copied, not recomputed
   ar_targets = (None if same else distill.make_loss_fn(ar_spec, graphdef, ar_graphdef),
                 ar_params)
   return train_loop(s, stage, factory, abstract, loss_fn, frozen=teacher_params,
                     init_params=init_params, reference=(ar_loss_fn(ar_graphdef), ar_params),
-                    ar_targets=ar_targets)
+                    ar_targets=ar_targets, eval_loss_fn=eval_loss_fn)
 
 
 def stage_targets(cfg: ml_collections.ConfigDict, stage: str, target_prev: str):
   """(spec, the stage whose frozen weights make the targets) of a PFLM stage under cfg, for the
   trainer and the dry run alike; a phase "k<n>_<p>" makes the targets "k<n>" makes."""
   return distill.stage_spec(config_check.base_stage(stage), target_prev, cfg.distill.target,
-                            cfg.distill.tau, cfg.distill.cdf_blur, cfg.distill.own_prefix)
+                            (cfg.distill.tau_min, cfg.distill.tau_max, cfg.distill.greedy_share),
+                            cfg.distill.cdf_blur, cfg.distill.own_prefix)
 
 
 def _finite_or_raise(stage: str, step: int, m: dict, last_saved: int | None) -> None:
@@ -225,7 +232,7 @@ def _finite_or_raise(stage: str, step: int, m: dict, last_saved: int | None) -> 
 
 
 def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init_params=None,
-               reference=None, ar_targets=None) -> dict:
+               reference=None, ar_targets=None, eval_loss_fn=None) -> dict:
   """Generic loop: init or resume, step with pipelined metric fetches, eval, checkpoint.
 
   frozen: teacher params passed to every step (no gradient). init_params: maps fresh params to
@@ -233,13 +240,15 @@ def train_loop(s: Setup, stage: str, factory, abstract, loss_fn, frozen=(), init
   loss is logged beside this stage's as `val_teacher_data_nll`. ar_targets: (loss_fn, params)
   scoring the student against the AR teacher's own targets, logged as `val_ar_*` (loss_fn None:
   the stage's own targets are the AR teacher's, so its val_* metrics are copied).
+  eval_loss_fn: the validation loss when it differs from the training loss (default loss_fn).
   """
   cfg, mesh = config_check.stage_config(s.config, stage), s.mesh
   tcfg = cfg.train
   num_steps = config_check.stage_steps(cfg, stage)
   parts = train_step.assemble(cfg.optim, num_steps, abstract, mesh, cfg.mesh.fsdp, loss_fn,
                               frozen, cfg.seed)
-  eval_fn = train_step.make_eval_step(loss_fn, parts.state_sh["params"], parts.batch_sh,
+  eval_fn = train_step.make_eval_step(eval_loss_fn or loss_fn, parts.state_sh["params"],
+                                      parts.batch_sh,
                                       parts.metrics_sh, parts.frozen_sh)
 
   pidx, pcount = jax.process_index(), jax.process_count()
