@@ -2,7 +2,7 @@
 
   python -m kforcing_jax.evaluate --workdir runs/kjv_tiny --out eval.json \
       [--num_prompts 64 --prompt_len 32 --max_new_tokens 64] \
-      [--evaluator_workdir OTHER_RUN --evaluator_stage teacher]
+      [--evaluator_workdir OTHER_RUN --evaluator_stage teacher] [--temperatures 0.6,0.8,1,1.2]
 
 Held-out prompts are the first --prompt_len tokens of validation rows of the run's own data
 config (read from the teacher checkpoint's meta), each prefixed with the end-of-document id.
@@ -14,6 +14,13 @@ per teacher pass; pflm_verified's samples are the teacher's own (agree = 1 by co
 Prints a table, then where each stage's full window misses and what its NLL_j is made of
 (`quality_metrics.miss_anatomy`: by the width of the target's inverse-CDF bin); writes
 JSON {"provenance", "settings", "rows", "samples"} (samples as text, a few per row).
+
+--temperatures scores the teacher and every PFLM stage trained at each temperature (a stage is
+skipped at temperatures outside its trained range): samples, Gen-PPL under the teacher at
+temperature 1, entropy, rep_n, and NLL_j against AR targets made at that temperature. It adds
+the Gen-PPL / entropy frontier: a table with each stage's Gen-PPL over the teacher's at equal
+entropy (`ppl@H`), "frontier" in the JSON, and a PNG beside --out. The lossless rows and the
+NLL_j reference points are computed at temperature 1 only.
 """
 
 import os
@@ -43,6 +50,7 @@ _GAMMA = flags.DEFINE_integer("gamma", 4, "spec/spec_dynamic: draft tokens per t
 _FLOOR = flags.DEFINE_integer("floor_samples", 32, "Teacher rollouts behind the z-blind and "
                               "prefix-known reference points of NLL_j, on the first 32 "
                               "validation rows (0: skip them).")
+_TEMPS = flags.DEFINE_list("temperatures", [], "Temperatures of the frontier ('' = 1 only).")
 _PENALTY = flags.DEFINE_float("frequency_penalty", 0.0, "PFLM rows: subtract penalty * count "
                               "from the logits before each argmax (the reference code's "
                               "option; the paper and the default report pure argmax, 0).")
@@ -90,12 +98,27 @@ def main(argv):
         lossless.append((methods.verified_engine(teacher, method, draft=draft),
                          methods.verify_spec(method, draft.k, _MAX_NEW.value,
                                              gamma=_GAMMA.value)))
-  rows, samples = quality.evaluate(teacher, stages, prompts, val_tokens, _MAX_NEW.value,
-                                   _BATCH.value, _SEED.value, evaluator, progress=log.info,
-                                   lossless=lossless, floor_samples=_FLOOR.value,
-                                   frequency_penalty=_PENALTY.value)
-  print(quality.table(rows))
-  print(quality.miss_table(rows))
+  temps = [float(t) for t in _TEMPS.value] or [1.0]
+  if any(t <= 0 for t in temps):
+    raise ValueError(f"--temperatures must be > 0 (sampling temperatures), got {temps}")
+  rows, samples = [], {}
+  for t in temps:
+    rows_t, samples_t = quality.evaluate(
+        teacher, stages, prompts, val_tokens, _MAX_NEW.value, _BATCH.value, _SEED.value,
+        evaluator, progress=log.info, lossless=lossless if t == 1 else None,
+        floor_samples=_FLOOR.value, frequency_penalty=_PENALTY.value, temperature=t)
+    if len(temps) > 1:
+      print(f"temperature {t:g}:")
+      samples_t = {f"{name}@t{t:g}": outs for name, outs in samples_t.items()}
+    print(quality.table(rows_t))
+    print(quality.miss_table(rows_t))
+    rows += rows_t
+    samples.update(samples_t)
+  points = None
+  if len(temps) > 1:
+    points = quality.frontier(rows)
+    print("Gen-PPL / entropy frontier (ppl@H: Gen-PPL over the teacher's at equal entropy):")
+    print(quality.frontier_table(points))
   tok = teacher.tokenizer
   shown = {name: [{"prompt": tok.decode(p[len(start):]), "completion": tok.decode(o)}
                   for p, o in zip(prompts[:_SHOW.value], outs[:_SHOW.value])]
@@ -105,9 +128,17 @@ def main(argv):
               "num_prompts": len(prompts), "prompt_len": _PROMPT_LEN.value,
               "max_new_tokens": _MAX_NEW.value, "val_seqs": len(val_tokens),
               "seed": _SEED.value, "evaluator": _EVAL_DIR.value or None,
-              "floor_samples": _FLOOR.value, "frequency_penalty": _PENALTY.value}
+              "floor_samples": _FLOOR.value, "frequency_penalty": _PENALTY.value,
+              "temperatures": temps}
   out = os.path.abspath(_OUT.value)
-  report.write_result(out, {"settings": settings, "rows": rows, "samples": shown})
+  result = {"settings": settings, "rows": rows, "samples": shown}
+  if points is not None:
+    result["frontier"] = points
+    png = os.path.splitext(out)[0] + ".png"
+    quality.plot_frontier(points, png, f"{os.path.basename(os.path.normpath(workdir))}: "
+                          f"temperatures {', '.join(f'{t:g}' for t in temps)}")
+    log.info("wrote %s", png)
+  report.write_result(out, result)
   log.info("wrote %s", out)
 
 

@@ -71,7 +71,8 @@ def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: j
       ids, w = sampling.blurred_window(logits, z, y, *blur)
       if greedy is not None or tau == 0:
         one_hot = (jnp.arange(w.shape[-1]) == blur[1]).astype(w.dtype)
-        w = one_hot if greedy is None else jnp.where(greedy, one_hot, w)
+        w = jnp.broadcast_to(one_hot, w.shape) if greedy is None else jnp.where(greedy,
+                                                                                 one_hot, w)
       return y, (ids, w)
     return y, (logits if with_logits else None)
 

@@ -97,7 +97,8 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
              windows: Sequence[int] | None = None,
              lossless: Sequence | None = None,
              floor_samples: int = 32,
-             frequency_penalty: float = 0.0) -> tuple[list[dict], dict]:
+             frequency_penalty: float = 0.0,
+             temperature: float = 1.0) -> tuple[list[dict], dict]:
   """Rows per (stage, k) as described above; also returns the samples per (stage, k).
 
   `teacher` and each of `stages` are stage_io.LoadedStage; `evaluator` an optional AR
@@ -109,16 +110,23 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
   on the first scorer.FLOOR_ROWS validation rows.
   `frequency_penalty`: the reference code's anti-repetition option for the PFLM rows (the
   paper reports pure argmax, 0); the AR teacher row always samples without it.
+  `temperature`: every row samples at it (the AR teacher's logits / temperature; a PFLM's
+  noise encoder is told it, and a stage not trained at it is skipped) and NLL_j is scored
+  against AR targets made at it; Gen-PPL is always under the teacher at temperature 1.
   """
   scorer = scorer_lib.Scorer()
   tok = teacher.tokenizer
   ar_engine = decode.Engine.from_stage(teacher)
-  ar_spec = decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True)
+  ar_spec = decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True, tau=temperature)
   jobs = [(teacher, ar_engine, ar_spec)]
   for st in stages:
+    if not st.temperatures.allows(temperature):
+      progress(f"{st.stage}: skipped at temperature {temperature:g} (trained at "
+               f"{st.temperatures})")
+      continue
     engine = decode.Engine.from_stage(st)
     jobs += [(st, engine, decode.DecodeSpec(k=k, max_new_tokens=max_new_tokens,
-                                            frequency_penalty=frequency_penalty))
+                                            frequency_penalty=frequency_penalty, tau=temperature))
              for k in range(1, st.k + 1) if windows is None or k in windows]
   for engine, vspec in lossless or ():
     jobs.append((engine.drafter, engine, dataclasses.replace(vspec,
@@ -136,7 +144,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
     verified = isinstance(spec, speculative.VerifySpec)
     k, method = methods.window(spec), methods.name(spec)
     s, n = scorer.continuation_nll(teacher.graphdef, teacher.params, list(zip(prompts, outs)))
-    row = {"stage": st.stage, "k": k, "method": method,
+    row = {"stage": st.stage, "k": k, "method": method, "temperature": temperature,
            "gen_ppl": math.exp(s / n), **qm.text_stats(outs), **qm.agreement(outs, reference),
            "n_samples": len(outs), "gen_seconds": gen_s}
     row["entropy_by_offset"] = qm.entropy_by_offset(outs, max(kmax, 1) if verified or spec.ar
@@ -149,7 +157,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
     elif spec.ar:
       data_rows = scorer.data_nll_rows(teacher.graphdef, teacher.params, val_tokens)
       row["data_nll"] = float(data_rows.mean())  # rows of equal length: the token mean
-      if kmax and floor_samples:
+      if kmax and floor_samples and temperature == 1:
         # Reference points, not goals: on the first FLOOR_ROWS rows (each row costs
         # floor_samples + 1 teacher rollouts; all 128 took 5 of an evaluation's 8 minutes).
         floor_tokens = val_tokens[:scorer_lib.FLOOR_ROWS]
@@ -158,7 +166,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
         row["floor_rows"] = len(floor_tokens)
     else:
       row.update(scorer.offset_metrics(st.graphdef, st.params, teacher.graphdef, teacher.params,
-                                       val_tokens, spec.k, seed))
+                                       val_tokens, spec.k, seed, temperature))
       row.update(qm.gaps_to_data_nll(row.pop("row_nll"), data_rows))
     rows.append(row)
     samples[f"{method}:{st.stage}@k{k}" if verified else f"{st.stage}@k{k}"] = outs
@@ -247,3 +255,59 @@ def miss_table(rows: list[dict]) -> str:
         lines.append(f"{r['stage']:<9}{j:>3}{fmt(after):>12} | " + " ".join(
             pair(a, b) for a, b in zip(r[f"nll_q_{j}"], r[f"surprisal_q_{j}"])))
   return "\n".join(lines)
+
+
+# ---- the Gen-PPL / entropy frontier over temperatures ----
+
+
+def frontier(rows: list[dict]) -> list[dict]:
+  """One point per (model, temperature): the teacher and each stage's full window, with
+  `ppl_at_entropy`, its Gen-PPL over the teacher's at the same entropy (the teacher's curve,
+  log Gen-PPL linear in entropy between its temperatures; None outside its entropy range).
+  Below 1 the student writes more likely text at that diversity; above 1, less likely."""
+  full = {}
+  for r in rows:
+    key = (r["stage"], r["temperature"])
+    if r["method"] in ("ar", "pflm") and r["k"] >= full.get(key, r)["k"]:
+      full[key] = r
+  points = sorted(full.values(), key=lambda r: (r["stage"] != "teacher", r["stage"],
+                                                r["temperature"]))
+  ref = sorted((r["entropy"], math.log(r["gen_ppl"])) for r in points if r["method"] == "ar")
+  out = []
+  for r in points:
+    p = {c: r.get(c) for c in ("stage", "k", "method", "temperature", "gen_ppl", "entropy",
+                               "rep_2", "rep_4")}
+    p.update({c: r[c] for c in r if c.startswith("nll_") and c[4:].isdigit()})
+    p["ppl_at_entropy"] = None
+    if r["method"] == "pflm" and len(ref) >= 2 and ref[0][0] <= r["entropy"] <= ref[-1][0]:
+      at = float(np.interp(r["entropy"], [e for e, _ in ref], [lp for _, lp in ref]))
+      p["ppl_at_entropy"] = r["gen_ppl"] / math.exp(at)
+    out.append(p)
+  return out
+
+
+def frontier_table(points: list[dict]) -> str:
+  kmax = max([p["k"] for p in points if p["method"] == "pflm"] or [0])
+  cols = ["gen_ppl", "entropy", "rep_2", "rep_4", "ppl_at_entropy"] + [
+      f"nll_{j}" for j in range(1, kmax + 1)]
+  columns = [("stage", "<9"), ("k", ">3"), ("temp", ">6.2f")] + [
+      ({"ppl_at_entropy": "ppl@H"}.get(c, c), ">9.3f") for c in cols]
+  return report.text_table(columns, ([p["stage"], p["k"], p["temperature"]] +
+                                     [p.get(c) if p.get(c) is not None else "-" for c in cols]
+                                     for p in points))
+
+
+def plot_frontier(points: list[dict], out_png: str, title: str = "") -> None:
+  """Gen-PPL against unigram entropy, one curve per model, labelled by temperature."""
+  with report.figure(out_png) as (_, _, ax):
+    for i, stage in enumerate(dict.fromkeys(p["stage"] for p in points)):
+      ps = sorted((p for p in points if p["stage"] == stage), key=lambda p: p["temperature"])
+      label = "AR teacher" if stage == "teacher" else f"{stage} (k={ps[0]['k']})"
+      ax.plot([p["entropy"] for p in ps], [p["gen_ppl"] for p in ps], "o-", color=f"C{i}",
+              label=label)
+      for p in ps:
+        ax.annotate(f"{p['temperature']:g}", (p["entropy"], p["gen_ppl"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, 3))
+    ax.set_yscale("log")
+    report.finish_axes(ax, "unigram entropy of a sample (nats)",
+                       "Gen-PPL under the teacher (log)", title)

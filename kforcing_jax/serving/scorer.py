@@ -98,22 +98,23 @@ class Scorer:
   # ---- a PFLM window against the AR teacher's rollout ----
 
   def offset_metrics(self, student_graphdef, student_params, teacher_graphdef, teacher_params,
-                     tokens_BxN: np.ndarray, k: int, seed: int = 0) -> dict:
-    """NLL_j / acc_j / acc_all of a PFLM window of k against AR inverse-CDF rollout targets,
-    and `row_nll`, each row's mean NLL_j (a (B, k) list: for paired comparisons row by row)."""
+                     tokens_BxN: np.ndarray, k: int, seed: int = 0, tau: float = 1.0) -> dict:
+    """NLL_j / acc_j / acc_all of a PFLM window of k against AR inverse-CDF rollout targets at
+    temperature tau (the student told the same tau), and `row_nll`, each row's mean NLL_j (a
+    (B, k) list: for paired comparisons row by row)."""
 
     def build():
       @jax.jit
       def run(sp, tp, tokens, z):
         teacher = model_lib.merge(teacher_graphdef, tp)
-        targets, logits = rollout.ar_rollout(teacher, tokens, z, with_logits=True)
+        targets, logits = rollout.ar_rollout(teacher, tokens, z, tau, with_logits=True)
         q = jnp.exp(-losses.token_nll(logits, targets))  # the teacher's probability of each
         nll, hit, pred = distill.window_scores(model_lib.merge(student_graphdef, sp), tokens, z,
-                                               targets, with_argmax=True)
+                                               targets, tau, with_argmax=True)
         return nll, hit, pred, targets, q
       return run
 
-    run = self._fn(("offset_metrics", student_graphdef, teacher_graphdef), build)
+    run = self._fn(("offset_metrics", student_graphdef, teacher_graphdef, tau), build)
     tokens = np.asarray(tokens_BxN)
     z = np.asarray(jax.random.uniform(jax.random.key(seed), (*tokens.shape, k), jnp.float32))
     parts = []
