@@ -12,7 +12,8 @@ The engine (kforcing_jax/serving/engine.py) compiles one decode step for --slots
 prefill per power-of-two prompt bucket up to --max_prompt_len before the server listens; startup
 prints the URL, the stage, k, the slots and the compile time. The API is described in
 kforcing_jax/serving/server.py. SIGTERM (or Ctrl-C) stops intake, lets in-flight requests finish
-(up to --drain_s seconds), then exits. Binds 127.0.0.1 unless --host says otherwise.
+(up to --drain_s seconds), then exits; if the decode loop fails, the server drains the same way
+and exits with status 1. Binds 127.0.0.1 unless --host says otherwise.
 """
 
 from absl import flags
@@ -79,11 +80,14 @@ def main(argv):
         f"compiled in {compile_s:.1f} s", flush=True)
   config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=_DRAIN.value,
                           lifespan="off")
+  http = server.DrainingServer(config, engine, app.state.api, _DRAIN.value)
   try:
-    server.DrainingServer(config, engine, app.state.api, _DRAIN.value).run(sockets=[sock])
+    http.run(sockets=[sock])
   finally:
     engine.shutdown(drain=True, timeout=_DRAIN.value)
     log.info("stopped after %d decode steps", engine.steps)
+  if http.failed:  # the decode loop died: exit non-zero so that an orchestrator restarts us
+    raise SystemExit(f"error: the decode loop failed: {engine.error}")
 
 
 if __name__ == "__main__":
