@@ -2,6 +2,7 @@
 `Engine.generate` with the same seed whatever arrives before, with or after it (PFLM and AR),
 per-request EOS / max_tokens / frequency penalty, cancellation, the bounded queue and shutdown."""
 
+import dataclasses
 import threading
 import time
 
@@ -17,14 +18,27 @@ PROMPTS = [[5, 9, 2], [7, 1, 1, 4, 20, 12, 8], [11, 3, 17, 0, 2], [4, 4], [9, 8,
                                                                           2, 1, 19]]
 
 
+# A PFLM stage trained on temperatures 0.5..1.5 with a greedy share (its meta as the trainer
+# writes it): the engine serves those temperatures and refuses others.
+RANGE_META = {"config": {"distill": {"tau_min": 0.5, "tau_max": 1.5, "greedy_share": 0.1}}}
+# Per-request sampling controls (temperature, top_k, top_p, min_p) of the five requests.
+AR_CONTROLS = [(1.0, 0, 1.0, 0.0), (0.7, 0, 0.8, 0.0), (0.0, 0, 1.0, 0.0), (1.3, 4, 1.0, 0.05),
+               (1.0, 0, 1.0, 0.0)]
+PFLM_CONTROLS = [(1.0, 0, 1.0, 0.0), (0.6, 0, 1.0, 0.0), (0.0, 0, 1.0, 0.0),
+                 (1.4, 0, 1.0, 0.0), (1.0, 0, 1.0, 0.0)]
+
+
 @pytest.fixture(scope="module")
 def stages():
-  return {"teacher": _stage("teacher", 0, seed=1), "k3": _stage("k3", 3, seed=2)}
+  k3 = _stage("k3", 3, seed=2)
+  return {"teacher": _stage("teacher", 0, seed=1),
+          "k3": dataclasses.replace(k3, meta=RANGE_META)}
 
 
-def _offline(loaded, prompt, n, seed, k, penalty=0.0, eos=None):
+def _offline(loaded, prompt, n, seed, k, penalty=0.0, eos=None, controls=(1.0, 0, 1.0, 0.0)):
+  t, top_k, top_p, min_p = controls
   spec = decode.DecodeSpec(k=k, max_new_tokens=n, ar=loaded.k == 0, frequency_penalty=penalty,
-                           eos_id=eos)
+                           eos_id=eos, tau=t, top_k=top_k, top_p=top_p, min_p=min_p)
   return decode.Engine.from_stage(loaded).generate([prompt], spec, seed)[0].tokens
 
 
@@ -53,9 +67,13 @@ def test_requests_joining_mid_generation_equal_offline_generate(stages, name, k)
   eng.warmup()
   eng.start()
   try:
-    specs = [(p, 8 + 3 * i, 100 + i, 0.5 if i == 2 else 0.0) for i, p in enumerate(PROMPTS)]
+    controls = AR_CONTROLS if loaded.k == 0 else PFLM_CONTROLS
+    specs = [(p, 8 + 3 * i, 100 + i, 0.5 if i == 2 else 0.0, c)
+             for i, (p, c) in enumerate(zip(PROMPTS, controls))]
     reqs = [engine_lib.Request(prompt_ids=p, max_tokens=n, seed=s, frequency_penalty=f,
-                               stop_at_eos=False) for p, n, s, f in specs]
+                               stop_at_eos=False, temperature=c[0], top_k=c[1], top_p=c[2],
+                               min_p=c[3]) for p, n, s, f, c in specs]
+    n_programs = eng._step._cache_size()
     done = _collect(eng, reqs)
     eng.submit(reqs[0])
     eng.submit(reqs[1])
@@ -64,9 +82,11 @@ def test_requests_joining_mid_generation_equal_offline_generate(stages, name, k)
     for r in reqs[2:]:  # more requests than slots: the last ones wait for a free slot
       eng.submit(r)
     assert done.wait(120)
-    for r, (p, n, s, f) in zip(reqs, specs):
+    for r, (p, n, s, f, c) in zip(reqs, specs):
       assert r.finish_reason == "length"
-      assert r.tokens == _offline(loaded, p, n, s, k, f), f"prompt {p}"
+      assert r.tokens == _offline(loaded, p, n, s, k, f, controls=c), f"prompt {p}, {c}"
+    # Per-request settings are arrays: no request compiled a new step.
+    assert eng._step._cache_size() == n_programs
     st = eng.stats()
     assert st["live"] == 0 and st["free"] == 3 and st["queued"] == 0
   finally:
@@ -115,3 +135,29 @@ def test_bad_engine_settings(stages):
     engine_lib.ServingEngine(stages["teacher"], 2)
   assert np.isfinite(engine_lib.ServingEngine(stages["teacher"], 1, slots=1,
                                               max_prompt_len=8, max_tokens=4).warmup())
+
+
+def test_sampling_settings_a_stage_cannot_honour_are_refused(stages):
+  """A PFLM decodes only at its trained temperatures (0: its greedy mode) and takes no filters;
+  the AR teacher takes them all. Refusals name the request field."""
+  pflm = engine_lib.ServingEngine(stages["k3"], 3, slots=1, max_prompt_len=8, max_tokens=4)
+  ar = engine_lib.ServingEngine(stages["teacher"], 1, slots=1, max_prompt_len=8, max_tokens=4)
+  req = lambda **kw: engine_lib.Request(prompt_ids=[1, 2], max_tokens=2, **kw)
+  for kw, field in [({"temperature": 1.6}, "temperature"), ({"temperature": 0.4}, "temperature"),
+                    ({"top_p": 0.9}, "top_p"), ({"top_k": 5}, "top_k"), ({"min_p": 0.1}, "min_p"),
+                    ({"temperature": -1.0}, "temperature")]:
+    with pytest.raises(engine_lib.Unsupported, match=field) as e:
+      pflm.check_sampling(req(**kw))
+    assert e.value.param == field
+  for kw in ({"temperature": 0.5}, {"temperature": 1.5}, {"temperature": 0.0}, {"top_k": -1}):
+    pflm.check_sampling(req(**kw))
+  for kw in ({"temperature": 0.0}, {"temperature": 2.5, "top_p": 0.5, "top_k": 3, "min_p": 0.2}):
+    ar.check_sampling(req(**kw))
+  for kw, field in [({"top_p": 0.0}, "top_p"), ({"top_k": 1.5}, "top_k"), ({"min_p": 2.0}, "min_p")]:
+    with pytest.raises(engine_lib.Unsupported, match=field):
+      ar.check_sampling(req(**kw))
+  # Without a greedy share, temperature 0 is refused too; the message names the trained range.
+  one = engine_lib.ServingEngine(dataclasses.replace(stages["k3"], meta={}), 3, slots=1,
+                                 max_prompt_len=8, max_tokens=4)
+  with pytest.raises(engine_lib.Unsupported, match="trained at: 1$"):
+    one.check_sampling(req(temperature=0.0))

@@ -72,6 +72,22 @@ def test_pflm_verified_is_the_ar_teacher_token_for_token(models):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("controls", [(0.7, 0, 1.0, 0.0), (1.0, 0, 0.8, 0.0), (1.3, 4, 1.0, 0.05),
+                                      (0.0, 0, 1.0, 0.0)])
+def test_pflm_verified_is_the_ar_teacher_under_every_sampling_control(models, controls):
+  """Temperature, top-k, top-p, min-p and greedy: the teacher verifies against the transformed
+  distribution, so the output is its own decode under the same controls, token for token."""
+  t, top_k, top_p, min_p = controls
+  kw = dict(tau=t, top_k=top_k, top_p=top_p, min_p=min_p)
+  want = [c.tokens for c in decode.Engine.from_stage(models["teacher"]).generate(
+      PROMPTS, decode.DecodeSpec(k=1, max_new_tokens=12, ar=True, **kw), seed=9)]
+  engine = speculative.VerifiedEngine(models["teacher"], models["k3"])
+  spec = speculative.VerifySpec("pflm_verified", gamma=3, max_new_tokens=12, draft_tau=1.0, **kw)
+  outs, _ = engine.generate(PROMPTS, spec, seed=9)
+  assert [o.tokens for o in outs] == want
+
+
+@pytest.mark.slow
 def test_rows_finishing_at_different_steps_stop_at_their_eos(models):
   free = _ar(models["teacher"], PROMPTS, 14, seed=7)
   # Row 0 stops at the first token (from its 3rd on) it had not produced before; the other rows
@@ -159,20 +175,27 @@ def test_acceptance_counts_match_a_step_by_step_reference():
 
 
 @pytest.mark.slow
-def test_speculative_sampling_matches_the_teacher_distribution():
+@pytest.mark.parametrize("method,controls", [("spec", (1.0, 0, 1.0, 0.0)),
+                                             ("spec", (0.8, 0, 0.9, 0.0)),
+                                             ("spec_dynamic", (1.2, 0, 0.95, 0.0))])
+def test_speculative_sampling_matches_the_teacher_distribution(method, controls):
   """Two tokens after one prompt, 4000 rows (independent streams): the empirical joint of
-  (token 1, token 2) against the teacher's exact p(t1) p(t2 | t1), chi-square at 0.1%."""
+  (token 1, token 2) against the teacher's exact p(t1) p(t2 | t1) under the sampling controls
+  (temperature, top-p), chi-square at 0.1%."""
   cfg = model_lib.ModelConfig(vocab_size=6, mask_id=5, d_model=16, n_layers=1, n_heads=2)
   teacher = _stage("teacher", 0, cfg, seed=21, head_scale=0.25)
   draft = _stage("draft", 0, dataclasses.replace(cfg, d_model=8), seed=22, head_scale=0.25)
   n_rows, prompt = 4000, [1, 3, 2]
-  spec = speculative.VerifySpec("spec", gamma=3, max_new_tokens=2)
+  t_, top_k, top_p, min_p = controls
+  spec = speculative.VerifySpec(method, gamma=3, max_new_tokens=2, tau=t_, top_k=top_k,
+                                top_p=top_p, min_p=min_p, confidence=0.3)
   outs, st = speculative.VerifiedEngine(teacher, draft).generate([prompt] * n_rows, spec, seed=0)
   assert 0.05 < st["acceptance"] < 0.95  # both the accept and the residual branch are exercised
   t = teacher.model()
-  p1 = np.asarray(jax.nn.softmax(t(jnp.asarray([prompt]))[0, -1]))
+  probs = lambda logits: np.asarray(sampling.probabilities(logits, *controls))
+  p1 = probs(t(jnp.asarray([prompt]))[0, -1])
   seqs = jnp.asarray([prompt + [a] for a in range(5)])
-  p2 = np.asarray(jax.nn.softmax(t(seqs)[:, -1], axis=-1))  # (5, V)
+  p2 = probs(t(seqs)[:, -1])  # (5, V)
   joint = (p1[:5, None] * p2[:, :5]).ravel()
   counts = np.zeros(25)
   for o in outs:
@@ -186,7 +209,7 @@ def test_speculative_sampling_matches_the_teacher_distribution():
   chi2 = ((obs - exp) ** 2 / exp).sum()
   assert chi2 < stats.chi2.ppf(0.999, len(obs) - 1), (chi2, obs, exp)
   # The draft alone has a different distribution: the test can tell them apart.
-  q1 = np.asarray(jax.nn.softmax(draft.model()(jnp.asarray([prompt]))[0, -1]))
+  q1 = probs(draft.model()(jnp.asarray([prompt]))[0, -1])
   assert np.abs(q1 - p1).max() > 0.05
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kforcing_jax.distill import sampling
 from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.observe import metrics_log
 from kforcing_jax.parallel import sharding
@@ -42,6 +43,14 @@ class Closed(Exception):
   """The engine is shutting down and accepts no new request."""
 
 
+class Unsupported(ValueError):
+  """A request setting the served stage cannot honour; `param` names the request field."""
+
+  def __init__(self, param: str, message: str):
+    super().__init__(message)
+    self.param = param
+
+
 @dataclasses.dataclass
 class Request:
   """One completion. `on_tokens(new_ids, finish_reason or None)` is called from the decode
@@ -51,6 +60,12 @@ class Request:
   max_tokens: int
   seed: int = 0
   frequency_penalty: float = 0.0
+  # Sampling controls (distill/sampling.py): temperature 0 = greedy; top_p 1, top_k 0 and
+  # min_p 0 are off. `ServingEngine.check_sampling` says what the served stage supports.
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  min_p: float = 0.0
   stop_at_eos: bool = True
   stop_check: Callable[[list[int]], bool] | None = None  # True: a stop string was produced
   on_tokens: Callable[[list[int], str | None], None] | None = None
@@ -76,10 +91,17 @@ class SlotState:
   keys_Bx2: jax.Array
   counts_BxV: jax.Array  # generated-token counts (frequency penalty)
   penalty_B: jax.Array
+  # Each slot's sampling controls (per-row arrays: new settings never recompile). An AR slot
+  # samples under them; a PFLM slot feeds its temperature to the noise encoder.
+  controls: sampling.Controls
 
 
 class ServingEngine:
   """Slot-based decoding of one stage (the AR teacher, or a PFLM at k' <= its window)."""
+
+  # Why the decode loop stopped, if it failed: it never restarts, so the server reports it
+  # (/health 503) and exits for an orchestrator to restart it.
+  error: str | None = None
 
   def __init__(self, loaded, k: int, slots: int = 16, max_prompt_len: int = 128,
                max_tokens: int = 256, max_queue: int = 64, eos_id: int | None = None):
@@ -124,22 +146,24 @@ class ServingEngine:
                        last_BxK=jnp.zeros((self.slots, k), jnp.int32), gen_B=zi,
                        keys_Bx2=jnp.zeros((self.slots, 2), jnp.uint32),
                        counts_BxV=jnp.zeros((self.slots, cfg.vocab_size), jnp.int32),
-                       penalty_B=jnp.zeros((self.slots,), jnp.float32))
+                       penalty_B=jnp.zeros((self.slots,), jnp.float32),
+                       controls=sampling.Controls.rows(self.slots))
 
-    def prefill(params, prompt_1xP, pad_1, keys_1x2, penalty_1):
+    def prefill(params, prompt_1xP, pad_1, keys_1x2, penalty_1, controls_1):
       """One request: [prompt ; k noise] (PFLM) or the prompt (AR) -> its first block and its
       cache (1, H, P, head_dim) per layer."""
       m = merge(params)
       plen = prompt_1xP.shape[1]
       ck, cv = model_lib.init_cache(cfg, 1, plen + (0 if spec.ar else k))
       logits, ck, cv = decode.block_logits(m, spec, prompt_1xP, keys_1x2, 0, ck, cv,
-                                           jnp.zeros((), jnp.int32), pad_1, fresh=True)
+                                           jnp.zeros((), jnp.int32), pad_1, fresh=True,
+                                           tau_B=controls_1.temperature)
       counts = jnp.zeros((1, cfg.vocab_size), jnp.int32)
       y, _, _, counts = decode.choose(spec, logits, keys_1x2, 0, jnp.zeros((1,), bool),
-                                      jnp.zeros((1,), jnp.int32), counts, penalty_1)
+                                      jnp.zeros((1,), jnp.int32), counts, penalty_1, controls_1)
       return y, tuple(c[:, :, :plen] for c in ck), tuple(c[:, :, :plen] for c in cv), counts
 
-    def insert(state, slot, y_1xK, ck, cv, counts_1xV, pad_1, keys_1x2, penalty_1):
+    def insert(state, slot, y_1xK, ck, cv, counts_1xV, pad_1, keys_1x2, penalty_1, controls_1):
       put = lambda big, small: jax.lax.dynamic_update_slice(
           big, small.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1))
       plen = ck[0].shape[2]
@@ -149,18 +173,19 @@ class ServingEngine:
           len_B=state.len_B.at[slot].set(plen), pad_B=put(state.pad_B, pad_1),
           last_BxK=put(state.last_BxK, y_1xK), gen_B=state.gen_B.at[slot].set(k),
           keys_Bx2=put(state.keys_Bx2, keys_1x2), counts_BxV=put(state.counts_BxV, counts_1xV),
-          penalty_B=put(state.penalty_B, penalty_1))
+          penalty_B=put(state.penalty_B, penalty_1),
+          controls=jax.tree.map(put, state.controls, controls_1))
 
     def step(params, state):
       """Every slot advances one block at its own cache length (free slots compute junk)."""
       m = merge(params)
       logits, ck, cv = decode.block_logits(m, spec, state.last_BxK, state.keys_Bx2, state.gen_B,
                                            state.cache_k, state.cache_v, state.len_B,
-                                           state.pad_B)
+                                           state.pad_B, tau_B=state.controls.temperature)
       b = self.slots
       y, _, _, counts = decode.choose(spec, logits, state.keys_Bx2, state.gen_B,
                                       jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
-                                      state.counts_BxV, state.penalty_B)
+                                      state.counts_BxV, state.penalty_B, state.controls)
       # A free slot's length stays below the cache end (its writes never leave the cache).
       len_B = jnp.minimum(state.len_B + k, self.n_cache - 2 * k)
       new = state.replace(cache_k=ck, cache_v=cv, len_B=len_B, last_BxK=y,
@@ -169,7 +194,8 @@ class ServingEngine:
 
     self._state_sh = sharding.decode_state_shardings(
         mesh, SlotState(cache_k=(4,) * cfg.n_layers, cache_v=(4,) * cfg.n_layers, len_B=1,
-                        pad_B=1, last_BxK=2, gen_B=1, keys_Bx2=2, counts_BxV=2, penalty_B=1))
+                        pad_B=1, last_BxK=2, gen_B=1, keys_Bx2=2, counts_BxV=2, penalty_B=1,
+                        controls=sampling.Controls(1, 1, 1, 1)))
     d2 = sharding.batch_sharding(mesh, 2)
     if self.slots % mesh.shape[sharding.DATA]:
       raise ValueError(f"slots={self.slots} must be a multiple of the mesh's data axis "
@@ -178,7 +204,7 @@ class ServingEngine:
                                    self.slots * (1 if spec.ar else 2 * k),
                                    decode.weight_bytes(self.loaded.params))
     self._init = jax.jit(init, out_shardings=self._state_sh)
-    self._prefill = jax.jit(prefill, in_shardings=(self._param_sh, rep, rep, rep, rep),
+    self._prefill = jax.jit(prefill, in_shardings=(self._param_sh, rep, rep, rep, rep, rep),
                             out_shardings=rep)
     self._insert = jax.jit(insert, donate_argnums=0, out_shardings=self._state_sh)
     self._step = jax.jit(step, in_shardings=(self._param_sh, self._state_sh),
@@ -202,17 +228,42 @@ class ServingEngine:
 
   # ---- host side ----
 
+  def check_sampling(self, req: Request) -> None:
+    """Raise Unsupported (naming the request field) for settings the served stage cannot honour:
+    the AR teacher takes any temperature >= 0, top_k, top_p and min_p; a PFLM only the
+    temperatures it was trained at (0 = its greedy mode, if it has one) and no filters."""
+    checks = (("temperature", req.temperature, 1.0), ("top_k", req.top_k, 0),
+              ("top_p", req.top_p, 1.0), ("min_p", req.min_p, 0.0))
+    for name, value, _ in checks:
+      try:
+        sampling.check_controls(**{name: value})
+      except ValueError as e:
+        raise Unsupported(name, str(e)) from None
+    if self.spec.ar:
+      return
+    temps = self.loaded.temperatures
+    if not temps.allows(req.temperature):
+      raise Unsupported("temperature", f"temperature {req.temperature:g} is outside what the "
+                        f"{self.loaded.stage} stage was trained at: {temps}")
+    for name, value, off in checks[1:]:
+      if value != off and not (name == "top_k" and value == -1):
+        raise Unsupported(name, f"{name} is not supported by the {self.loaded.stage} stage: a "
+                          "PFLM samples through its noise, at its trained temperatures only")
+
   def submit(self, req: Request) -> Request:
     """Queue a request (any thread). Raises QueueFull beyond slots + max_queue waiting or live
-    requests, Closed while shutting down, ValueError for a prompt or max_tokens out of range."""
+    requests, Closed while shutting down, ValueError for a prompt or max_tokens out of range,
+    Unsupported (a ValueError) for sampling settings the stage cannot honour."""
     if not 1 <= len(req.prompt_ids) <= self.max_prompt_len:
       raise ValueError(f"the prompt has {len(req.prompt_ids)} tokens; this server takes 1 to "
                        f"{self.max_prompt_len}")
     if not 1 <= req.max_tokens <= self.max_tokens:
       raise ValueError(f"max_tokens must be in 1..{self.max_tokens}, got {req.max_tokens}")
+    self.check_sampling(req)
     with self._lock:
       if self._closing:
-        raise Closed("the server is shutting down")
+        raise Closed("the server is shutting down" if self.error is None else
+                     f"the decode loop failed ({self.error}); the server is restarting")
       if self._pending.qsize() + len(self._live) >= self.slots + self.max_queue:
         raise QueueFull(f"{self.slots} slots busy and {self.max_queue} requests queued")
       req.t_submit = time.perf_counter()
@@ -223,7 +274,8 @@ class ServingEngine:
   def stats(self) -> dict:
     with self._lock:
       return {"slots": self.slots, "live": len(self._live), "free": len(self._free),
-              "queued": self._pending.qsize(), "steps": self.steps, "closing": self._closing}
+              "queued": self._pending.qsize(), "steps": self.steps, "closing": self._closing,
+              "error": self.error}
 
   def start(self) -> None:
     if self.state is None:
@@ -253,15 +305,22 @@ class ServingEngine:
   def _finish(self, req: Request, reason: str) -> None:
     req.finish_reason = reason
     if req.on_tokens is not None:
-      req.on_tokens([], reason)
+      try:
+        req.on_tokens([], reason)
+      except Exception:  # the request's own callback: it is over anyway; the loop goes on
+        log.exception("a request's finish callback failed")
 
   def _admit_slot(self, slot: int, req: Request, plen: int) -> list[int]:
     x, pad = decode.pad_prompts([req.prompt_ids], 1, plen)
     keys = decode.row_keys(req.seed, [0])
     penalty = np.asarray([req.frequency_penalty], np.float32)
-    y, ck, cv, counts = self._prefill(self.loaded.params, x, pad, keys, penalty)
+    controls = jax.tree.map(lambda x: np.asarray(x)[None], sampling.Controls(
+        np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p),
+        np.float32(req.min_p)))
+    y, ck, cv, counts = self._prefill(self.loaded.params, x, pad, keys, penalty, controls)
     self.state = self._insert(self.state, jnp.asarray(slot, jnp.int32), y, ck, cv, counts,
-                              jnp.asarray(pad), jnp.asarray(keys), jnp.asarray(penalty))
+                              jnp.asarray(pad), jnp.asarray(keys), jnp.asarray(penalty),
+                              controls)
     return [int(t) for t in np.asarray(y)[0]]
 
   def _deliver(self, slot: int, req: Request, block: list[int]) -> bool:
@@ -281,10 +340,14 @@ class ServingEngine:
       if len(req.tokens) >= req.max_tokens:
         reason = "length"
         break
-    if reason is None and req.stop_check is not None and req.stop_check(req.tokens):
-      reason = "stop"
-    if req.on_tokens is not None:
-      req.on_tokens(new, None)
+    try:  # the request's own code (stop strings, its callback): a failure ends it alone
+      if reason is None and req.stop_check is not None and req.stop_check(req.tokens):
+        reason = "stop"
+      if req.on_tokens is not None:
+        req.on_tokens(new, None)
+    except Exception as e:
+      log.exception("serving one request failed")
+      reason = f"error: {type(e).__name__}: {e}"
     if reason is not None:
       self._release(slot, req, reason)
       return True
@@ -292,8 +355,9 @@ class ServingEngine:
 
   def _release(self, slot: int, req: Request, reason: str) -> None:
     with self._lock:
-      self._live.pop(slot, None)
-      self._free.append(slot)
+      if self._live.get(slot) is req:  # (never free a slot twice)
+        self._live.pop(slot)
+        self._free.append(slot)
     self._finish(req, reason)
 
   def _loop(self) -> None:
@@ -313,7 +377,12 @@ class ServingEngine:
           with self._lock:
             slot = self._free.pop(0)
             self._live[slot] = req
-          block = self._admit_slot(slot, req, decode.bucket_len(len(req.prompt_ids)))
+          try:
+            block = self._admit_slot(slot, req, decode.bucket_len(len(req.prompt_ids)))
+          except Exception as e:  # this request's prefill: it fails alone (a failed insert
+            log.exception("prefill failed")  # loses the donated state: the step then fails)
+            self._release(slot, req, f"error: {type(e).__name__}: {e}")
+            continue
           self._deliver(slot, req, block)
         if not self._live:
           continue
@@ -325,9 +394,11 @@ class ServingEngine:
     except Exception as e:  # an internal error: fail every request loudly, keep the traceback
       log.exception("decode loop failed")
       with self._lock:
+        self.error = f"{type(e).__name__}: {e}"
         self._closing = True
         for slot, req in list(self._live.items()):
           self._live.pop(slot)
+          self._free.append(slot)
           self._finish(req, f"error: {e}")
         while not self._pending.empty():
           self._finish(self._pending.get_nowait(), f"error: {e}")
