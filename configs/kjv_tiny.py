@@ -108,4 +108,11 @@ def get_config():
   # teacher at step 480, NLL_j against the one-hot AR targets 0.14 / 0.06 / 0.04 / 0.03 lower
   # than one-hot training (0.05: 0.10 / 0.03 / 0.01 / 0.01), ahead at every validation step.
   c.distill.cdf_blur = 0.01
+  # One student for every temperature a client sends: each sequence trains at a temperature
+  # drawn from 0.5..1.2 (the teacher's targets made at it, the noise encoder told it), and one
+  # in ten at 0 on the teacher's greedy rollout, so the k4 stage also decodes greedily
+  # (README: sampling; the frontier in docs/results.md).
+  c.distill.tau_min = 0.5
+  c.distill.tau_max = 1.2
+  c.distill.greedy_share = 0.1
   return c

@@ -5,7 +5,8 @@
   python -m kforcing_jax.benchmark --workdir runs/kjv_tiny \
       --methods ar,pflm,pflm_verified,spec,spec_dynamic --k 4 --batch_sizes 1,4,16,64,256
 
---methods (default ar,ar_stepwise,pflm): ar is always measured (the baseline); pflm_verified
+--temperature/--top_k/--top_p/--min_p: the sampling controls, as for generate (the PFLM rows
+take the temperature only). --methods (default ar,ar_stepwise,pflm): ar is always measured (the baseline); pflm_verified
 (the PFLM stage drafts k tokens per teacher pass, for each --k) and spec / spec_dynamic (the
 "draft" stage drafts --gamma tokens) are lossless: see kforcing_jax/serving/speculative.py. Their
 rows carry tokens_per_pass (tokens a row gains per teacher forward pass) and the acceptance
@@ -23,6 +24,7 @@ weights:
 no PFLM stage exists yet.
 """
 
+import dataclasses
 import os
 
 from absl import flags
@@ -46,6 +48,11 @@ _CONFIDENCE = flags.DEFINE_float("confidence", 0.4, "spec_dynamic: stop drafting
 _PROMPTS = flags.DEFINE_enum("prompts", "auto", ["auto", "val", "random"],
                              "Prompt source: held-out text (val), random ids, or auto (val "
                              "when the run recorded its data config).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature of every method "
+                                  "(0 = greedy; a PFLM stage only at its trained ones).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "AR / lossless: top-k sampling (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "AR / lossless: nucleus mass (1 = off).")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "AR / lossless: min-p (0 = off).")
 _UNTRAINED = flags.DEFINE_bool("untrained_pflm", False,
                                "No PFLM stage needed: teacher weights + a fresh noise encoder.")
 _OUT = flags.DEFINE_string("out", "bench.json", "Output JSON (a PNG is written beside it).")
@@ -89,7 +96,10 @@ def main(argv):
 
   metrics_log.configure_logging()
   log = metrics_log.log
+  from kforcing_jax.distill import sampling
   batch_sizes, ks = _ints(_BATCH.value, "batch_sizes"), _ints(_K.value, "k")
+  controls = sampling.Controls(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
+  sampling.check_controls(*dataclasses.astuple(controls))
   methods = [m.strip() for m in _METHODS.value if m.strip()]
   unknown = sorted(set(methods) - set(decode_speed.METHODS))
   if unknown:
@@ -138,6 +148,7 @@ def main(argv):
       log.info("random prompt ids (%s)", e)
   settings = {"workdir": os.path.abspath(workdir), "pflm_stage": pflm_stage, "methods": methods,
               "gamma": _GAMMA.value, "confidence": _CONFIDENCE.value, "prompts": prompt_source,
+              "sampling": dataclasses.asdict(controls),
               "batch_sizes": batch_sizes, "k": ks, "prompt_len": _PROMPT_LEN.value,
               "max_new_tokens": _MAX_NEW.value, "reps": _REPS.value,
               "model_config": teacher.meta.get("model_config"),
@@ -156,7 +167,8 @@ def main(argv):
                               _REPS.value, _SEED.value, "ar_stepwise" in methods,
                               progress=log.info, on_batch=lambda rows: save(rows, False),
                               pflm="pflm" in methods, verified=verified, gamma=_GAMMA.value,
-                              confidence=_CONFIDENCE.value, prompt_pool=pool)
+                              confidence=_CONFIDENCE.value, prompt_pool=pool,
+                              controls=controls)
   save(rows, True)
   machine = decode_speed.machine()
   print(decode_speed.table(rows))

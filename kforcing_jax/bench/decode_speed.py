@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kforcing_jax.bench import timing
+from kforcing_jax.distill import sampling
 from kforcing_jax.observe import metrics_log, report
 from kforcing_jax.serving import decode, methods as methods_lib, speculative
 
@@ -111,13 +112,15 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
             stepwise: bool = True, progress: Callable[[str], None] = print,
             on_batch: Callable[[list[dict]], None] | None = None, pflm: bool = True,
             verified: dict | None = None, gamma: int = 4, confidence: float = 0.4,
-            prompt_pool: list[list[int]] | None = None) -> list[dict]:
+            prompt_pool: list[list[int]] | None = None,
+            controls: sampling.Controls = sampling.Controls()) -> list[dict]:
   """Rows (one per method, k, batch size) with tokens/s, speedup, tokens per teacher pass and
   the roofline bound. `verified`: {method: speculative.VerifiedEngine} of the lossless methods
   (pflm_verified drafts k tokens for each k of `ks`; spec/spec_dynamic draft `gamma`).
   `prompt_pool`: token lists (>= prompt_len long) to draw prompts from (held-out text, so that
   acceptance rates mean something); else random ids. `on_batch(rows so far)` runs after each
-  batch size (the CLI saves partial results)."""
+  batch size (the CLI saves partial results). `controls`: the sampling controls of every
+  method (the PFLM takes the temperature only)."""
   if reps < 1:
     raise ValueError(f"reps must be >= 1, got {reps}")
   verified = verified or {}
@@ -136,13 +139,13 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
       prompts = [list(prompt_pool[i % len(prompt_pool)][:prompt_len]) for i in range(b)]
     else:
       prompts = rng.randint(0, vocab, size=(b, prompt_len)).tolist()
-    ar_spec = decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True)
+    ar_spec = methods_lib.decode_spec(0, max_new_tokens, controls=controls)
     ar_in = ar_engine.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
     methods = {("ar", 1): _method_timers(ar_engine, ar_spec, ar_in)}
     if stepwise:
       methods[("ar_stepwise", 1)] = _method_timers(ar_engine, ar_spec, ar_in, stepwise=True)
     for k in ks if pflm else ():
-      spec = decode.DecodeSpec(k=k, max_new_tokens=max_new_tokens)
+      spec = decode.DecodeSpec(k=k, max_new_tokens=max_new_tokens, tau=controls.temperature)
       pflm_engine.check(spec)
       inputs = pflm_engine.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
       methods[("pflm", k)] = _method_timers(pflm_engine, spec, inputs)
@@ -150,7 +153,8 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
     for method, engine in verified.items():
       for g in (ks if method == "pflm_verified" else (gamma,)):
         vspec = methods_lib.verify_spec(method, engine.drafter.k, max_new_tokens, k=g,
-                                        gamma=g, confidence=confidence)
+                                        gamma=g, controls=controls, confidence=confidence,
+                                        drafter_temps=engine.drafter.temperatures)
         engine.check(vspec)
         inputs = engine.base.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
         run = (lambda e, sp, x: lambda: e.generate_arrays(sp, *x))(engine, vspec, inputs)

@@ -2,7 +2,8 @@
 
   python -m kforcing_jax.bench.train_cost --out runs/bench_train_cost \
       [--seq_lens 128,512] [--ks 1,2,4] [--batch 4] \
-      [--d_model 256 --n_layers 4 --n_heads 4 --vocab 8192] [--reps 5] [--dense_reps N]
+      [--d_model 256 --n_layers 4 --n_heads 4 --vocab 8192] [--reps 5] [--dense_reps N] \
+      [--single_stage --cdf_blur 0.01] [--tau_range 0.5,1.2,0.1]
 
 Everything runs in ONE process on ONE device (a 1x1 mesh over jax.devices()[:1]), with random
 parameters (the zero-initialised output head is randomised so argmax / inverse-CDF targets are not
@@ -47,6 +48,7 @@ they are only as good as its load: a warning is printed when the load average ex
 count during the run.
 """
 
+import dataclasses
 import os
 import platform
 import sys
@@ -118,17 +120,25 @@ def _train_step(cls, cfg, mesh, loss_fn, params, frozen, seed: int):
   return step_fn, state
 
 
-def _spec(k: int) -> distill.StageSpec:
-  """The paper's chain: AR -> PFLM(1) (inverse-CDF), then PFLM(k/2) -> PFLM(k) with R=2."""
-  return distill.StageSpec(student_k=k, teacher_k=0 if k == 1 else k // 2)
+def _spec(k: int, single_stage: bool = False, cdf_blur: float = 0.0) -> distill.StageSpec:
+  """The paper's chain: AR -> PFLM(1) (inverse-CDF), then PFLM(k/2) -> PFLM(k) with R=2; or
+  single_stage: AR -> PFLM(k) by k inverse-CDF rounds (the default's recipe, soft targets with
+  cdf_blur)."""
+  if single_stage:
+    return distill.StageSpec(student_k=k, teacher_k=0, cdf_blur=cdf_blur)
+  return distill.StageSpec(student_k=k, teacher_k=0 if k == 1 else k // 2,
+                           cdf_blur=cdf_blur if k == 1 else 0.0)
 
 
 # ---- the benchmark ----
 
 def run(seq_lens: list[int], ks: list[int], batch: int = 4, d_model: int = 256,
         n_layers: int = 4, n_heads: int = 4, vocab: int = 8192, reps: int = 5,
-        dense_reps: int | None = None, seed: int = 0) -> dict:
-  """Measure every kind at every (L, k); returns {"machine", "settings", "rows", "wall_s"}."""
+        dense_reps: int | None = None, seed: int = 0, single_stage: bool = False,
+        cdf_blur: float = 0.0, tau_range: tuple[float, float, float] | None = None) -> dict:
+  """Measure every kind at every (L, k); returns {"machine", "settings", "rows", "wall_s"}.
+  tau_range (tau_min, tau_max, greedy_share): also `distill_step_tau`, the same step trained on
+  that temperature range, in the same round-robin (the cost of temperature conditioning)."""
   dense_reps = reps if dense_reps is None else dense_reps
   devices = jax.devices()[:1]
   mesh = sharding.make_mesh(1, 1, devices)
@@ -142,7 +152,8 @@ def run(seq_lens: list[int], ks: list[int], batch: int = 4, d_model: int = 256,
              "loadavg_1m_at_start": os.getloadavg()[0]}
   settings = {"seq_lens": seq_lens, "ks": ks, "batch": batch, "d_model": d_model,
               "n_layers": n_layers, "n_heads": n_heads, "vocab": vocab, "reps": reps,
-              "dense_reps": dense_reps, "seed": seed}
+              "dense_reps": dense_reps, "seed": seed, "single_stage": single_stage,
+              "cdf_blur": cdf_blur, "tau_range": list(tau_range) if tau_range else None}
   settings.update(optimizer="AdamW + clip 1.0 (config_base defaults), EMA off",
                   budget_factor=BUDGET_FACTOR, dtype=cfg.dtype)
   print(f"device: {machine['device_kind']} ({machine['platform']}), {machine['cpu_count']} CPUs, "
@@ -154,7 +165,7 @@ def run(seq_lens: list[int], ks: list[int], batch: int = 4, d_model: int = 256,
   pflm_graphdef, pflm_params = _random_params(pflm_lib.PFLM, cfg, mesh, seed + 1)
   batch_sh = sharding.batch_sharding(mesh)
   rows = []
-  total = len(seq_lens) * (1 + 4 * len(ks))
+  total = len(seq_lens) * (1 + (5 if tau_range else 4) * len(ks))
   t_start = time.perf_counter()
 
   def record(row: dict) -> dict:
@@ -176,7 +187,7 @@ def run(seq_lens: list[int], ks: list[int], batch: int = 4, d_model: int = 256,
     steps = {("ar_step", 0): _StepRunner(step_fn, state, tokens, ())}
     forwards = {}
     for k in ks:
-      spec = _spec(k)
+      spec = _spec(k, single_stage, cdf_blur)
       t_graphdef, t_params = ((ar_graphdef, ar_params) if spec.teacher_k == 0
                               else (pflm_graphdef, pflm_params))
       zkey, ukey = jax.random.split(jax.random.fold_in(key, k))
@@ -193,6 +204,12 @@ def run(seq_lens: list[int], ks: list[int], batch: int = 4, d_model: int = 256,
       step_fn, state = _train_step(pflm_lib.PFLM, cfg, mesh, loss_fn, t_params, t_params,
                                    seed)
       steps[("distill_step", k)] = _StepRunner(step_fn, state, tokens, t_params)
+      if tau_range:
+        tau_spec = dataclasses.replace(spec, tau_min=tau_range[0], tau_max=tau_range[1],
+                                       greedy_share=tau_range[2])
+        step_fn, state = _train_step(pflm_lib.PFLM, cfg, mesh, distill.make_loss_fn(
+            tau_spec, pflm_graphdef, t_graphdef), t_params, t_params, seed)
+        steps[("distill_step_tau", k)] = _StepRunner(step_fn, state, tokens, t_params)
       for dense in (False, True):
         @jax.jit
         def forward(params, tokens_BxN, z_BxNxK, dense=dense):
@@ -218,7 +235,7 @@ def run(seq_lens: list[int], ks: list[int], batch: int = 4, d_model: int = 256,
     ar["tokens_per_s"] = batch * n / ar["seconds"]
     record(ar)
     for k in ks:
-      teacher_k = _spec(k).teacher_k
+      teacher_k = _spec(k, single_stage).teacher_k
       roll = row("rollout", k, teacher_k=teacher_k)
       roll["ratio_to_ar"] = roll["seconds"] / ar["seconds"]
       record(roll)
@@ -229,6 +246,10 @@ def run(seq_lens: list[int], ks: list[int], batch: int = 4, d_model: int = 256,
           BUDGET_FACTOR * (1 + k) * ar["seconds"] + roll["seconds"])
       dist["ratio_to_model"] = dist["seconds"] / ((1 + k) * ar["seconds"] + roll["seconds"])
       record(dist)
+      if tau_range:
+        cond = row("distill_step_tau", k, teacher_k=teacher_k)
+        cond["ratio_to_plain"] = cond["seconds"] / dist["seconds"]
+        record(cond)
       eff, dense = row("forward_efficient", k), row("forward_dense", k)
       eff["speedup_vs_dense"] = dense["seconds"] / eff["seconds"]
       dense["ratio_to_efficient"] = dense["seconds"] / eff["seconds"]
@@ -252,6 +273,8 @@ STEP_COLUMNS = [("L", ">5"), ("k", ">2"), ("teacher", ">8"), ("AR step", ">9.4f"
                 ("rollout", ">9.4f"), ("distill", ">9.4f"), ("distill/AR", ">10.2f"),
                 ("budget", ">7.1f"), ("vs_budget", ">9.2f"), ("vs_model", ">8.2f"),
                 ("compile", ">8")]
+TAU_COLUMNS = [("L", ">5"), ("k", ">2"), ("tau = 1", ">9.4f"), ("range", ">9.4f"),
+               ("ratio", ">8")]
 FORWARD_COLUMNS = [("L", ">5"), ("k", ">2"), ("efficient", ">10.4f"), ("dense", ">10.4f"),
                    ("speedup", ">8"), ("compile eff/dense", ">18")]
 
@@ -275,6 +298,15 @@ def format_table(result: dict) -> str:
       e, d = _find(rows, "forward_efficient", n, k), _find(rows, "forward_dense", n, k)
       forwards.append([n, k, e["seconds"], d["seconds"], f"{e['speedup_vs_dense']:.2f}x",
                        f"{e['compile_s']:.1f}s/{d['compile_s']:.1f}s"])
+  tau = []
+  for n in s["seq_lens"]:
+    for k in s["ks"] if s.get("tau_range") else ():
+      c = _find(rows, "distill_step_tau", n, k)
+      tau.append([n, k, _find(rows, "distill_step", n, k)["seconds"], c["seconds"],
+                  f"{c['ratio_to_plain']:.3f}x"])
+  extra = ["", f"Temperature conditioning (tau_min, tau_max, greedy_share = {s['tau_range']}): "
+           "distill step on the range vs at tau = 1 (median seconds)",
+           report.text_table(TAU_COLUMNS, tau, sep=" ")] if tau else []
   return "\n".join([
       f"Train step cost (median seconds; batch {s['batch']}; AR step = forward + backward + "
       f"AdamW; distill step includes the teacher rollout)",
@@ -282,7 +314,7 @@ def format_table(result: dict) -> str:
       "  budget = 1.2*(1+k) AR steps; vs_budget = distill / (budget*AR + rollout) (<= 1: "
       "within budget);", "  vs_model = distill / ((1+k)*AR + rollout)", "",
       "Student forward (PFLM.noise_logits, forward only; median seconds)",
-      report.text_table(FORWARD_COLUMNS, forwards, sep=" ")])
+      report.text_table(FORWARD_COLUMNS, forwards, sep=" ")] + extra)
 
 
 def plot(result: dict, out_png: str) -> None:
@@ -335,6 +367,15 @@ _DENSE_REPS = flags.DEFINE_integer("dense_reps", None, "Timed runs of the dense-
                                    "(default: --reps).", flag_values=FLAGS)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.",
                              flag_values=FLAGS)
+_SINGLE = flags.DEFINE_bool("single_stage", False, "Every k distils from the AR teacher by k "
+                            "inverse-CDF rounds (the default config's recipe).",
+                            flag_values=FLAGS)
+_BLUR = flags.DEFINE_float("cdf_blur", 0.0, "Soft targets of AR-teacher stages "
+                           "(config.distill.cdf_blur; the default config: 0.01).",
+                           flag_values=FLAGS)
+_TAU = flags.DEFINE_list("tau_range", [], "tau_min,tau_max,greedy_share: also time the distill "
+                         "step trained on that temperature range (the default: 0.5,1.2,0.1).",
+                         flag_values=FLAGS)
 
 
 def main(argv=None) -> dict:
@@ -344,9 +385,12 @@ def main(argv=None) -> dict:
     FLAGS.unparse_flags()
     FLAGS(["train_cost"] + list(sys.argv[1:] if argv is None else argv))
     seq_lens, ks = ([int(x) for x in holder.value if x.strip()] for holder in (_SEQ_LENS, _KS))
+    tau_range = tuple(float(x) for x in _TAU.value) or None
+    if tau_range and len(tau_range) != 3:
+      raise ValueError(f"--tau_range takes tau_min,tau_max,greedy_share, got {_TAU.value}")
   except (flags.Error, ValueError) as e:
     raise config_check.UserError(f"train_cost: {e}") from None
-  bad = [k for k in ks if k < 1 or (k > 1 and k % 2)]
+  bad = [k for k in ks if k < 1 or (k > 1 and k % 2 and not _SINGLE.value)]
   if bad:
     raise config_check.UserError(f"--ks: {bad} not supported; use 1 or even k (the teacher is "
                                  "PFLM(k/2) with R=2)")
@@ -354,7 +398,8 @@ def main(argv=None) -> dict:
     raise config_check.UserError("--reps must be >= 1")
   os.makedirs(_OUT.value, exist_ok=True)
   result = run(seq_lens, ks, _BATCH.value, _D_MODEL.value, _N_LAYERS.value, _N_HEADS.value,
-               _VOCAB.value, _REPS.value, _DENSE_REPS.value, _SEED.value)
+               _VOCAB.value, _REPS.value, _DENSE_REPS.value, _SEED.value, _SINGLE.value,
+               _BLUR.value, tau_range)
   print("\n" + format_table(result))
   busiest = max(r["loadavg_1m"] for r in result["rows"])
   if busiest > result["machine"]["cpu_count"] + 1:
