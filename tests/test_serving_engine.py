@@ -128,6 +128,50 @@ def test_eos_stop_check_cancel_queue_and_shutdown(stages):
   assert eng.stats()["free"] == 2
 
 
+@pytest.mark.slow
+def test_requests_ending_while_a_step_is_in_flight_get_nothing_more(stages):
+  """The loop dispatches step t+1 before delivering step t, so a request that ends at step t
+  was advanced once more: those tokens are dropped, and its (only) slot takes the next request
+  only after that step, which still decodes exactly as offline."""
+  loaded, k = stages["k3"], 3
+  eng = engine_lib.ServingEngine(loaded, k, slots=1, max_prompt_len=16, max_tokens=12,
+                                 max_queue=4)
+  eng.warmup()
+  want = [_offline(loaded, PROMPTS[i], 12, 10 + i, k) for i in range(3)]
+  reqs = [engine_lib.Request(prompt_ids=PROMPTS[0], max_tokens=7, seed=10),  # 7 = 2k + 1
+          engine_lib.Request(prompt_ids=PROMPTS[1], max_tokens=12, seed=11,
+                             stop_check=lambda toks: len(toks) >= 5),  # fires at the 2nd block
+          engine_lib.Request(prompt_ids=PROMPTS[2], max_tokens=8, seed=12)]
+  calls = [[] for _ in reqs]
+  done = threading.Semaphore(0)
+
+  def record(i):
+    def cb(new, reason):
+      calls[i].append((list(new), reason))
+      if reason is not None:
+        done.release()
+    return cb
+  for i, r in enumerate(reqs):
+    r.stop_at_eos = False
+    r.on_tokens = record(i)
+    eng.submit(r)
+  eng.start()
+  try:
+    for _ in reqs:
+      assert done.acquire(timeout=60)
+    for i, (r, n, reason) in enumerate(zip(reqs, (7, 6, 8), ("length", "stop", "length"))):
+      got = [t for new, _ in calls[i] for t in new]
+      assert got == r.tokens == want[i][:n], i
+      assert r.finish_reason == reason and calls[i][-1] == ([], reason)
+      assert all(why is None for _, why in calls[i][:-1]), calls[i]  # nothing after its end
+    # Offline needs 2 + 1 + 2 steps; each request ended with one more step in flight, whose
+    # tokens were dropped and after which its slot took the next request.
+    assert eng.steps == 8
+    assert eng.stats()["free"] == 1
+  finally:
+    eng.shutdown()
+
+
 def test_bad_engine_settings(stages):
   with pytest.raises(ValueError, match="trained window"):
     engine_lib.ServingEngine(stages["k3"], 4)

@@ -11,6 +11,11 @@ and its token i uses uniform i, exactly as offline `decode.Engine.generate([prom
 does, whatever else is running and whenever it arrives. EOS, stop strings and max_tokens are
 applied on the host between steps; the frequency penalty is per slot, on the device.
 
+The host work overlaps the device: the loop dispatches step t+1 (JAX dispatch is asynchronous)
+before it copies step t's tokens to the host and runs the requests' callbacks and stop checks.
+So a request that ends while step t is delivered has already been advanced by step t+1: those
+tokens are dropped, and its slot takes a new request only once step t+1 has been consumed.
+
 The decode loop runs in its own thread (`ServingEngine.start`); callers `submit` requests from
 any thread and receive tokens through the request's callback.
 """
@@ -124,10 +129,14 @@ class ServingEngine:
     self._pending: queue.Queue = queue.Queue()
     self._live: dict[int, Request] = {}
     self._free = list(range(slots))
+    # (slot, step count) of slots whose request ended while a step that advances them was in
+    # flight: free once that many steps have been consumed.
+    self._retiring: list[tuple[int, int]] = []
+    self._consumed = 0  # steps whose tokens have been delivered
     self._lock = threading.Condition()
     self._closing = False
     self._thread: threading.Thread | None = None
-    self.steps = 0
+    self.steps = 0  # steps dispatched
     self.state = None
 
   # ---- jitted programs ----
@@ -272,8 +281,11 @@ class ServingEngine:
     return req
 
   def stats(self) -> dict:
+    """Counts for /health and /metrics; a retiring slot (its request is over, a step in flight
+    still advances it) counts as free."""
     with self._lock:
-      return {"slots": self.slots, "live": len(self._live), "free": len(self._free),
+      return {"slots": self.slots, "live": len(self._live),
+              "free": len(self._free) + len(self._retiring),
               "queued": self._pending.qsize(), "steps": self.steps, "closing": self._closing,
               "error": self.error}
 
@@ -310,7 +322,9 @@ class ServingEngine:
       except Exception:  # the request's own callback: it is over anyway; the loop goes on
         log.exception("a request's finish callback failed")
 
-  def _admit_slot(self, slot: int, req: Request, plen: int) -> list[int]:
+  def _admit_slot(self, slot: int, req: Request, plen: int) -> jax.Array:
+    """Prefill `req` and insert it into `slot` (both dispatched, not awaited); returns its first
+    block (1, k) on the device."""
     x, pad = decode.pad_prompts([req.prompt_ids], 1, plen)
     keys = decode.row_keys(req.seed, [0])
     penalty = np.asarray([req.frequency_penalty], np.float32)
@@ -321,7 +335,7 @@ class ServingEngine:
     self.state = self._insert(self.state, jnp.asarray(slot, jnp.int32), y, ck, cv, counts,
                               jnp.asarray(pad), jnp.asarray(keys), jnp.asarray(penalty),
                               controls)
-    return [int(t) for t in np.asarray(y)[0]]
+    return y
 
   def _deliver(self, slot: int, req: Request, block: list[int]) -> bool:
     """Append a block to a request; True when the request is finished (slot freed)."""
@@ -357,45 +371,81 @@ class ServingEngine:
     with self._lock:
       if self._live.get(slot) is req:  # (never free a slot twice)
         self._live.pop(slot)
-        self._free.append(slot)
+        if self.steps > self._consumed:  # a step in flight advances it: wait for its tokens
+          self._retiring.append((slot, self.steps))
+        else:
+          self._free.append(slot)
     self._finish(req, reason)
 
+  def _admit_waiting(self) -> list[tuple[int, Request, jax.Array]]:
+    """At a block boundary: prefill each waiting request into a free slot. Returns (slot,
+    request, first block on the device) of those admitted."""
+    admitted = []
+    while self._free and not self._pending.empty():
+      req = self._pending.get_nowait()
+      if req.cancelled:
+        self._finish(req, "cancelled")
+        continue
+      with self._lock:
+        slot = self._free.pop(0)
+        self._live[slot] = req
+      try:
+        admitted.append((slot, req, self._admit_slot(slot, req,
+                                                     decode.bucket_len(len(req.prompt_ids)))))
+      except Exception as e:  # this request's prefill: it fails alone (a failed insert
+        log.exception("prefill failed")  # loses the donated state: the step then fails)
+        self._release(slot, req, f"error: {type(e).__name__}: {e}")
+    return admitted
+
+  def _consume(self, y_BxK: jax.Array, owners: dict[int, Request]) -> None:
+    """Deliver one step's tokens to the requests it advanced (`owners`, as at its dispatch) that
+    are still live, then free the slots that waited for this step."""
+    y = np.asarray(jax.device_get(y_BxK))
+    for slot, req in owners.items():
+      if self._live.get(slot) is req:  # a request that ended since gets nothing more
+        self._deliver(slot, req, [int(t) for t in y[slot]])
+    with self._lock:
+      self._consumed += 1
+      self._free += [s for s, n in self._retiring if n <= self._consumed]
+      self._retiring = [(s, n) for s, n in self._retiring if n > self._consumed]
+
   def _loop(self) -> None:
+    """Admit; dispatch the next step; deliver the admitted requests' first blocks and the
+    previous step's tokens while the device computes it."""
+    inflight = None  # (y_BxK on the device, {slot: request} it advances) not yet delivered
     try:
       while True:
         with self._lock:
-          while not self._live and self._pending.empty() and not self._closing:
+          while (not self._live and self._pending.empty() and inflight is None
+                 and not self._closing):
             self._lock.wait()
-          if self._closing and not self._live and self._pending.empty():
+          if (self._closing and not self._live and self._pending.empty()
+              and inflight is None):
             return
-        # Admit at the block boundary: prefill each waiting request into a free slot.
-        while self._free and not self._pending.empty():
-          req = self._pending.get_nowait()
-          if req.cancelled:
-            self._finish(req, "cancelled")
-            continue
-          with self._lock:
-            slot = self._free.pop(0)
-            self._live[slot] = req
+        admitted = self._admit_waiting()
+        step = None
+        if self._live:
+          self.state, y = self._step(self.loaded.params, self.state)
+          self.steps += 1
+          step = (y, dict(self._live))
+        for slot, req, y_1xK in admitted:
           try:
-            block = self._admit_slot(slot, req, decode.bucket_len(len(req.prompt_ids)))
-          except Exception as e:  # this request's prefill: it fails alone (a failed insert
-            log.exception("prefill failed")  # loses the donated state: the step then fails)
+            block = [int(t) for t in np.asarray(jax.device_get(y_1xK))[0]]
+          except Exception as e:  # its prefill failed on the device
+            log.exception("prefill failed")
             self._release(slot, req, f"error: {type(e).__name__}: {e}")
             continue
           self._deliver(slot, req, block)
-        if not self._live:
-          continue
-        self.state, y = self._step(self.loaded.params, self.state)
-        self.steps += 1
-        y = np.asarray(jax.device_get(y))
-        for slot, req in list(self._live.items()):
-          self._deliver(slot, req, [int(t) for t in y[slot]])
+        if inflight is not None:
+          self._consume(*inflight)
+        inflight = step
     except Exception as e:  # an internal error: fail every request loudly, keep the traceback
       log.exception("decode loop failed")
       with self._lock:
         self.error = f"{type(e).__name__}: {e}"
         self._closing = True
+        self._free += [s for s, _ in self._retiring]
+        self._retiring = []
         for slot, req in list(self._live.items()):
           self._live.pop(slot)
           self._free.append(slot)
