@@ -1,22 +1,35 @@
-"""Load benchmark of a running `python -m kforcing_jax.serve` with the official `openai` client.
+"""Load benchmark of a running `python -m kforcing_jax.serve` with the official `openai` client,
+against the offline decoder on the same machine.
 
-  python -m kforcing_jax.bench.serve_load --url http://127.0.0.1:8000 \
+  python -m kforcing_jax.bench.serve_load --url http://127.0.0.1:8000 --workdir runs/kjv \
       --concurrency 1,4,16,64 --requests 128 --max_tokens 64 --out load.json
   # a second server on the same table and plot:
   python -m kforcing_jax.bench.serve_load --url http://127.0.0.1:8001 --include load.json \
       --out load_both.json
 
-Per concurrency level C it sends --requests streaming completions (prompts are held-out-style
-text lines from --prompts, or a built-in set), at most C in flight (async client, loopback
-only), each bounded by --timeout_s, and reports requests/s, output tokens/s, time to first token
-p50/p99, latency p50/p99 and errors. Output tokens are the server's own count (the stream's
-final `usage` chunk, stream_options.include_usage). Prints a table; writes JSON and a PNG of
-output tokens/s and latency vs concurrency (same name, .png).
+Per concurrency level C it sends --requests streaming completions (a built-in set of prompts),
+at most C in flight (async client, loopback only), each bounded by --timeout_s, and reports
+what vLLM's serving benchmark reports: output tokens/s, requests/s, errors, and p50/p99 of
+  TTFT  time to first token (request sent -> first text chunk),
+  TPOT  time per output token after the first: (latency - TTFT) / (tokens - 1) per request,
+  ITL   inter-token latency: the gaps between a stream's text chunks (one chunk carries a
+        block, up to k tokens, so the gaps are per block),
+and end-to-end latency. Output tokens are the server's own count (the stream's final `usage`
+chunk, stream_options.include_usage).
+
+With --workdir (the served stage's work dir) it also measures, in the same run on the same
+machine, the offline decoder (`decode.Engine.generate`) on the same stage and k: a batch of
+min(C, server slots) of the same prompts' ids, max_tokens tokens per row (no EOS stop), once to
+compile, then timed over --offline_reps calls back to back, host transfers included, while the
+server is idle between levels; `server/offline` is the served tokens/s over it. Prints a table;
+writes the JSON (report.write_result: with provenance) and a PNG of tokens/s and p99 TTFT vs
+concurrency (same name, .png).
 """
 
 import asyncio
 import json
 import os
+import statistics
 import time
 import urllib.parse
 import urllib.request
@@ -34,6 +47,9 @@ _TIMEOUT = flags.DEFINE_float("timeout_s", 120.0, "Per-request timeout.")
 _BUDGET = flags.DEFINE_float("budget_s", 1800.0, "Stop starting new levels after this long.")
 _OUT = flags.DEFINE_string("out", "serve_load.json", "Output JSON (PNG beside it).")
 _LABEL = flags.DEFINE_string("label", "", "Name of this server in the table (default: model).")
+_WORKDIR = flags.DEFINE_string("workdir", "", "The served stage's work dir: also measure the "
+                                "offline decoder there (empty: server only).")
+_REPS = flags.DEFINE_integer("offline_reps", 3, "Timed offline generate calls per level.")
 _INCLUDE = flags.DEFINE_list("include", [], "JSON files of earlier runs (other servers) to show "
                              "in the same table and plot.")
 
@@ -52,8 +68,10 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 async def one_request(client, model: str, i: int, max_tokens: int, timeout: float) -> dict:
+  """One streamed completion: its latency, TTFT, the gaps between its text chunks (ITL) and
+  TPOT."""
   t0 = time.perf_counter()
-  first, tokens, text, reason = None, 0, "", None
+  arrivals, tokens, text, reason = [], 0, "", None
   try:
     stream = await client.completions.create(
         model=model, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens, seed=i,
@@ -62,12 +80,16 @@ async def one_request(client, model: str, i: int, max_tokens: int, timeout: floa
       if chunk.usage is not None:
         tokens = chunk.usage.completion_tokens
       for c in chunk.choices:
-        if c.text and first is None:
-          first = time.perf_counter() - t0
+        if c.text:
+          arrivals.append(time.perf_counter() - t0)
         text += c.text
         reason = c.finish_reason or reason
-    return {"ok": True, "latency_s": time.perf_counter() - t0, "ttft_s": first,
-            "tokens": tokens, "finish_reason": reason, "chars": len(text)}
+    latency = time.perf_counter() - t0
+    first = arrivals[0] if arrivals else None
+    tpot = (latency - first) / (tokens - 1) if first is not None and tokens > 1 else None
+    return {"ok": True, "latency_s": latency, "ttft_s": first, "tpot_s": tpot,
+            "itl_s": [b - a for a, b in zip(arrivals, arrivals[1:])], "tokens": tokens,
+            "finish_reason": reason, "chars": len(text)}
   except Exception as e:  # counted as an error, the run goes on
     return {"ok": False, "error": f"{type(e).__name__}: {e}"[:300],
             "latency_s": time.perf_counter() - t0}
@@ -90,43 +112,88 @@ async def run_level(url: str, model: str, concurrency: int, n: int, max_tokens: 
   await client.close()
   ok = [r for r in results if r["ok"]]
   out_tokens = sum(r["tokens"] for r in ok)
-  lat = [r["latency_s"] for r in ok]
-  ttft = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
+  series = {"ttft": [r["ttft_s"] for r in ok if r["ttft_s"] is not None],
+            "tpot": [r["tpot_s"] for r in ok if r["tpot_s"] is not None],
+            "itl": [x for r in ok for x in r["itl_s"]],
+            "latency": [r["latency_s"] for r in ok]}
   errors = [r["error"] for r in results if not r["ok"]]
-  return {"concurrency": concurrency, "requests": n, "ok": len(ok), "errors": len(errors),
-          "error_examples": errors[:3], "wall_s": wall, "requests_per_s": len(ok) / wall,
-          "output_tokens_per_s": out_tokens / wall, "output_tokens": out_tokens,
-          "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
-          "latency_p50_s": percentile(lat, 50), "latency_p99_s": percentile(lat, 99)}
+  row = {"concurrency": concurrency, "requests": n, "ok": len(ok), "errors": len(errors),
+         "error_examples": errors[:3], "wall_s": wall, "requests_per_s": len(ok) / wall,
+         "output_tokens_per_s": out_tokens / wall, "output_tokens": out_tokens}
+  for name, xs in series.items():
+    row[f"{name}_mean_s"] = statistics.fmean(xs) if xs else float("nan")
+    row[f"{name}_p50_s"], row[f"{name}_p99_s"] = percentile(xs, 50), percentile(xs, 99)
+  return row
 
 
-TABLE_COLUMNS = [("server", "<10"), ("conc", ">6"), ("req", ">6"), ("err", ">5"),
-                 ("req/s", ">8.2f"), ("out tok/s", ">11.0f"), ("TTFT p50", ">10.3f"),
-                 ("TTFT p99", ">10.3f"), ("lat p50", ">9.2f"), ("lat p99", ">9.2f")]
-TABLE_FIELDS = ["server", "concurrency", "requests", "errors", "requests_per_s",
-                "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "latency_p50_s",
-                "latency_p99_s"]
+class Offline:
+  """The offline decoder on the served stage: tokens/s of `decode.Engine.generate` on a batch
+  of the benchmark's prompts (their ids as the server's tokenizer makes them)."""
+
+  def __init__(self, workdir: str, stage: str, k: int, max_tokens: int, reps: int):
+    from kforcing_jax.serving import decode
+    from kforcing_jax.training import stage_io
+
+    loaded = stage_io.load_stage(workdir, stage)
+    self.engine = decode.Engine.from_stage(loaded)
+    self.prompt_ids = [loaded.tokenizer.encode_prompt(p) for p in PROMPTS]
+    self.spec = decode.DecodeSpec(k=k, max_new_tokens=max_tokens, ar=loaded.k == 0)
+    self.reps = reps
+
+  def tokens_per_s(self, batch: int) -> float:
+    """Warm (one call compiles), then `reps` timed calls back to back."""
+    ids = [self.prompt_ids[i % len(self.prompt_ids)] for i in range(batch)]
+    self.engine.generate(ids, self.spec, seed=0)
+    t0 = time.perf_counter()
+    for _ in range(self.reps):
+      self.engine.generate(ids, self.spec, seed=0)
+    return self.reps * batch * self.spec.max_new_tokens / (time.perf_counter() - t0)
+
+
+# (header, format, field, scale): TTFT and latency in s, TPOT and ITL in ms.
+TABLE = [("server", "<10", "server", None), ("conc", ">5", "concurrency", None),
+         ("req", ">5", "requests", None), ("err", ">4", "errors", None),
+         ("out tok/s", ">10.0f", "output_tokens_per_s", 1),
+         ("offline", ">9.0f", "offline_tokens_per_s", 1),
+         ("srv/off", ">8.2f", "server_over_offline", 1),
+         ("TTFT50 s", ">9.3f", "ttft_p50_s", 1), ("TTFT99 s", ">9.3f", "ttft_p99_s", 1),
+         ("TPOT50 ms", ">10.1f", "tpot_p50_s", 1e3), ("TPOT99 ms", ">10.1f", "tpot_p99_s", 1e3),
+         ("ITL50 ms", ">9.1f", "itl_p50_s", 1e3), ("ITL99 ms", ">9.1f", "itl_p99_s", 1e3),
+         ("lat99 s", ">8.2f", "latency_p99_s", 1)]
 
 
 def table(rows: list[dict]) -> str:
-  return report.text_table(TABLE_COLUMNS, ([r[f] for f in TABLE_FIELDS] for r in rows))
+  """One line per (server, concurrency); '-' where a row lacks the field (an older run, or no
+  --workdir for the offline columns)."""
+  cell = lambda r, field, scale: ("-" if r.get(field) is None else
+                                  r[field] if scale is None else r[field] * scale)
+  return report.text_table([(h, f) for h, f, _, _ in TABLE],
+                           ([cell(r, field, scale) for _, _, field, scale in TABLE] for r in rows))
 
 
 def plot(rows: list[dict], out_png: str) -> None:
+  """Output tokens/s (the offline decoder's dashed, where measured) and p99 TTFT vs
+  concurrency, one colour per server."""
   with report.figure(out_png, 2, (10, 4), "serving load (openai client, loopback)") as (
       _, _, (a, b)):
     for i, server in enumerate(sorted({r["server"] for r in rows})):
       rs = report.by(rows, "concurrency", server=server)
       xs = [r["concurrency"] for r in rs]
       a.plot(xs, [r["output_tokens_per_s"] for r in rs], "o-", color=f"C{i}", label=server)
-      b.plot(xs, [r["latency_p50_s"] for r in rs], "o-", color=f"C{i}", label=f"{server} p50")
-      b.plot(xs, [r["latency_p99_s"] for r in rs], "x--", color=f"C{i}", label=f"{server} p99")
-    for ax, label in ((a, "output tokens/s"), (b, "latency (s)")):
+      off = [(x, r["offline_tokens_per_s"]) for x, r in zip(xs, rs)
+             if r.get("offline_tokens_per_s") is not None]
+      if off:
+        a.plot(*zip(*off), "x--", color=f"C{i}", label=f"{server} offline (batch = min(C, slots))")
+      if all("ttft_p99_s" in r for r in rs):
+        b.plot(xs, [r["ttft_p99_s"] for r in rs], "o-", color=f"C{i}", label=f"{server} p99")
+    for ax, label in ((a, "output tokens/s"), (b, "time to first token, p99 (s)")):
       report.finish_axes(ax, "concurrent requests", label, log2_x=True)
 
 
 def main(argv):
   del argv
+  # The server holds its device memory already: JAX in this process allocates as it goes.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
   from kforcing_jax.config import check as config_check
   from kforcing_jax.observe import metrics_log
@@ -142,8 +209,8 @@ def main(argv):
     levels = [int(c) for c in _CONC.value]
   except ValueError:
     raise config_check.UserError(f"--concurrency must be integers, got {_CONC.value}") from None
-  if any(c < 1 for c in levels) or _N.value < 1:
-    raise config_check.UserError("--concurrency and --requests must be >= 1")
+  if any(c < 1 for c in levels) or _N.value < 1 or _REPS.value < 1:
+    raise config_check.UserError("--concurrency, --requests and --offline_reps must be >= 1")
   try:
     with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10) as r:
       health = json.load(r)
@@ -152,6 +219,11 @@ def main(argv):
                                  "python -m kforcing_jax.serve") from None
   model = health["model"]
   label = _LABEL.value or model
+  offline = None
+  if _WORKDIR.value:
+    log.info("loading %s from %s for the offline decoder (k=%d)", model, _WORKDIR.value,
+             health["k"])
+    offline = Offline(_WORKDIR.value, model, health["k"], _MAX_TOKENS.value, _REPS.value)
   rows, t_start = [], time.perf_counter()
   note = metrics_log.Progress(len(levels)).step
   for i, c in enumerate(levels):
@@ -160,17 +232,27 @@ def main(argv):
       break
     row = asyncio.run(run_level(url, model, c, _N.value, _MAX_TOKENS.value, _TIMEOUT.value))
     row["server"] = label
+    if offline is not None:  # (the server is idle now: its level has finished)
+      row["offline_batch"] = min(c, health["slots"])
+      row["offline_tokens_per_s"] = offline.tokens_per_s(row["offline_batch"])
+      row["server_over_offline"] = row["output_tokens_per_s"] / row["offline_tokens_per_s"]
     rows.append(row)
-    note(f"{label} concurrency {c}: {row['output_tokens_per_s']:.0f} output tokens/s, "
-         f"{row['errors']} errors")
+    note(f"{label} concurrency {c}: {row['output_tokens_per_s']:.0f} output tokens/s"
+         + (f" ({row['server_over_offline']:.2f}x offline)" if offline else "")
+         + f", TTFT p99 {row['ttft_p99_s']:.3f} s, {row['errors']} errors")
   shown = list(rows)
   for path in _INCLUDE.value:
     with open(path, encoding="utf-8") as f:
       shown += json.load(f)["rows"]
   print(table(shown))
   out = os.path.abspath(_OUT.value)
-  report.write_result(out, {"url": url, "health": health, "max_tokens": _MAX_TOKENS.value,
-                            "rows": rows})
+  report.write_result(out, {
+      "url": url, "health": health, "max_tokens": _MAX_TOKENS.value,
+      "offline": None if offline is None else {
+          "workdir": _WORKDIR.value, "k": health["k"], "reps": _REPS.value,
+          "how": "decode.Engine.generate, batch = min(concurrency, slots) of the same prompts, "
+                 "max_tokens per row without EOS, one warm call then reps timed back to back"},
+      "rows": rows})
   png = os.path.splitext(out)[0] + ".png"
   plot(shown, png)
   log.info("wrote %s and %s", out, png)
