@@ -338,7 +338,8 @@ class ServingEngine:
     return y
 
   def _deliver(self, slot: int, req: Request, block: list[int]) -> bool:
-    """Append a block to a request; True when the request is finished (slot freed)."""
+    """Append a block to a request; True when the request is finished (its slot freed, or
+    retiring until the step in flight has been consumed)."""
     if req.cancelled:
       self._release(slot, req, "cancelled")
       return True
