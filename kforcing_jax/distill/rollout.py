@@ -62,22 +62,33 @@ def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: j
   soft targets are one-hot and its logits are at temperature 1).
   """
   b, n, rounds = z_BxNxR.shape
-  greedy = None if isinstance(tau, (int, float)) else (jnp.asarray(tau) == 0)[:, None, None]
+  if isinstance(tau, (int, float)):
+    greedy, scale = None, None
+    logits_at = lambda h: sampling.transformed_logits(teacher.logits(h), tau)
+  else:  # per sequence: 1 / tau scales the d-wide state, not the V-wide logits (cheaper)
+    tau = jnp.asarray(tau, jnp.float32)
+    greedy = (tau == 0)[:, None]
+    scale = jnp.where(tau == 0, 1.0, 1.0 / jnp.where(tau == 0, 1.0, tau))[:, None, None]
+    logits_at = lambda h: teacher.logits(h, scale)
 
   def sample(logits, z):
-    y = sampling.sample(logits, z, tau)
-    logits = sampling.transformed_logits(logits, tau)
+    """logits at the temperature (greedy rows at 1) -> tokens (and soft targets)."""
+    if greedy is None:
+      y = sampling.sample(logits, z, 0.0 if tau == 0 else 1.0)
+    else:
+      y = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                    sampling.inverse_cdf(logits, z))
     if blur is not None:
       ids, w = sampling.blurred_window(logits, z, y, *blur)
       if greedy is not None or tau == 0:
         one_hot = (jnp.arange(w.shape[-1]) == blur[1]).astype(w.dtype)
-        w = jnp.broadcast_to(one_hot, w.shape) if greedy is None else jnp.where(greedy,
-                                                                                 one_hot, w)
+        w = jnp.broadcast_to(one_hot, w.shape) if greedy is None else jnp.where(
+            greedy[..., None], one_hot, w)
       return y, (ids, w)
     return y, (logits if with_logits else None)
 
   h_ctx, ctx_kvs = teacher.context_pass(tokens_BxN)
-  logits0 = teacher.logits(h_ctx).astype(jnp.float32)
+  logits0 = logits_at(h_ctx)
   y0, extra0 = sample(logits0, z_BxNxR[..., 0])
   produced = jnp.zeros((b, n, rounds), jnp.int32).at[..., 0].set(y0)
   extra = with_logits or blur is not None
@@ -94,7 +105,7 @@ def ar_rollout(teacher: model_lib.Transformer, tokens_BxN: jax.Array, z_BxNxR: j
       y_prev = jnp.where(mix_BxN[..., None], given, y_prev)
     h, cache = teacher.window_pass(ctx_kvs, teacher.embed(y_prev), cache=cache, start=r - 1)
     z_r = jax.lax.dynamic_index_in_dim(z_BxNxR, r, axis=2, keepdims=False)
-    y, extra_r = sample(teacher.logits(h[:, :, 0]).astype(jnp.float32), z_r)
+    y, extra_r = sample(logits_at(h[:, :, 0]), z_r)
     produced_BxNxR = jax.lax.dynamic_update_index_in_dim(produced_BxNxR, y, r, axis=2)
     return (produced_BxNxR, cache), extra_r
 

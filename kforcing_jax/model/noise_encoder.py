@@ -61,14 +61,21 @@ class NoiseEncoder(nnx.Module):
     self.mlp_out_bias = layers._param(zeros, rngs.params(), (d,), ("norm",))
 
   def __call__(self, z: jax.Array, tau: float | jax.Array = 1.0) -> jax.Array:
-    """z (...) in [0, 1) -> embeddings (..., d) in float32; tau a number or an array aligned
-    with z's leading axes (e.g. one temperature per sequence, (B,))."""
+    """z (...) in [0, 1) -> embeddings (..., d) in float32; tau a number, one per noise token
+    (z's shape), or an array aligned with z's leading axes (one per sequence, (B,))."""
     # Only z's features take max_freq: tau is a setting, not a draw that needs resolving.
     fz = sinusoidal_features(z, self.d, self.max_freq)
     tau = jnp.asarray(tau, jnp.float32)
-    tau = tau.reshape(tau.shape + (1,) * (jnp.ndim(z) - tau.ndim))
-    ft = jnp.broadcast_to(sinusoidal_features(tau, self.d), fz.shape)
-    h = jnp.concatenate([fz, ft], axis=-1) @ self.combined_proj[...] + self.combined_proj_bias[...]
+    if tau.ndim == 0 or tau.shape == jnp.shape(z):
+      # One temperature, or one per noise token (decoding): the authors' concatenation, so
+      # every decoder computes the same embedding whatever shape tau comes in.
+      ft = jnp.broadcast_to(sinusoidal_features(tau, self.d), fz.shape)
+      h = jnp.concatenate([fz, ft], axis=-1) @ self.combined_proj[...]
+    else:  # per sequence (training): tau's half of the projection once per sequence
+      tau = tau.reshape(tau.shape + (1,) * (jnp.ndim(z) - tau.ndim))
+      w = self.combined_proj[...]
+      h = fz @ w[:self.d] + sinusoidal_features(tau, self.d) @ w[self.d:]
+    h = h + self.combined_proj_bias[...]
     mean = h.mean(-1, keepdims=True)
     var = jnp.square(h - mean).mean(-1, keepdims=True)
     g = (h - mean) * jax.lax.rsqrt(var + layers.LN_EPS) * self.norm_weight[...] + self.norm_bias[...]

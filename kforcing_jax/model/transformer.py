@@ -143,15 +143,19 @@ class Transformer(nnx.Module):
   def embed(self, tokens_BxL: jax.Array) -> jax.Array:
     return jnp.take(self.vocab_embed[...], tokens_BxL, axis=0).astype(RESIDUAL_DTYPE)
 
-  def logits(self, h_BxLxD: jax.Array) -> jax.Array:
-    """Float32 logits, the mask token's (if any) forced to MASKED_LOGIT."""
+  def logits(self, h_BxLxD: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """Float32 logits, the mask token's (if any) forced to MASKED_LOGIT. scale (broadcasting
+    against h's leading axes): logits * scale, applied to the d-wide normalised state and the
+    bias rather than to the V-wide logits (per-sequence temperatures in training: 1 / tau)."""
     h = self.norm_final(h_BxLxD).astype(jnp.float32)
+    if scale is not None:
+      h = h * scale
     if self.cfg.tie_embeddings:
       out = jnp.einsum("...d,vd->...v", h, self.vocab_embed[...])
     else:
       out = h @ self.head[...]
     if self.cfg.head_bias:
-      out = out + self.head_bias[...]
+      out = out + (self.head_bias[...] if scale is None else self.head_bias[...] * scale)
     if self.cfg.mask_id is None:
       return out
     return out.at[..., self.cfg.mask_id].set(MASKED_LOGIT)

@@ -143,7 +143,11 @@ def uniforms(keys_Bx2: jax.Array, first: jax.Array | int, n: int, stream: int = 
 def noise(m, keys_Bx2, first, k: int, tau) -> jax.Array:
   """Noise embeddings (B, k, D) of the k uniforms from token index `first` (() or per row), at
   temperature tau (a number, or per row (B,))."""
-  return m.noise_encoder(uniforms(keys_Bx2, first, k), tau).astype(model_lib.RESIDUAL_DTYPE)
+  z_BxK = uniforms(keys_Bx2, first, k)
+  tau = jnp.asarray(tau, jnp.float32)
+  if tau.ndim:  # per row: one per noise token, so the embedding equals a scalar tau's
+    tau = jnp.broadcast_to(tau[:, None], z_BxK.shape)
+  return m.noise_encoder(z_BxK, tau).astype(model_lib.RESIDUAL_DTYPE)
 
 
 def choose(spec: DecodeSpec, logits_BxKxV, keys_Bx2, first, done_B, length_B, counts_BxV,
