@@ -55,6 +55,11 @@ def get_config():
   # entropy rises off the 0.90x line for ~0.01 at offset 4 (on the default, 0.2 bought +0.018
   # of entropy ratio for +0.02 at offset 4; docs/fidelity-study.md). Only k4 has AR targets here.
   c.distill.own_prefix = 0.1
+  # One temperature (1), as its figures above were measured: kjv_tiny.py's range of 0.5-1.2 with
+  # greedy windows cost 0.07-0.23 nats of NLL_j at temperature 1 in 960 steps (docs/results.md);
+  # at 9x the steps that cost is expected to shrink but has not been measured.
+  c.distill.tau_min = c.distill.tau_max = 1.0
+  c.distill.greedy_share = 0.0
   # Then k4_2: phase 2 of k4 (same AR-rollout targets, fresh data order and noise), 4000 more
   # steps of 8 from k4's weights on a second cosine cycle at half k4's peak lr.
   c.stages = "teacher,draft,k4,k4_2"
