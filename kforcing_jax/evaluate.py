@@ -20,7 +20,8 @@ skipped at temperatures outside its trained range): samples, Gen-PPL under the t
 temperature 1, entropy, rep_n, and NLL_j against AR targets made at that temperature. It adds
 the Gen-PPL / entropy frontier: a table with each stage's Gen-PPL over the teacher's at equal
 entropy (`ppl@H`), "frontier" in the JSON, and a PNG beside --out. The lossless rows and the
-NLL_j reference points are computed at temperature 1 only.
+NLL_j reference points are computed at temperature 1 only. --top_k / --top_p / --min_p filter
+the teacher's and the lossless rows' sampling (a PFLM takes no filter: its rows are skipped).
 """
 
 import os
@@ -51,6 +52,10 @@ _FLOOR = flags.DEFINE_integer("floor_samples", 32, "Teacher rollouts behind the 
                               "prefix-known reference points of NLL_j, on the first 32 "
                               "validation rows (0: skip them).")
 _TEMPS = flags.DEFINE_list("temperatures", [], "Temperatures of the frontier ('' = 1 only).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Teacher and lossless rows: top-k (0 = off; a PFLM "
+                              "takes no filter, so its rows are skipped).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "As --top_k, nucleus mass (1 = off).")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "As --top_k, min-p (0 = off).")
 _PENALTY = flags.DEFINE_float("frequency_penalty", 0.0, "PFLM rows: subtract penalty * count "
                               "from the logits before each argmax (the reference code's "
                               "option; the paper and the default report pure argmax, 0).")
@@ -87,17 +92,22 @@ def main(argv):
       raise ValueError(f"--evaluator_stage {_EVAL_STAGE.value} is a PFLM; Gen-PPL needs an AR model")
   log.info("evaluating teacher + %s on %d held-out prompts (%d+%d tokens)", names or "no PFLM",
            len(prompts), _PROMPT_LEN.value, _MAX_NEW.value)
+  from kforcing_jax.distill import sampling
+  filters = dict(top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value)
+  controls = sampling.Controls(1.0, **filters)  # the lossless rows: at temperature 1
+  sampling.check_controls(1.0, **filters)
   lossless = []
   if _LOSSLESS.value:
     for st in stages:
       lossless.append((methods.verified_engine(teacher, "pflm_verified", pflm=st),
-                       methods.verify_spec("pflm_verified", st.k, _MAX_NEW.value)))
+                       methods.verify_spec("pflm_verified", st.k, _MAX_NEW.value,
+                                           controls=controls, drafter_temps=st.temperatures)))
     if methods.has_draft(workdir):
       draft = stage_io.load_stage(workdir, "draft", mesh=teacher.mesh, load_tokenizer=False)
       for method in ("spec", "spec_dynamic"):
         lossless.append((methods.verified_engine(teacher, method, draft=draft),
                          methods.verify_spec(method, draft.k, _MAX_NEW.value,
-                                             gamma=_GAMMA.value)))
+                                             gamma=_GAMMA.value, controls=controls)))
   temps = [float(t) for t in _TEMPS.value] or [1.0]
   if any(t <= 0 for t in temps):
     raise ValueError(f"--temperatures must be > 0 (sampling temperatures), got {temps}")
@@ -106,7 +116,8 @@ def main(argv):
     rows_t, samples_t = quality.evaluate(
         teacher, stages, prompts, val_tokens, _MAX_NEW.value, _BATCH.value, _SEED.value,
         evaluator, progress=log.info, lossless=lossless if t == 1 else None,
-        floor_samples=_FLOOR.value, frequency_penalty=_PENALTY.value, temperature=t)
+        floor_samples=_FLOOR.value, frequency_penalty=_PENALTY.value, temperature=t,
+        **filters)
     if len(temps) > 1:
       print(f"temperature {t:g}:")
       samples_t = {f"{name}@t{t:g}": outs for name, outs in samples_t.items()}
@@ -129,7 +140,7 @@ def main(argv):
               "max_new_tokens": _MAX_NEW.value, "val_seqs": len(val_tokens),
               "seed": _SEED.value, "evaluator": _EVAL_DIR.value or None,
               "floor_samples": _FLOOR.value, "frequency_penalty": _PENALTY.value,
-              "temperatures": temps}
+              "temperatures": temps, **filters}
   out = os.path.abspath(_OUT.value)
   result = {"settings": settings, "rows": rows, "samples": shown}
   if points is not None:

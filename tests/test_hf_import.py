@@ -196,10 +196,11 @@ def test_pflm_verified_and_spec_on_grouped_heads_are_the_teacher_token_for_token
                           sharding.param_shardings(abstract, teacher.mesh, fsdp=False))
   pflm = stage_io.LoadedStage("k3", 3, cfg, graphdef, params, None, 0, {}, teacher.mesh)
   for drafter, method, greedy in ((pflm, "pflm_verified", False), (teacher, "spec", True)):
-    ar = decode.DecodeSpec(k=1, max_new_tokens=10, ar=True, greedy=greedy)
+    tau = 0.0 if greedy else 1.0
+    ar = decode.DecodeSpec(k=1, max_new_tokens=10, ar=True, tau=tau)
     want = [c.tokens for c in decode.Engine.from_stage(teacher).generate(PROMPTS, ar, seed=4)]
     engine = speculative.VerifiedEngine(teacher, drafter)
-    spec = speculative.VerifySpec(method, gamma=3, max_new_tokens=10, greedy=greedy)
+    spec = speculative.VerifySpec(method, gamma=3, max_new_tokens=10, tau=tau)
     outs, _ = engine.generate(PROMPTS, spec, seed=4)
     assert [o.tokens for o in outs] == want, method
 

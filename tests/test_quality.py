@@ -77,3 +77,21 @@ def test_miss_anatomy_buckets_by_bin_width_chains_hits_and_compares_entropies():
   table = quality.miss_table(
       [{"method": "pflm", "stage": "k2", "k": 2, "acc_1": 0.5, "acc_2": 0.5, **with_nll}])
   assert "-log q(y_j)" in table and "  0.80 / 1.15" in table
+
+
+def test_frontier_compares_gen_ppl_at_equal_entropy():
+  """ppl@H: the student's Gen-PPL over the teacher's at the student's entropy, the teacher's
+  log Gen-PPL linear in entropy between its temperatures; None outside the teacher's range."""
+  from kforcing_jax.serving import quality
+  row = lambda stage, method, k, t, ppl, ent: {"stage": stage, "method": method, "k": k,
+                                               "temperature": t, "gen_ppl": ppl,
+                                               "entropy": ent, "rep_2": 0.1, "rep_4": 0.0}
+  rows = [row("teacher", "ar", 1, 0.8, 10.0, 3.0), row("teacher", "ar", 1, 1.0, 40.0, 3.5),
+          row("k4", "pflm", 1, 1.0, 99.0, 3.4), row("k4", "pflm", 4, 1.0, 40.0, 3.25),
+          row("k4", "pflm", 4, 0.8, 12.0, 2.9), row("k4", "pflm_verified", 4, 1.0, 40.0, 3.5)]
+  points = quality.frontier(rows)
+  assert [(p["stage"], p["k"], p["temperature"]) for p in points] == [
+      ("teacher", 1, 0.8), ("teacher", 1, 1.0), ("k4", 4, 0.8), ("k4", 4, 1.0)]
+  assert points[3]["ppl_at_entropy"] == pytest.approx(2.0)  # 40 / sqrt(10 * 40)
+  assert points[2]["ppl_at_entropy"] is None and points[0]["ppl_at_entropy"] is None
+  assert "ppl@H" in quality.frontier_table(points)

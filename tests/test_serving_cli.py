@@ -227,6 +227,28 @@ def test_evaluate_frequency_penalty_applies_to_the_pflm_rows_only(workdir):
   assert rows5[1]["nll_2"] == rows0[1]["nll_2"]  # the one-pass window metrics are argmax-free
 
 
+def test_evaluate_skips_stages_not_trained_at_a_temperature_or_filter(workdir):
+  """k2 was trained at temperature 1 only: at 0.8, or with a top-p filter, only the teacher is
+  evaluated (the rows say how it sampled); at 1 both are."""
+  from kforcing_jax.serving import quality
+
+  teacher = stage_io.load_stage(workdir, "teacher")
+  k2 = stage_io.load_stage(workdir, "k2", load_tokenizer=False)
+  val = np.asarray(quality.held_out(teacher, workdir, 4))
+  prompts = [[teacher.tokenizer.eos_id] + r[:5].tolist() for r in val]
+  notes = []
+  run = lambda **kw: quality.evaluate(teacher, [k2], prompts, val, 12, 8, 0,
+                                      progress=notes.append, floor_samples=0, windows=[2], **kw)
+  cold, _ = run(temperature=0.8)
+  assert [(r["stage"], r["temperature"]) for r in cold] == [("teacher", 0.8)]
+  assert any("k2: skipped at temperature 0.8 (trained at 1)" in n for n in notes)
+  nucleus, samples = run(top_p=0.5)
+  assert [r["stage"] for r in nucleus] == ["teacher"] and nucleus[0]["top_p"] == 0.5
+  warm, _ = run()
+  assert [r["stage"] for r in warm] == ["teacher", "k2"]
+  assert nucleus[0]["entropy"] < warm[0]["entropy"]  # the nucleus keeps the likeliest ids
+
+
 def test_evaluate_asking_for_more_rows_than_the_split_has_is_one_line(workdir, tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
   out = subprocess.run([sys.executable, "-m", "kforcing_jax.evaluate", f"--workdir={workdir}",

@@ -310,6 +310,20 @@ class Controls:
     return probabilities(logits_xV, *self._args())
 
 
+class ControlFields:
+  """Mixin of the decode specs (decode.DecodeSpec, speculative.VerifySpec), dataclasses with
+  fields tau (the temperature), top_k, top_p and min_p."""
+
+  @property
+  def greedy(self) -> bool:
+    return self.tau == 0
+
+  @property
+  def controls(self) -> Controls:
+    """The spec's sampling controls (static numbers)."""
+    return Controls(self.tau, self.top_k, self.top_p, self.min_p)
+
+
 def check_controls(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> None:
   """Raise ValueError naming the first setting out of range."""
   if not temperature >= 0:

@@ -44,7 +44,7 @@ STREAM_BASE = 1 << 30  # fold_in tag of stream s > 0; token indices stay below i
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeSpec:
+class DecodeSpec(sampling.ControlFields):
   """Static decode settings (hashable): one compiled program per (spec, batch, prompt bucket)."""
   k: int  # tokens per step: the PFLM window k' (<= the trained k); 1 for the AR baseline
   max_new_tokens: int
@@ -72,15 +72,6 @@ class DecodeSpec:
         if getattr(self, name) != off and not (name == "top_k" and self.top_k == -1):
           raise ValueError(f"DecodeSpec.{name} is an AR option: a PFLM samples through its "
                            "noise at its trained temperatures only")
-
-  @property
-  def greedy(self) -> bool:
-    return self.tau == 0
-
-  @property
-  def controls(self) -> sampling.Controls:
-    """The AR sampling controls (static)."""
-    return sampling.Controls(self.tau, self.top_k, self.top_p, self.min_p)
 
   @property
   def n_blocks(self) -> int:

@@ -98,7 +98,8 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
              lossless: Sequence | None = None,
              floor_samples: int = 32,
              frequency_penalty: float = 0.0,
-             temperature: float = 1.0) -> tuple[list[dict], dict]:
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             min_p: float = 0.0) -> tuple[list[dict], dict]:
   """Rows per (stage, k) as described above; also returns the samples per (stage, k).
 
   `teacher` and each of `stages` are stage_io.LoadedStage; `evaluator` an optional AR
@@ -113,13 +114,22 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
   `temperature`: every row samples at it (the AR teacher's logits / temperature; a PFLM's
   noise encoder is told it, and a stage not trained at it is skipped) and NLL_j is scored
   against AR targets made at it; Gen-PPL is always under the teacher at temperature 1.
+  `top_k`, `top_p`, `min_p`: filters of the AR row (and of the lossless rows' specs, which the
+  caller builds); a PFLM takes none, so with a filter on the PFLM rows are skipped.
   """
+  filters = dict(top_k=top_k, top_p=top_p, min_p=min_p)
+  filtered = (top_k > 0) or top_p < 1 or min_p > 0
   scorer = scorer_lib.Scorer()
   tok = teacher.tokenizer
   ar_engine = decode.Engine.from_stage(teacher)
-  ar_spec = decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True, tau=temperature)
+  ar_spec = decode.DecodeSpec(k=1, max_new_tokens=max_new_tokens, ar=True, tau=temperature,
+                              **filters)
   jobs = [(teacher, ar_engine, ar_spec)]
   for st in stages:
+    if filtered:
+      progress(f"{st.stage}: skipped (a PFLM samples through its noise: no top_k / top_p / "
+               "min_p)")
+      continue
     if not st.temperatures.allows(temperature):
       progress(f"{st.stage}: skipped at temperature {temperature:g} (trained at "
                f"{st.temperatures})")
@@ -145,6 +155,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
     k, method = methods.window(spec), methods.name(spec)
     s, n = scorer.continuation_nll(teacher.graphdef, teacher.params, list(zip(prompts, outs)))
     row = {"stage": st.stage, "k": k, "method": method, "temperature": temperature,
+           **({c: v for c, v in filters.items()} if filtered else {}),
            "gen_ppl": math.exp(s / n), **qm.text_stats(outs), **qm.agreement(outs, reference),
            "n_samples": len(outs), "gen_seconds": gen_s}
     row["entropy_by_offset"] = qm.entropy_by_offset(outs, max(kmax, 1) if verified or spec.ar

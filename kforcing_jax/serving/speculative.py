@@ -49,7 +49,7 @@ DRAFT_STREAM, ACCEPT_STREAM, RESIDUAL_STREAM = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
-class VerifySpec:
+class VerifySpec(sampling.ControlFields):
   """Static settings of a verified decode (hashable: one program per spec, batch, prompt bucket)."""
   method: str  # one of METHODS
   gamma: int  # tokens drafted per teacher pass (pflm_verified: the PFLM's k' <= trained k)
@@ -77,14 +77,6 @@ class VerifySpec:
     sampling.check_controls(self.tau, self.top_k, self.top_p, self.min_p)
     if not 0.0 <= self.confidence <= 1.0:
       raise ValueError(f"VerifySpec.confidence must be in [0, 1], got {self.confidence}")
-
-  @property
-  def greedy(self) -> bool:
-    return self.tau == 0
-
-  @property
-  def controls(self) -> sampling.Controls:
-    return sampling.Controls(self.tau, self.top_k, self.top_p, self.min_p)
 
   def seq_len(self, prompt_len: int) -> int:
     """Slots of `seq` and of both caches: room for a full step past max_new_tokens."""
