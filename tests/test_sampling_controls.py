@@ -74,6 +74,7 @@ def test_samples_follow_the_transformed_distribution(setting):
                              atol=2e-6)
 
 
+@pytest.mark.slow
 def test_temperature_zero_is_the_argmax_and_rows_may_differ():
   logits = jax.random.normal(jax.random.key(5), (6, 30)) * 2
   z = jax.random.uniform(jax.random.key(6), (6,))
@@ -99,6 +100,7 @@ def test_bad_settings_are_refused_naming_them():
     decode.DecodeSpec(k=2, max_new_tokens=4, top_p=0.9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", [(0.8, 5, 0.9, 0.0), (1.2, 0, 1.0, 0.1), (0.0, 0, 1.0, 0.0)])
 def test_ar_decode_equals_an_uncached_reference_under_the_controls(setting):
   teacher = _stage("teacher", 0, seed=1, head_scale=1.0)
@@ -122,6 +124,7 @@ def test_ar_decode_equals_an_uncached_reference_under_the_controls(setting):
     assert outs[r].tokens == seq[len(prompt):], (r, setting)
 
 
+@pytest.mark.slow
 def test_sequence_temperatures_and_greedy_rollouts():
   spec = distill.StageSpec(student_k=2, teacher_k=0, tau_min=0.5, tau_max=1.2,
                            greedy_share=0.25)
