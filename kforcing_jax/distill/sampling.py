@@ -272,7 +272,7 @@ def probabilities(logits_xV: jax.Array, temperature=1.0, top_k=0, top_p=1.0,
   """The distribution `sample` draws from (float32): one-hot on the argmax where temperature
   is 0 (speculative sampling accepts and corrects against it)."""
   p = jax.nn.softmax(transformed_logits(logits_xV, temperature, top_k, top_p, min_p), axis=-1)
-  if _is_const(temperature, 1) or isinstance(temperature, (int, float)) and temperature != 0:
+  if isinstance(temperature, (int, float)) and temperature != 0:
     return p
   one_hot = jax.nn.one_hot(jnp.argmax(logits_xV, axis=-1), logits_xV.shape[-1],
                            dtype=jnp.float32)
@@ -322,6 +322,13 @@ class ControlFields:
   def controls(self) -> Controls:
     """The spec's sampling controls (static numbers)."""
     return Controls(self.tau, self.top_k, self.top_p, self.min_p)
+
+
+def active_filters(top_k=0, top_p=1.0, min_p=0.0) -> list[str]:
+  """Names of the filters a setting switches on (top_k 0 or -1, top_p 1 and min_p 0 are off):
+  what a PFLM, which samples through its noise, must refuse."""
+  return [name for name, on in (("top_k", top_k > 0), ("top_p", top_p < 1), ("min_p", min_p > 0))
+          if on]
 
 
 def check_controls(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> None:

@@ -67,11 +67,10 @@ class DecodeSpec(sampling.ControlFields):
     if self.max_new_tokens < 1:
       raise ValueError(f"DecodeSpec.max_new_tokens must be >= 1, got {self.max_new_tokens}")
     sampling.check_controls(self.tau, self.top_k, self.top_p, self.min_p)
-    if not self.ar:
-      for name, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)):
-        if getattr(self, name) != off and not (name == "top_k" and self.top_k == -1):
-          raise ValueError(f"DecodeSpec.{name} is an AR option: a PFLM samples through its "
-                           "noise at its trained temperatures only")
+    on = sampling.active_filters(self.top_k, self.top_p, self.min_p)
+    if on and not self.ar:
+      raise ValueError(f"DecodeSpec.{on[0]} is an AR option: a PFLM samples through its noise "
+                       "at its trained temperatures only")
 
   @property
   def n_blocks(self) -> int:

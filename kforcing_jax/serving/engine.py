@@ -241,9 +241,9 @@ class ServingEngine:
     """Raise Unsupported (naming the request field) for settings the served stage cannot honour:
     the AR teacher takes any temperature >= 0, top_k, top_p and min_p; a PFLM only the
     temperatures it was trained at (0 = its greedy mode, if it has one) and no filters."""
-    checks = (("temperature", req.temperature, 1.0), ("top_k", req.top_k, 0),
-              ("top_p", req.top_p, 1.0), ("min_p", req.min_p, 0.0))
-    for name, value, _ in checks:
+    settings = {"temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
+                "min_p": req.min_p}
+    for name, value in settings.items():
       try:
         sampling.check_controls(**{name: value})
       except ValueError as e:
@@ -254,10 +254,10 @@ class ServingEngine:
     if not temps.allows(req.temperature):
       raise Unsupported("temperature", f"temperature {req.temperature:g} is outside what the "
                         f"{self.loaded.stage} stage was trained at: {temps}")
-    for name, value, off in checks[1:]:
-      if value != off and not (name == "top_k" and value == -1):
-        raise Unsupported(name, f"{name} is not supported by the {self.loaded.stage} stage: a "
-                          "PFLM samples through its noise, at its trained temperatures only")
+    on = sampling.active_filters(req.top_k, req.top_p, req.min_p)
+    if on:
+      raise Unsupported(on[0], f"{on[0]} is not supported by the {self.loaded.stage} stage: a "
+                        "PFLM samples through its noise, at its trained temperatures only")
 
   def submit(self, req: Request) -> Request:
     """Queue a request (any thread). Raises QueueFull beyond slots + max_queue waiting or live

@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from kforcing_jax.distill import sampling
 from kforcing_jax.observe import metrics_log, report
 from kforcing_jax.serving import decode, methods, speculative
 from kforcing_jax.serving import quality_metrics as qm
@@ -118,7 +119,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
   caller builds); a PFLM takes none, so with a filter on the PFLM rows are skipped.
   """
   filters = dict(top_k=top_k, top_p=top_p, min_p=min_p)
-  filtered = (top_k > 0) or top_p < 1 or min_p > 0
+  filtered = bool(sampling.active_filters(top_k, top_p, min_p))
   scorer = scorer_lib.Scorer()
   tok = teacher.tokenizer
   ar_engine = decode.Engine.from_stage(teacher)
