@@ -42,10 +42,12 @@ def base_config() -> ml_collections.ConfigDict:
   # noise encoder sees it (spec section 2). With greedy_share > 0, that share of sequences is
   # trained at tau = 0 on the teacher's greedy rollout, so the stage also decodes greedily
   # (temperature 0). The range is saved with the stage; decoding outside it is an error. The
-  # paper trains at tau = 1 only (tau_min = tau_max = 1, greedy_share = 0).
+  # paper trains at tau = 1 only (tau_min = tau_max = 1, greedy_share = 0). tau_one_share of the
+  # sampled sequences take tau = 1 exactly (the API's default temperature; needs 1 in the range).
   c.distill.tau_min = 1.0
   c.distill.tau_max = 1.0
   c.distill.greedy_share = 0.0
+  c.distill.tau_one_share = 0.0
   # Soft targets from the AR teacher: the distribution of inverse_cdf(q, z') for z' uniform on
   # [z - cdf_blur, z + cdf_blur] (clipped to [0, 1]) instead of the one-hot inverse_cdf(q, z).
   # A student that cannot yet resolve z finer than that would be best off predicting exactly

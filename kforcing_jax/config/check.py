@@ -208,6 +208,10 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
            f"need 0 < tau_min <= tau_max, got {dc.tau_min} and {dc.tau_max}")
   _require(0.0 <= dc.greedy_share < 1.0, "distill.greedy_share",
            f"must be in [0, 1), got {dc.greedy_share}")
+  _require(0.0 <= dc.tau_one_share <= 1.0, "distill.tau_one_share",
+           f"must be in [0, 1], got {dc.tau_one_share}")
+  _require(dc.tau_one_share == 0.0 or dc.tau_min <= 1.0 <= dc.tau_max, "distill.tau_one_share",
+           f"needs 1 in [tau_min, tau_max] = [{dc.tau_min}, {dc.tau_max}]")
   _require(dc.greedy_share == 0.0 or dc.target != "noise_inversion", "distill.greedy_share",
            "noise inversion targets real tokens: it has no greedy rollout")
   _require(0.0 <= dc.cdf_blur < 1.0, "distill.cdf_blur",

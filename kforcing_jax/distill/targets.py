@@ -31,18 +31,20 @@ class StageSpec:
   tau_min: float = 1.0  # config.distill.tau_min / tau_max / greedy_share
   tau_max: float = 1.0
   greedy_share: float = 0.0
+  tau_one_share: float = 0.0  # config.distill.tau_one_share
   cdf_blur: float = 0.0  # config.distill.cdf_blur
   own_prefix: float = 0.0  # config.distill.own_prefix
 
 
-def stage_spec(stage: str, prev: str, target: str, tau: tuple[float, float, float] = (1., 1., 0.),
+def stage_spec(stage: str, prev: str, target: str, tau: tuple[float, ...] = (1., 1., 0., 0.),
                cdf_blur: float = 0.0, own_prefix: float = 0.0) -> tuple[StageSpec, str]:
   """(spec, the stage whose frozen weights make the targets) of distillation stage `stage`.
 
   self_forcing: the previous stage makes the targets (the paper's chain); ar_rollout: the AR
   teacher makes them by k-round inverse-CDF rollout whatever the previous stage is, which then
   only initialises the student (a curriculum without drift along the chain); noise_inversion:
-  real tokens, z from the AR teacher's CDF. tau: (tau_min, tau_max, greedy_share).
+  real tokens, z from the AR teacher's CDF. tau: (tau_min, tau_max, greedy_share[,
+  tau_one_share]).
   """
   from kforcing_jax.config import check as config_check
 
@@ -54,19 +56,24 @@ def stage_spec(stage: str, prev: str, target: str, tau: tuple[float, float, floa
   spec = StageSpec(student_k=k, teacher_k=teacher_k,
                    target="self_forcing" if target == "ar_rollout" else target,
                    tau_min=tau[0], tau_max=tau[1], greedy_share=tau[2],
+                   tau_one_share=tau[3] if len(tau) > 3 else 0.0,
                    cdf_blur=cdf_blur if ar_targets else 0.0,
                    own_prefix=own_prefix if ar_targets else 0.0)
   return spec, config_check.TEACHER if target == "ar_rollout" else prev
 
 
 def sequence_tau(spec: StageSpec, key: jax.Array, b: int) -> float | jax.Array:
-  """Each sequence's temperature: uniform on [tau_min, tau_max], or 0 (the greedy rollout) with
-  probability greedy_share; a plain number when the stage trains at one temperature (so a
-  one-temperature stage compiles exactly as before the ranges existed)."""
+  """Each sequence's temperature: uniform on [tau_min, tau_max] (exactly 1 with probability
+  tau_one_share), or 0 (the greedy rollout) with probability greedy_share; a plain number when
+  the stage trains at one temperature (so a one-temperature stage compiles exactly as before
+  the ranges existed)."""
   if spec.tau_min == spec.tau_max and spec.greedy_share == 0:
     return spec.tau_min
   ku, kg = jax.random.split(key)
   tau = jax.random.uniform(ku, (b,), jnp.float32, spec.tau_min, spec.tau_max)
+  if spec.tau_one_share:  # its own stream, so stages without it draw as before
+    one = jax.random.uniform(jax.random.fold_in(ku, 1), (b,)) < spec.tau_one_share
+    tau = jnp.where(one, 1.0, tau)
   return jnp.where(jax.random.uniform(kg, (b,)) < spec.greedy_share, 0.0, tau)
 
 

@@ -188,7 +188,8 @@ def run_distill_stage(s: Setup, stage: str, prev: str, target_prev: str | None =
   # Validation at one temperature (1, or the trained range's nearest), so its lines compare
   # across runs whatever range a stage trains on.
   eval_tau = min(max(1.0, spec.tau_min), spec.tau_max)
-  eval_spec = dataclasses.replace(spec, tau_min=eval_tau, tau_max=eval_tau, greedy_share=0.0)
+  eval_spec = dataclasses.replace(spec, tau_min=eval_tau, tau_max=eval_tau, greedy_share=0.0,
+                                  tau_one_share=0.0)
   eval_loss_fn = (loss_fn if eval_spec == spec else
                   distill.make_loss_fn(eval_spec, graphdef, teacher_graphdef))
 
@@ -217,7 +218,8 @@ def stage_targets(cfg: ml_collections.ConfigDict, stage: str, target_prev: str):
   """(spec, the stage whose frozen weights make the targets) of a PFLM stage under cfg, for the
   trainer and the dry run alike; a phase "k<n>_<p>" makes the targets "k<n>" makes."""
   return distill.stage_spec(config_check.base_stage(stage), target_prev, cfg.distill.target,
-                            (cfg.distill.tau_min, cfg.distill.tau_max, cfg.distill.greedy_share),
+                            (cfg.distill.tau_min, cfg.distill.tau_max, cfg.distill.greedy_share,
+                             cfg.distill.tau_one_share),
                             cfg.distill.cdf_blur, cfg.distill.own_prefix)
 
 
