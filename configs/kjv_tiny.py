@@ -104,6 +104,17 @@ def get_config():
   # 4.36 / 4.51: offset 4 where AdamW was after ~1500 steps, for 3-10% more per step.
   so.k4.optim.name = "muon"
   so.k4.optim.lr = 4e-3
+  # The masked-diffusion baseline (--config.stages=teacher,k4,mdlm; not in the default chain):
+  # the k4 stage's budget and optimizer (960 steps of 4 sequences, Muon at 4e-3), from the
+  # teacher's weights, for the comparison at equal training budget in docs/results.md.
+  so.mdlm.batch_size = 4
+  so.mdlm.train.eval_batches = 8
+  so.mdlm.train.eval_every = 100
+  so.mdlm.train.ckpt_every = 200
+  so.mdlm.train.num_steps = so.k4.train.num_steps
+  so.mdlm.optim.warmup_steps = so.k4.optim.warmup_steps
+  so.mdlm.optim.name = so.k4.optim.name
+  so.mdlm.optim.lr = so.k4.optim.lr
   # Soft targets: the AR teacher's inverse-CDF blurred over z +- 0.01 (distill.cdf_blur). On this
   # teacher at step 480, NLL_j against the one-hot AR targets 0.14 / 0.06 / 0.04 / 0.03 lower
   # than one-hot training (0.05: 0.10 / 0.03 / 0.01 / 0.01), ahead at every validation step.

@@ -21,6 +21,9 @@ def base_config() -> ml_collections.ConfigDict:
   # "k<n>_<p>" (p >= 2, right after "k<n>" or "k<n>_<p-1>") is phase p of "k<n>": it trains on
   # from the previous phase's weights with the same teacher and targets, its own
   # stage_overrides (a second lr schedule, more steps) and seed + p - 1 (fresh data and noise).
+  # "mdlm" (anywhere after "teacher", outside the chain like the draft) trains the masked-
+  # diffusion baseline (config.mdlm) on the same data and tokenizer: the backbone with
+  # bidirectional attention, decoded with method 'mdlm'.
   c.stages = "teacher"
 
   # ---- speculative-decoding draft model (stage "draft"): the teacher's architecture, smaller ----
@@ -28,6 +31,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.draft.d_model = 128
   c.draft.n_layers = 2
   c.draft.n_heads = 2
+
+  # ---- masked-diffusion baseline (stage "mdlm"; kforcing_jax/diffusion/mdlm.py) ----
+  c.mdlm = ml_collections.ConfigDict()
+  # Start from the AR teacher's weights (True) or a fresh init (False; its output bias then
+  # follows train.head_bias_init). Same blocks either way; only the attention becomes
+  # bidirectional.
+  c.mdlm.init_from_teacher = True
+  # Share of training sequences whose first tokens (a uniform 1..len-1 of them) stay unmasked
+  # and unscored, as a prompt does when decoding (the first token always does: the token at
+  # position l is read from the output at l - 1, where the AR head predicts it).
+  c.mdlm.prompt_share = 0.5
+  # Share of training sequences cut to a uniform length 2..seq_len (positions past the cut are
+  # neither seen nor scored): decoding runs over [prompt ; continuation], usually shorter than
+  # seq_len. Validation scores whole sequences but their first token (no prompt, no cut): its
+  # val_loss is the NLL bound per token of the tokens the teacher's val_teacher_data_nll
+  # covers, logged beside it.
+  c.mdlm.cut_share = 0.5
 
   # ---- distillation stages (spec section 4) ----
   c.distill = ml_collections.ConfigDict()
@@ -187,7 +207,7 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-PRESET_STAGES = ("teacher", "draft", "k1", "k2", "k4", "k4_2", "k8")
+PRESET_STAGES = ("teacher", "draft", "k1", "k2", "k4", "k4_2", "k8", "mdlm")
 
 
 def stage_override(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

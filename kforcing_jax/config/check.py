@@ -6,6 +6,8 @@ import re
 
 TEACHER = "teacher"
 DRAFT = "draft"  # the speculative-decoding draft model: AR, trained on data, outside the chain
+MDLM = "mdlm"  # the masked-diffusion baseline: bidirectional, trained on data, outside the chain
+SIDE_STAGES = (DRAFT, MDLM)  # trained from the data, never a PFLM's teacher
 SOURCES = ("kjv", "text_files", "tfds")
 TOKENIZERS = ("bpe", "gpt2", "bert-base-uncased")
 BPE_ID_ORDERS = ("merges", "frequency")
@@ -37,8 +39,9 @@ _STAGE_RE = re.compile(r"k([1-9]\d*)(?:_([2-9]|[1-9]\d+))?")
 
 
 def stage_k(name: str) -> int:
-  """Window of a stage: 0 for the AR models (teacher, draft), n for "k<n>" and "k<n>_<p>"."""
-  return 0 if name in (TEACHER, DRAFT) else int(_STAGE_RE.fullmatch(name).group(1))
+  """Window of a stage: 0 for the models without a noise encoder (teacher, draft, mdlm), n for
+  "k<n>" and "k<n>_<p>"."""
+  return 0 if name in (TEACHER, *SIDE_STAGES) else int(_STAGE_RE.fullmatch(name).group(1))
 
 
 def stage_phase(name: str) -> int:
@@ -58,8 +61,9 @@ def phase_name(base: str, phase: int) -> str:
 
 
 def stage_order(name: str) -> tuple[int, int]:
-  """Sort key putting stages in chain order: by window, then phase."""
-  return stage_k(name), stage_phase(name)
+  """Sort key putting stages in chain order: by window, then phase (the mdlm after the teacher
+  and the draft, before the PFLMs)."""
+  return stage_k(name), 2 if name == MDLM else stage_phase(name)
 
 
 def chain(stages: list[str]) -> list[tuple[str | None, str]]:
@@ -69,7 +73,7 @@ def chain(stages: list[str]) -> list[tuple[str | None, str]]:
   out, prev = [], None
   for name in stages:
     out.append((prev, name))
-    if name != DRAFT:
+    if name not in SIDE_STAGES:
       prev = name
   return out
 
@@ -88,12 +92,13 @@ def parse_stages(stages: str) -> list[str]:
   _require(bool(names), "stages", "is empty; use e.g. 'teacher' or 'teacher,k1,k2,k4'")
   for name in names:
     _require(is_stage_name(name), "stages",
-             f"unknown stage {name!r}; stages are 'teacher', 'draft', 'k<n>' (n >= 1) and its "
-             f"later phases 'k<n>_<p>' (p >= 2), e.g. 'teacher,k1,k2,k4' or 'teacher,k4,k4_2'")
+             f"unknown stage {name!r}; stages are 'teacher', 'draft', 'mdlm', 'k<n>' (n >= 1) "
+             f"and its later phases 'k<n>_<p>' (p >= 2), e.g. 'teacher,k1,k2,k4' or "
+             f"'teacher,k4,k4_2'")
   _require(len(set(names)) == len(names), "stages", f"repeats a stage: {stages!r}")
   _require(names[0] == TEACHER, "stages", f"must start with 'teacher', got {stages!r}")
   _require(TEACHER not in names[1:], "stages", "'teacher' can only be the first stage")
-  pflm = [n for n in names if n != DRAFT]
+  pflm = [n for n in names if n not in SIDE_STAGES]
   for prev, cur in zip(pflm, pflm[1:]):
     phase, base = stage_phase(cur), base_stage(cur)
     if phase > 1:
@@ -120,7 +125,7 @@ OVERRIDABLE = {"optim": None,  # every optim field
 
 
 def is_stage_name(name: str) -> bool:
-  return name in (TEACHER, DRAFT) or bool(_STAGE_RE.fullmatch(name))
+  return name in (TEACHER, *SIDE_STAGES) or bool(_STAGE_RE.fullmatch(name))
 
 
 def _check_override(config: ml_collections.ConfigDict, stage: str, over) -> None:
@@ -196,12 +201,12 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
   stages = parse_stages(config.stages)
   for name, over in config.get("stage_overrides", {}).items():
     _require(is_stage_name(name), f"stage_overrides.{name}",
-             f"{name!r} is not a stage name ('teacher', 'draft', 'k<n>' or 'k<n>_<p>'); stages "
+             f"{name!r} is not a stage name ('teacher', 'draft', 'mdlm', 'k<n>' or 'k<n>_<p>'); stages "
              f"here: {stages}")
     _check_override(config, name, over)
   dc = config.distill
   _require(dc.target in TARGETS, "distill.target", f"must be one of {TARGETS}, got {dc.target!r}")
-  _require(dc.target != "noise_inversion" or len({base_stage(n) for n in stages} - {DRAFT}) <= 2,
+  _require(dc.target != "noise_inversion" or len({base_stage(n) for n in stages} - set(SIDE_STAGES)) <= 2,
            "distill.target", "noise_inversion distils the AR teacher directly: use "
            "stages='teacher,k<n>' (and its phases k<n>_<p>)")
   _require(0 < dc.tau_min <= dc.tau_max, "distill.tau_min",
@@ -240,6 +245,12 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
   _require(m.head_size == 0 or (m.head_size >= 2 and m.head_size % 2 == 0), "model.head_size",
            f"must be 0 (d_model / n_heads) or even (rotary), got {m.head_size}")
   _require(m.mlp_hidden >= 0, "model.mlp_hidden", f"must be >= 0, got {m.mlp_hidden}")
+  md = config.mdlm
+  for name in ("prompt_share", "cut_share"):
+    _require(0.0 <= md[name] <= 1.0, f"mdlm.{name}",
+             f"must be in [0, 1] (a share of training sequences), got {md[name]}")
+  _require(MDLM not in stages or m.mask_token, "model.mask_token",
+           "the mdlm stage masks with the reserved mask id: model.mask_token must be True")
   dr = config.draft
   for name in ("d_model", "n_layers", "n_heads"):
     _require(isinstance(dr[name], int) and dr[name] >= 1, f"draft.{name}",

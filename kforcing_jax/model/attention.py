@@ -63,6 +63,14 @@ def decode_mask(start: jax.Array, pad_B: jax.Array, n_new: int, n_keys: int) -> 
           & (key_S[None, None, :] >= pad_B[:, None, None]))[:, None]
 
 
+def span_mask(lo_B: jax.Array, hi_B: jax.Array, n_keys: int) -> jax.Array:
+  """(B, 1, 1, n_keys) bool: bidirectional attention (the MDLM). Every query of row b sees every
+  key of its span [lo_B[b], hi_B[b]) and nothing else: a left-padded prompt starts at lo = its
+  padding, a sequence cut short in training ends at hi, so neither reads what is not there."""
+  key_S = jnp.arange(n_keys, dtype=jnp.int32)
+  return ((key_S[None, :] >= lo_B[:, None]) & (key_S[None, :] < hi_B[:, None]))[:, None, None]
+
+
 # ---- PFLM two-stream attention (spec section 3) ----
 #
 # Every context position t owns a window of W tokens (noise tokens, or tokens produced in earlier

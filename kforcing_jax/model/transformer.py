@@ -28,6 +28,7 @@ LayerAttendFn = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
 # Values of ModelConfig's option fields; the first of each is the authors' backbone.
 NORMS = ("scale", "rms")
 MLPS = ("gelu", "swiglu")
+ATTENTIONS = ("causal", "bidirectional")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,10 @@ class ModelConfig:
   tie_embeddings: bool = False  # Output head = the token embedding table transposed.
   qkv_bias: bool = False  # Biases on q/k/v (Qwen2).
   head_bias: bool = True  # Bias on the output head (the authors'; zero-initialised).
+  # "causal": the AR teacher and the PFLMs; "bidirectional": the masked-diffusion stage (mdlm),
+  # which denoises [prompt ; masked continuation] with every position seeing every other
+  # (`bidirectional_logits`), so it has no causal pass and no KV-cache decode.
+  attention: str = "causal"
 
   def __post_init__(self):  # JSON gives lists; keep the config hashable.
     object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling or ()))
@@ -82,6 +87,10 @@ class ModelConfig:
     checks = (
         (self.norm in NORMS, "norm", f"must be one of {NORMS}, got {self.norm!r}"),
         (self.mlp in MLPS, "mlp", f"must be one of {MLPS}, got {self.mlp!r}"),
+        (self.attention in ATTENTIONS, "attention",
+         f"must be one of {ATTENTIONS}, got {self.attention!r}"),
+        (self.attention == "causal" or self.mask_id is not None, "attention",
+         "bidirectional (masked diffusion) needs a mask token (mask_id)"),
         (self.n_heads % self.kv_heads == 0, "n_kv_heads",
          f"{self.kv_heads} must divide n_heads={self.n_heads}"),
         (self.head_dim % 2 == 0, "head_size", f"head_dim {self.head_dim} must be even (rotary)"),
@@ -184,10 +193,32 @@ class Transformer(nnx.Module):
     h, _ = self.context_pass(tokens_BxL)
     return self.logits(h)
 
+  def _require_causal(self, what: str) -> None:
+    if self.cfg.attention != "causal":
+      raise ValueError(f"{what} is a causal pass; this model is {self.cfg.attention} (a masked-"
+                       "diffusion stage: bidirectional_logits, decoded with method 'mdlm')")
+
+  def bidirectional_logits(self, tokens_BxL: jax.Array, pad_B: jax.Array | None = None,
+                           len_B: jax.Array | None = None, n_out: int | None = None) -> jax.Array:
+    """The masked-diffusion (MDLM) pass: logits (B, L, V) at every position (the last n_out
+    only, if given), each position attending to its whole row (`attention.span_mask`). Row b's
+    tokens occupy [pad_B[b], len_B[b]) (default: all L); its rotary positions start at 0 at
+    pad_B[b]. Which token each output predicts is the objective's choice (diffusion/mdlm.py)."""
+    b, n = tokens_BxL.shape
+    pad_B = jnp.zeros((b,), jnp.int32) if pad_B is None else pad_B.astype(jnp.int32)
+    len_B = jnp.full((b,), n, jnp.int32) if len_B is None else len_B.astype(jnp.int32)
+    mask = attention.span_mask(pad_B, len_B, n)
+    pos_BxL = jnp.arange(n, dtype=jnp.int32)[None, :] - pad_B[:, None]
+    h, _ = self.run_blocks(self.embed(tokens_BxL), pos_BxL,
+                           lambda i, q, k, v: attention.dense_attention(q, k, v, mask),
+                           keep_last=n_out)
+    return self.logits(h)
+
   # ---- two-stream passes (spec section 3); used by the PFLM student and the teacher rollouts ----
 
   def context_pass(self, tokens_BxN: jax.Array):
     """Plain causal pass; returns hidden states and per-layer context (k, v) for window passes."""
+    self._require_causal("the causal forward")
     return self.run_blocks(self.embed(tokens_BxN), _positions(tokens_BxN.shape),
                            lambda i, q, k, v: attention.causal_attention(q, k, v))
 
@@ -253,6 +284,7 @@ class Transformer(nnx.Module):
     n_out: only the last n_out positions' hidden states are wanted (the last block computes
     nothing else). Returns (hidden (B, n_out or W, D), cache_k, cache_v).
     """
+    self._require_causal("forward_cached")
     b, w, _ = x_BxWxD.shape
     pad_B = jnp.zeros((b,), jnp.int32) if pad_B is None else pad_B.astype(jnp.int32)
     start = jnp.asarray(start, jnp.int32)

@@ -24,6 +24,7 @@ import ml_collections
 from kforcing_jax.config import check as config_check
 from kforcing_jax.data import tokenizer as tokenizer_lib
 from kforcing_jax.distill import targets as distill
+from kforcing_jax.diffusion import mdlm as mdlm_lib
 from kforcing_jax.observe import metrics_log, report
 from kforcing_jax.training import state as train_state
 from kforcing_jax.parallel import sharding
@@ -90,7 +91,9 @@ def compile_stage(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelC
   cfg = config_check.stage_config(config, stage)  # what the trainer compiles for this stage
   num_steps = config_check.stage_steps(cfg, stage)
   factory, abstract, graphdef = trainer.stage_model(cfg, model_cfg, stage)
-  if config_check.stage_k(stage) == 0:  # the teacher or the draft
+  if stage == config_check.MDLM:
+    loss_fn, frozen = mdlm_lib.make_loss_fn(trainer.mdlm_specs(cfg)[0], graphdef), ()
+  elif config_check.stage_k(stage) == 0:  # the teacher or the draft
     loss_fn, frozen = trainer.ar_loss_fn(graphdef), ()
   else:
     spec, source = trainer.stage_targets(cfg, stage, prev)

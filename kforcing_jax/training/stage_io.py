@@ -90,15 +90,18 @@ def stages_dir(workdir: str) -> str:
   return os.path.join(workdir, "checkpoints")
 
 
-def list_stages(workdir: str, include_draft: bool = False) -> list[str]:
+def list_stages(workdir: str, include_draft: bool = False,
+                include_mdlm: bool = False) -> list[str]:
   """Stages with at least one checkpoint, in chain order (teacher first, then by window and
-  phase); the speculative-decoding draft (not part of the chain) only with include_draft."""
+  phase); the speculative-decoding draft and the masked-diffusion 'mdlm' (not part of the
+  chain) only with include_draft / include_mdlm."""
   root = stages_dir(workdir)
   if not os.path.isdir(root):
     return []
   found = []
   for name in os.listdir(root):
-    valid = config_check.is_stage_name(name) and (include_draft or name != config_check.DRAFT)
+    valid = (config_check.is_stage_name(name) and (include_draft or name != config_check.DRAFT)
+             and (include_mdlm or name != config_check.MDLM))
     if valid and _latest_step(os.path.join(root, name)) is not None:
       found.append(name)
   return sorted(found, key=config_check.stage_order)

@@ -17,6 +17,7 @@ import numpy as np
 from kforcing_jax.training import checkpoint
 from kforcing_jax.config import check as config_check
 from kforcing_jax.distill import targets as distill, losses
+from kforcing_jax.diffusion import mdlm as mdlm_lib
 from kforcing_jax.observe import metrics_log, plots
 from kforcing_jax.model import transformer as model_lib
 from kforcing_jax.model import pflm as pflm_lib
@@ -99,6 +100,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       results[stage] = {}
     elif stage in (config_check.TEACHER, config_check.DRAFT):
       results[stage] = run_teacher_stage(s, stage)
+    elif stage == config_check.MDLM:
+      results[stage] = run_mdlm_stage(s)
     else:
       results[stage] = run_distill_stage(s, stage, prev,
                                          config_check.target_source(stages, stage))
@@ -113,7 +116,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def stage_model_config(config: ml_collections.ConfigDict, model_cfg: model_lib.ModelConfig,
                        stage: str) -> model_lib.ModelConfig:
-  """A stage's architecture: the run's, except the draft's width, depth and heads."""
+  """A stage's architecture: the run's, except the draft's width, depth and heads and the
+  mdlm's bidirectional attention."""
+  if stage == config_check.MDLM:
+    return dataclasses.replace(model_cfg, attention="bidirectional")
   if stage != config_check.DRAFT:
     return model_cfg
   d = config.draft
@@ -140,9 +146,34 @@ def ar_loss_fn(graphdef):
   return loss_fn
 
 
-def run_teacher_stage(s: Setup, stage: str = config_check.TEACHER) -> dict:
-  """Train an AR model (the teacher, or the speculative-decoding draft) with next-token
-  cross-entropy on the data."""
+def mdlm_specs(config: ml_collections.ConfigDict) -> tuple[mdlm_lib.MdlmSpec, mdlm_lib.MdlmSpec]:
+  """(training, validation) masking of the mdlm stage: validation scores whole sequences."""
+  return mdlm_lib.MdlmSpec(config.mdlm.prompt_share, config.mdlm.cut_share), mdlm_lib.MdlmSpec()
+
+
+def run_mdlm_stage(s: Setup) -> dict:
+  """Train the masked-diffusion baseline on the data with the MDLM ELBO, from the AR teacher's
+  weights (config.mdlm.init_from_teacher) or a fresh init; its validation bound is logged beside
+  the teacher's data NLL."""
+  stage = config_check.MDLM
+  _, _, graphdef = _stage_model(s, stage)
+  _, _, ar_graphdef = _stage_model(s, config_check.TEACHER)
+  ar_params = load_stage_params(s, config_check.TEACHER)
+  train_spec, eval_spec = mdlm_specs(s.config)
+  init = None
+  if s.config.mdlm.init_from_teacher:
+    init = lambda fresh: jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False),
+                                      ar_params)
+  return run_teacher_stage(s, stage, mdlm_lib.make_loss_fn(train_spec, graphdef), init,
+                           reference=(ar_loss_fn(ar_graphdef), ar_params),
+                           eval_loss_fn=mdlm_lib.make_loss_fn(eval_spec, graphdef))
+
+
+def run_teacher_stage(s: Setup, stage: str = config_check.TEACHER, loss_fn=None,
+                      init_params=None, **loop_kw) -> dict:
+  """Train a model on the data alone: an AR model (the teacher, or the speculative-decoding
+  draft) with next-token cross-entropy, or the mdlm with its `loss_fn` and `init_params`
+  (run_mdlm_stage); a fresh init's output bias per train.head_bias_init."""
   factory, abstract, graphdef = _stage_model(s, stage)
 
   @functools.cache  # a new run only (not on resume), once for the params and the EMA
@@ -156,8 +187,10 @@ def run_teacher_stage(s: Setup, stage: str = config_check.TEACHER) -> dict:
   def unigram_bias(fresh: dict) -> dict:
     return model_lib.with_unigram_head_bias(fresh, counts())
 
-  init_params = unigram_bias if s.config.train.head_bias_init == "unigram" else None
-  return train_loop(s, stage, factory, abstract, ar_loss_fn(graphdef), init_params=init_params)
+  if init_params is None and s.config.train.head_bias_init == "unigram":
+    init_params = unigram_bias
+  return train_loop(s, stage, factory, abstract, loss_fn or ar_loss_fn(graphdef),
+                    init_params=init_params, **loop_kw)
 
 
 def load_stage_params(s: Setup, stage: str) -> dict:

@@ -1,0 +1,1 @@
+"""Masked diffusion (MDLM) on the backbone: the noise schedule, SUBS and the ELBO loss."""

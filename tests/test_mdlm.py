@@ -1,0 +1,230 @@
+"""The masked-diffusion baseline: the ELBO against a direct NumPy computation, the SUBS
+invariants, the bidirectional mask, and the parallel decoder against an uncached step-by-step
+reference, its prompt / mask-token invariants and batch invariance; config validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kforcing_jax.config import base as config_base
+from kforcing_jax.config import check as config_check
+from kforcing_jax.diffusion import mdlm
+from kforcing_jax.model import attention
+from kforcing_jax.model import transformer as model_lib
+from kforcing_jax.parallel import sharding
+from kforcing_jax.serving import decode
+from kforcing_jax.serving import mdlm as mdlm_decode
+
+MASK = 60
+CFG = model_lib.ModelConfig(vocab_size=61, mask_id=MASK, d_model=32, n_layers=2, n_heads=2,
+                            attention="bidirectional")
+PROMPTS = [[5, 9, 2], [7, 1, 1, 4, 30, 22, 8], [11, 3, 17, 40, 2]]  # bucket 8
+
+
+def _params(seed: int = 0):
+  with nnx.use_eager_sharding(False):
+    graphdef, params = model_lib.split_params(model_lib.Transformer(CFG, nnx.Rngs(seed)))
+  # The head is zero-initialised: give it values so tokens depend on the input; the mask id's
+  # bias is the largest, so a decoder that did not forbid it would propose it.
+  params["head"] = 0.5 * jax.random.normal(jax.random.key(seed + 100), params["head"].shape)
+  params["head_bias"] = (0.1 * jax.random.normal(jax.random.key(seed + 101), (CFG.vocab_size,))
+                         ).at[MASK].set(50.0)
+  return graphdef, params
+
+
+def _engine(graphdef, params):
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  abstract = model_lib.abstract_model(CFG)
+  params = jax.device_put(params, sharding.param_shardings(abstract, mesh, fsdp=False))
+  return mdlm_decode.MdlmEngine(graphdef, params, CFG, 0, mesh)
+
+
+# ---- the objective ----
+
+
+def _log_softmax64(x):
+  x = np.asarray(x, np.float64)
+  m = x.max(-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+@pytest.mark.slow
+def test_loss_equals_numpy_elbo():
+  graphdef, params = _params()
+  tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, MASK)
+  spec = mdlm.MdlmSpec(prompt_share=0.5, cut_share=0.5)
+  key = jax.random.key(7)
+  loss, aux = jax.jit(mdlm.make_loss_fn(spec, graphdef))(params, tokens, key, ())
+  c = mdlm.corrupt(spec, key, tokens, MASK)
+  # The model's raw outputs; the NumPy side does the shift, SUBS and weighting itself.
+  raw = np.asarray(jax.jit(lambda p, z, n: model_lib.merge(graphdef, p).bidirectional_logits(
+      z, len_B=n))(params, c.z_BxL, c.len_B))
+  x, z = np.asarray(tokens), np.asarray(c.z_BxL)
+  masked, scored, t = np.asarray(c.masked_BxL), np.asarray(c.scored_BxL), np.asarray(c.t_B)
+  assert masked.any() and (masked <= scored).all() and not scored[:, 0].any()
+  assert (z[masked] == MASK).all() and (z[~masked] == x[~masked]).all()
+  total = 0.0
+  for b in range(x.shape[0]):
+    for pos in range(1, x.shape[1]):
+      if masked[b, pos]:
+        row = raw[b, pos - 1].astype(np.float64)
+        row[MASK] = -np.inf
+        total += -_log_softmax64(row)[x[b, pos]] / t[b]
+  want = total / scored.sum()
+  np.testing.assert_allclose(float(loss), want, rtol=2e-5)
+  assert 0 < float(aux["mask_rate"]) <= 1
+
+
+def test_diffusion_times_are_antithetic_and_in_range():
+  t = np.asarray(mdlm.diffusion_times(jax.random.key(0), 8))
+  assert (t >= mdlm.T_MIN).all() and (t <= 1).all()
+  gaps = np.diff(np.sort(t))
+  np.testing.assert_allclose(gaps, (1 - mdlm.T_MIN) / 8, rtol=1e-4)
+
+
+def test_subs_never_predicts_the_mask_and_copies_unmasked_inputs():
+  rng = np.random.RandomState(0)
+  logits = jnp.asarray(rng.randn(2, 6, 61).astype(np.float32)).at[..., MASK].set(100.0)
+  z = jnp.asarray([[3, MASK, 7, MASK, 0, 59], [MASK] * 6], jnp.int32)
+  logp = np.asarray(mdlm.subs_log_probs(logits, z, MASK))
+  assert np.isneginf(logp[..., MASK]).all()
+  carried = np.asarray(z) != MASK
+  np.testing.assert_array_equal(logp[carried].argmax(-1), np.asarray(z)[carried])
+  assert (logp[carried].max(-1) == 0).all()
+  assert (np.isneginf(logp[carried]).sum(-1) == 60).all()
+  np.testing.assert_allclose(np.exp(logp[~carried]).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_span_mask_is_bidirectional_within_each_row_span():
+  m = np.asarray(attention.span_mask(jnp.asarray([0, 2]), jnp.asarray([3, 5]), 5))[:, 0, 0]
+  np.testing.assert_array_equal(m, [[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+
+
+def test_bidirectional_logits_see_the_future_and_nothing_past_the_cut():
+  graphdef, params = _params()
+  m = model_lib.merge(graphdef, params)
+  forward = jax.jit(lambda p, x, n: model_lib.merge(graphdef, p).bidirectional_logits(x,
+                                                                                      len_B=n))
+  x = jnp.asarray([[4, 8, 15, 16, 23, 42]], jnp.int32)
+  y = x.at[0, 4].set(5)
+  full, cut = jnp.asarray([6]), jnp.asarray([4])
+  assert not np.allclose(forward(params, x, full)[0, 0], forward(params, y, full)[0, 0])
+  np.testing.assert_allclose(forward(params, x, cut)[0, :4], forward(params, y, cut)[0, :4],
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="causal"):
+    m(x)
+
+
+# ---- decoding ----
+
+
+def _reference_greedy(graphdef, params, prompt, max_new):
+  """Uncached, one position per pass, left to right: the argmax at the leftmost mask of the
+  full bidirectional forward over [prompt ; masks], read one position earlier."""
+  forward = jax.jit(lambda p, x: model_lib.merge(graphdef, p).bidirectional_logits(x))
+  x = np.array(list(prompt) + [MASK] * max_new, np.int32)
+  for i in range(max_new):
+    pos = len(prompt) + i
+    logits = np.array(forward(params, jnp.asarray(x[None])))[0, pos - 1]
+    logits[MASK] = -np.inf
+    x[pos] = int(np.argmax(logits))
+  return x[len(prompt):].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", [0, 4])
+def test_k1_greedy_left_to_right_matches_uncached_reference(block):
+  graphdef, params = _params()
+  engine = _engine(graphdef, params)
+  spec = mdlm_decode.MdlmDecodeSpec(k=1, max_new_tokens=6, commit="greedy", block=block,
+                                    tau=0.0)
+  got = [c.tokens for c in engine.generate(PROMPTS, spec, seed=0)]
+  for prompt, toks in zip(PROMPTS, got):
+    assert toks == _reference_greedy(graphdef, params, prompt, 6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("commit,k,block,tau", [("confidence", 2, 0, 1.0), ("greedy", 3, 4, 1.0),
+                                                ("random", 4, 4, 0.0)])
+def test_decode_invariants_and_batch_invariance(commit, k, block, tau):
+  graphdef, params = _params()
+  engine = _engine(graphdef, params)
+  spec = mdlm_decode.MdlmDecodeSpec(k=k, max_new_tokens=10, commit=commit, block=block, tau=tau)
+  prompt_in, pad, keys = engine.device_inputs(PROMPTS, seed=5)
+  # The decode loop's whole sequence: the prompt is never changed, no mask is left.
+  full = np.asarray(jax.jit(lambda p, x, pd, kk: jax.lax.fori_loop(
+      0, spec.n_passes, lambda _, s: mdlm_decode.decode_pass(
+          model_lib.merge(graphdef, p), spec, s, pd, decode.uniforms(kk, 0, 10),
+          decode.uniforms(kk, 0, 10, stream=mdlm_decode.ORDER_STREAM)),
+      mdlm_decode.initial_tokens(x, 10, MASK)))(engine.params, prompt_in, pad, keys))
+  plen = prompt_in.shape[1]
+  np.testing.assert_array_equal(full[:, :plen], np.asarray(prompt_in))
+  assert (full[:, plen:] != MASK).all()
+  batch = [c.tokens for c in engine.generate(PROMPTS, spec, seed=5)]
+  assert batch == full[:, plen:].tolist()
+  for r, prompt in enumerate(PROMPTS):  # a row decoded alone, under its own row id
+    alone = engine.generate([prompt], spec, seed=5, row_ids=[r])[0].tokens
+    assert alone == batch[r]
+
+
+def test_commit_schedule_counts_passes_and_opens_blocks_left_to_right():
+  spec = mdlm_decode.MdlmDecodeSpec(k=3, max_new_tokens=10, block=4)
+  assert spec.n_passes == 2 + 2 + 1  # blocks of 4, 4, 2
+  assert mdlm_decode.MdlmDecodeSpec(k=4, max_new_tokens=10).n_passes == 3
+  masked = jnp.asarray([[False] * 4 + [True] * 6, [True] * 10])
+  open_ = np.asarray(mdlm_decode.open_positions(spec, masked))
+  np.testing.assert_array_equal(open_[0], [0] * 4 + [1] * 4 + [0] * 2)
+  np.testing.assert_array_equal(open_[1], [1] * 4 + [0] * 6)
+
+
+def test_eos_cuts_the_completion():
+  graphdef, params = _params()
+  engine = _engine(graphdef, params)
+  spec = mdlm_decode.MdlmDecodeSpec(k=2, max_new_tokens=8, tau=0.0)
+  free = engine.generate(PROMPTS[:1], spec)[0].tokens
+  eos = free[3]
+  cut = engine.generate(PROMPTS[:1], spec.__class__(k=2, max_new_tokens=8, tau=0.0,
+                                                    eos_id=eos))[0]
+  assert cut.finished and cut.tokens == free[:free.index(eos) + 1]
+
+
+def test_spec_and_engine_refuse_bad_settings():
+  with pytest.raises(ValueError, match="commit"):
+    mdlm_decode.MdlmDecodeSpec(k=2, max_new_tokens=8, commit="best")
+  with pytest.raises(ValueError, match="k must be"):
+    mdlm_decode.MdlmDecodeSpec(k=0, max_new_tokens=8)
+  graphdef, params = _params()
+  engine = _engine(graphdef, params)
+  with pytest.raises(ValueError, match="MdlmDecodeSpec"):
+    engine.check(decode.DecodeSpec(k=1, max_new_tokens=4, ar=True))
+  with pytest.raises(ValueError, match="stream"):
+    next(engine.stream(PROMPTS, mdlm_decode.MdlmDecodeSpec(k=2, max_new_tokens=4)))
+
+
+# ---- config ----
+
+
+@pytest.mark.parametrize("field,value", [("mdlm.prompt_share", 1.5), ("mdlm.cut_share", -0.1)])
+def test_invalid_mdlm_fields_fail_naming_the_field(field, value):
+  c = config_base.base_config()
+  c.stages = "teacher,k4,mdlm"
+  group, name = field.split(".")
+  with c.unlocked():
+    c[group][name] = value
+  with pytest.raises(config_check.ConfigError, match=f"config.{field}"):
+    config_check.validate(c, 1)
+
+
+def test_mdlm_stage_is_outside_the_chain():
+  c = config_base.base_config()
+  c.stages = "teacher,k4,mdlm"
+  config_check.validate(c, 1)
+  assert config_check.chain(["teacher", "mdlm", "k4"]) == [
+      (None, "teacher"), ("teacher", "mdlm"), ("teacher", "k4")]
+  c.stages = "teacher,mdlm"
+  with c.unlocked():
+    c.model.mask_token = False
+  with pytest.raises(config_check.ConfigError, match="config.model.mask_token"):
+    config_check.validate(c, 1)
