@@ -26,6 +26,7 @@ import shutil
 from absl import flags
 
 from kforcing_jax import cli
+from kforcing_jax.observe import report
 
 _OUT = flags.DEFINE_string("out", None, "Output directory (work dirs, JSON, table, PNG).")
 _CONFIG = flags.DEFINE_string("config", "configs/kjv_tiny.py", "Base config file.")
@@ -186,61 +187,52 @@ def summary_row(name: str, rows: list[dict]) -> dict:
 
 
 def table(results: list[dict]) -> str:
-  head = ("| variant | distill wall | k | NLL_j vs AR targets (teacher data NLL) | acc_j | agree | "
-          "Gen-PPL (teacher) | entropy (teacher) | rep_2 (teacher) | targets | z-blind NLL_j |")
-  lines = [head, "|" + "---|" * 11]
+  header = ["variant", "distill wall", "k", "NLL_j vs AR targets (teacher data NLL)", "acc_j",
+            "agree", "Gen-PPL (teacher)", "entropy (teacher)", "rep_2 (teacher)", "targets",
+            "z-blind NLL_j"]
+  rows = []
   for r in results:
     s, k = r["summary"], r["summary"]["k"]
-    nll = " / ".join(f"{s[f'nll_{j}']:.2f}" for j in range(1, k + 1))
-    acc = " / ".join(f"{s[f'acc_{j}']:.2f}" for j in range(1, k + 1))
-    lines.append(
-        f"| {r['name']} | {r['distill_wall_s'] / 60:.1f} min | {k} | {nll} ({s['teacher_data_nll']:.2f})"
-        f" | {acc} | {s['agree']:.3f} | {s['gen_ppl']:.1f} ({s['teacher_gen_ppl']:.1f}) | "
-        f"{s['entropy']:.2f} ({s['teacher_entropy']:.2f}) | {s['rep_2']:.3f} "
-        f"({s['teacher_rep_2']:.3f}) | {'met' if s['targets_met'] else 'not met'} | "
-        + (" / ".join(f"{s[f'blind_{j}']:.2f}" for j in range(1, k + 1)) if "blind_1" in s
-           else "-") + " |")
-  return "\n".join(lines)
+    per_j = lambda name: " / ".join(f"{s[f'{name}_{j}']:.2f}" for j in range(1, k + 1))
+    rows.append([r["name"], f"{r['distill_wall_s'] / 60:.1f} min", str(k),
+                 f"{per_j('nll')} ({s['teacher_data_nll']:.2f})", per_j("acc"),
+                 f"{s['agree']:.3f}", f"{s['gen_ppl']:.1f} ({s['teacher_gen_ppl']:.1f})",
+                 f"{s['entropy']:.2f} ({s['teacher_entropy']:.2f})",
+                 f"{s['rep_2']:.3f} ({s['teacher_rep_2']:.3f})",
+                 "met" if s["targets_met"] else "not met",
+                 per_j("blind") if "blind_1" in s else "-"])
+  return report.markdown_table(header, rows)
 
 
 def plot(results: list[dict], png: str) -> None:
   """Two panels of NLL_j minus the variant's own teacher data NLL (variants with different
   teachers compare; below 0 = the paper's Table-2 criterion met)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5.2))
-  colors = plt.get_cmap("tab20").colors  # more variants than the default 10-colour cycle
-  for i, r in enumerate(results):
-    color, marker = colors[i % len(colors)], "osD^v<>"[i % 7]
-    k, ref = r["summary"]["k"], r["summary"]["teacher_data_nll"]
-    pts = r["curve"]
-    if pts:
-      mean = [sum(p[f"nll_{j}"] for j in range(1, k + 1)) / k - ref for p in pts]
-      worst = [max(p[f"nll_{j}"] for j in range(1, k + 1)) - ref for p in pts]
-      xs = [p["distill_wall_s"] / 60 for p in pts]
-      a1.plot(xs, mean, "-", marker=marker, ms=3, color=color, label=r["name"])
-      a1.plot(xs, worst, ":", color=color, lw=1)
-    a2.plot(range(1, k + 1), [r["summary"][f"nll_{j}"] - ref for j in range(1, k + 1)], "-",
-            marker=marker, color=color, label=r["name"])
-  for ax in (a1, a2):
-    ax.axhline(0.0, color="k", ls="--", lw=1, label="teacher data NLL")
-    ax.grid(alpha=0.3)
-    ax.set_ylabel("NLL vs AR-teacher targets - teacher data NLL (nats)")
-  a1.set_xscale("log")  # budgets from ~2 to ~40 min: equal ratios, equal distances
-  a1.set_xticks([1, 2, 5, 10, 20, 50], ["1", "2", "5", "10", "20", "50"])
-  a1.minorticks_off()
-  a1.set_xlabel("cumulative distillation wall time (min, 2-core CPU, log scale)")
-  a1.set_title("final stage while it trains: mean over j (solid), worst j (dotted)")
-  a2.set_xlabel("offset j")
-  a2.set_xticks(range(1, max(r["summary"]["k"] for r in results) + 1))
-  a2.set_title("after training (held-out evaluation)")
-  a2.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(png, dpi=120)
-  plt.close(fig)
+  with report.figure(png, ncols=2, figsize=(13, 5.2)) as (plt, _, (a1, a2)):
+    colors = plt.get_cmap("tab20").colors  # more variants than the default 10-colour cycle
+    for i, r in enumerate(results):
+      color, marker = colors[i % len(colors)], "osD^v<>"[i % 7]
+      k, ref = r["summary"]["k"], r["summary"]["teacher_data_nll"]
+      pts = r["curve"]
+      if pts:
+        mean = [sum(p[f"nll_{j}"] for j in range(1, k + 1)) / k - ref for p in pts]
+        worst = [max(p[f"nll_{j}"] for j in range(1, k + 1)) - ref for p in pts]
+        xs = [p["distill_wall_s"] / 60 for p in pts]
+        a1.plot(xs, mean, "-", marker=marker, ms=3, color=color, label=r["name"])
+        a1.plot(xs, worst, ":", color=color, lw=1)
+      a2.plot(range(1, k + 1), [r["summary"][f"nll_{j}"] - ref for j in range(1, k + 1)], "-",
+              marker=marker, color=color, label=r["name"])
+    ylabel = "NLL vs AR-teacher targets - teacher data NLL (nats)"
+    for ax in (a1, a2):
+      ax.axhline(0.0, color="k", ls="--", lw=1, label="teacher data NLL")
+    a1.set_xscale("log")  # budgets from ~2 to ~40 min: equal ratios, equal distances
+    a1.set_xticks([1, 2, 5, 10, 20, 50], ["1", "2", "5", "10", "20", "50"])
+    a1.minorticks_off()
+    report.finish_axes(a1, "cumulative distillation wall time (min, 2-core CPU, log scale)",
+                       ylabel, "final stage while it trains: mean over j (solid), worst j "
+                       "(dotted)", legend_size=None)
+    a2.set_xticks(range(1, max(r["summary"]["k"] for r in results) + 1))
+    report.finish_axes(a2, "offset j", ylabel, "after training (held-out evaluation)",
+                       legend_size=7)
 
 
 def main(argv, study: Study):

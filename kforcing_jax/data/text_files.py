@@ -57,29 +57,20 @@ def split_documents(text: str, unit: str) -> list[str]:
   return [b.strip("\n") for b in re.split(r"\n[ \t\r]*\n", text) if b.strip()]
 
 
-class TextFiles(tfds.core.GeneratorBasedBuilder):
+class TextFiles(kjv.DocumentBuilder):
   """Local text files: {'id': '<path>:<block>', 'text': ...} per document."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Files or paragraph blocks; hash-based validation split."}
-  code_path = None  # No checksums file to find (see kjv.Kjv.code_path).
 
   def __init__(self, *, paths: list[str], val_fraction: float, unit: str, **kwargs):
-    if not 0.0 < val_fraction < 1.0:
-      raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
     if unit not in UNITS:
       raise ValueError(f"data.text_files_unit must be one of {UNITS}, got {unit!r}")
-    self._paths, self._val_fraction, self._unit = list(paths), val_fraction, unit
-    config = tfds.core.BuilderConfig(name="h" + fingerprint(self._paths, val_fraction, unit))
-    super().__init__(config=config, file_format="array_record", **kwargs)
+    self._paths, self._unit = list(paths), unit
+    super().__init__(val_fraction=val_fraction,
+                     name="h" + fingerprint(self._paths, val_fraction, unit), **kwargs)
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    text = tfds.features.Text()
-    features = tfds.features.FeaturesDict({"id": text, "text": text})
-    return tfds.core.DatasetInfo(builder=self, features=features)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Local files only.
+  def _documents(self) -> list[tuple[str, str]]:
     docs = []
     for path in self._paths:
       with open(path, "r", encoding="utf-8", errors="replace") as f:
@@ -89,17 +80,4 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
       raise ValueError(
           f"data.text_files gave {len(docs)} document(s) (data.text_files_unit={self._unit!r}); "
           "need at least 2 so one can be held out for validation.")
-    val = [d for d in docs if kjv.held_out(d[0], self._val_fraction)]
-    # Tiny corpora: keep both splits non-empty, moving the lowest / highest-hash document.
-    by_hash = sorted(docs, key=lambda d: hashlib.sha256(d[0].encode("utf-8")).digest())
-    if not val:
-      val = by_hash[:1]
-    elif len(val) == len(docs):
-      val = by_hash[:-1]
-    val_ids = {d[0] for d in val}
-    train = [d for d in docs if d[0] not in val_ids]
-    return {"train": self._generate_examples(train), "validation": self._generate_examples(val)}
-
-  def _generate_examples(self, docs):
-    for doc_id, text in docs:
-      yield doc_id, {"id": doc_id, "text": text}
+    return docs

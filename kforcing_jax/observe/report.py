@@ -113,6 +113,12 @@ def text_table(columns: Sequence[tuple[str, str]], rows: Iterable[Sequence], sep
   return "\n".join([head, rule * len(head)] + [text_row(columns, r, sep) for r in rows])
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+  """A Markdown table of pre-formatted cells (for docs that paste it as is)."""
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 # ---- plots ----
 
 
