@@ -8,9 +8,10 @@ Then, with the official client:
   client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
   client.completions.create(model="k4", prompt="And God said", max_tokens=32, seed=0)
 
-The engine (kforcing_jax/serving/engine.py) compiles one decode step for --slots slots and one
-prefill per power-of-two prompt bucket up to --max_prompt_len before the server listens; startup
-prints the URL, the stage, k, the slots and the compile time. The API is described in
+The engine (kforcing_jax/serving/engine.py) compiles the decode step at each right-sized batch
+(1, 2, 4, ... --slots) and the batched prefill of each (batch, power-of-two prompt bucket up to
+--max_prompt_len) before the server listens; startup prints the URL, the stage, k, the slots and
+the compile time. The API is described in
 kforcing_jax/serving/server.py. SIGTERM (or Ctrl-C) stops intake, lets in-flight requests finish
 (up to --drain_s seconds), then exits; if the decode loop fails, the server drains the same way
 and exits with status 1. Binds 127.0.0.1 unless --host says otherwise.
@@ -67,7 +68,8 @@ def main(argv):
                                       eos_id=loaded.tokenizer.eos_id)
   except ValueError as e:
     raise config_check.UserError(str(e)) from None
-  log.info("compiling the decode step (%d slots, k=%d) and the prompt buckets ...", _SLOTS.value, k)
+  log.info("compiling the decode steps (sizes %s, k=%d) and the batched prefills ...",
+           ",".join(map(str, engine.sizes)), k)
   compile_s = engine.warmup()
   engine.start()
   app = server.make_app(engine, loaded.tokenizer, stage)

@@ -242,13 +242,13 @@ def test_one_failing_request_ends_alone(live, monkeypatch):
   assert streamed[0] == 200 and '"error"' in streamed[1] and "[DONE]" not in streamed[1]
   assert live.wait_idle()["free"] == 2
   # A failed prefill (one request's, on the decode thread) ends that request alone too.
-  admit = live.engine._admit_slot  # pylint: disable=protected-access
+  inputs = live.engine._row_inputs  # pylint: disable=protected-access
 
-  def bad_prefill(slot, req, plen):
+  def bad_prefill(req):
     if req.seed == 4242:
       raise RuntimeError("a bad prefill")
-    return admit(slot, req, plen)
-  monkeypatch.setattr(live.engine, "_admit_slot", bad_prefill)
+    return inputs(req)
+  monkeypatch.setattr(live.engine, "_row_inputs", bad_prefill)
   status, out = _ok(live, seed=4242)
   assert status == 500 and "a bad prefill" in out["error"]["message"], out
   assert _ok(live, seed=1)[0] == 200
@@ -361,7 +361,7 @@ def test_decode_loop_failure_is_reported_and_the_server_exits(chat_workdir):
 
     def broken(params, state):
       raise RuntimeError("injected device failure")
-    eng._step = broken  # pylint: disable=protected-access
+    eng._steps = {size: broken for size in eng._steps}  # pylint: disable=protected-access
     status, out = _ok(live, max_tokens=MAX_TOKENS)
     assert status == 500 and "injected device failure" in out["error"]["message"], out
     status, h = live.request("/health")

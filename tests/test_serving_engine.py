@@ -42,6 +42,12 @@ def _offline(loaded, prompt, n, seed, k, penalty=0.0, eos=None, controls=(1.0, 0
   return decode.Engine.from_stage(loaded).generate([prompt], spec, seed)[0].tokens
 
 
+def _programs(eng) -> int:
+  """Compiled programs of the engine's steps, prefills and row move."""
+  return (sum(f._cache_size() for f in eng._steps.values()) + eng._admit._cache_size()
+          + eng._move._cache_size())
+
+
 def _collect(engine, reqs):
   done = threading.Event()
   left = [len(reqs)]
@@ -73,7 +79,7 @@ def test_requests_joining_mid_generation_equal_offline_generate(stages, name, k)
     reqs = [engine_lib.Request(prompt_ids=p, max_tokens=n, seed=s, frequency_penalty=f,
                                stop_at_eos=False, temperature=c[0], top_k=c[1], top_p=c[2],
                                min_p=c[3]) for p, n, s, f, c in specs]
-    n_programs = eng._step._cache_size()
+    n_programs = _programs(eng)
     done = _collect(eng, reqs)
     eng.submit(reqs[0])
     eng.submit(reqs[1])
@@ -86,9 +92,51 @@ def test_requests_joining_mid_generation_equal_offline_generate(stages, name, k)
       assert r.finish_reason == "length"
       assert r.tokens == _offline(loaded, p, n, s, k, f, controls=c), f"prompt {p}, {c}"
     # Per-request settings are arrays: no request compiled a new step.
-    assert eng._step._cache_size() == n_programs
+    assert _programs(eng) == n_programs
     st = eng.stats()
     assert st["live"] == 0 and st["free"] == 3 and st["queued"] == 0
+  finally:
+    eng.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,k", [("k3", 3), ("teacher", 1)])
+def test_right_sized_steps_grow_shrink_and_batched_prefill_keep_offline_tokens(stages, name, k):
+  """A lone request runs at step size 1; three arriving together are prefilled in one batch
+  (padded to 4) and the step grows to 4; as they end it shrinks to 2 and 1, moving the live
+  rows down (slot 3 -> 1 -> 0). Every request still decodes exactly as offline."""
+  loaded = stages[name]
+  eng = engine_lib.ServingEngine(loaded, k, slots=4, max_prompt_len=16, max_tokens=30,
+                                 max_queue=4)
+  assert eng.sizes == (1, 2, 4) and eng.prefill_sizes == (1, 4)
+  eng.warmup()
+  n_programs = _programs(eng)
+  # A long; B, C short; D longest: D (slot 3) outlives B and C, then A.
+  specs = [(PROMPTS[0], 24, 21), (PROMPTS[2], 5, 22), (PROMPTS[3], 8, 23), (PROMPTS[1], 30, 24)]
+  reqs = [engine_lib.Request(prompt_ids=p, max_tokens=n, seed=s, stop_at_eos=False)
+          for p, n, s in specs]
+  done = _collect(eng, reqs)
+  collect = reqs[0].on_tokens
+
+  def on_a(new, reason):  # B, C, D arrive together when A has its second block
+    if len(reqs[0].tokens) == 2 * k:
+      for r in reqs[1:]:
+        eng.submit(r)
+    collect(new, reason)
+  reqs[0].on_tokens = on_a
+  eng.start()
+  try:
+    eng.submit(reqs[0])
+    assert done.wait(120)
+    for r, (p, n, s) in zip(reqs, specs):
+      assert r.finish_reason == "length"
+      assert r.tokens == _offline(loaded, p, n, s, k), f"prompt {p}, {n} tokens"
+    assert set(eng.step_sizes) == {1, 2, 4} and eng.prefills == {1: 1, 3: 1}, (
+        eng.step_sizes, eng.prefills)
+    assert eng.moves == 2
+    assert _programs(eng) == n_programs  # every size was compiled before serving
+    st = eng.stats()
+    assert st["live"] == 0 and st["free"] == 4 and st["queued"] == 0
   finally:
     eng.shutdown()
 

@@ -1,27 +1,41 @@
-"""Continuous batching in the style of JetStream: prefill one request, insert it into a free slot,
-advance every live slot with one jitted step, free the slot when the request ends.
+"""Continuous batching in the style of JetStream: prefill the waiting requests in one batch,
+insert them into free slots, advance the live slots with one jitted step, free a slot when its
+request ends.
 
-Shapes are fixed (slots, cache length, power-of-two prompt buckets), so one compiled step serves
-any mix of requests, and requests join at block boundaries while others are mid-generation. A
-PFLM slot advances k tokens per step ([previous block ; k noise] at that slot's own cache
-length: `Transformer.forward_cached` with per-row starts); the AR teacher advances one.
+Shapes are fixed (slots, cache length, power-of-two prompt buckets, a few compiled batch
+sizes), so a handful of programs compiled before serving cover any mix of requests, and requests
+join at block boundaries while others are mid-generation. A PFLM slot advances k tokens per step
+([previous block ; k noise] at that slot's own cache length: `Transformer.forward_cached` with
+per-row starts); the AR teacher advances one.
+
+Right-sized steps: a step computes only slots [0, size), size the smallest of `step_sizes` (1,
+2, 4, ... slots) holding the live requests, so a lone request runs at the batch-1 step's speed.
+New requests take the lowest free slot, and when the size shrinks the live rows above it move
+into free slots below it (`_compact`, one row copy each). Batched prefill: at a block boundary
+the oldest waiting request and the next ones of its prompt bucket (as many as free slots) are
+prefilled in one call of the next compiled size and scattered into their slots; one prefill per
+boundary, so live slots never wait for more than one.
 
 Outputs do not depend on the batch: a request's uniforms come from `decode.row_keys(seed, [0])`
 and its token i uses uniform i, exactly as offline `decode.Engine.generate([prompt], spec, seed)`
-does, whatever else is running and whenever it arrives. EOS, stop strings and max_tokens are
-applied on the host between steps; the frequency penalty is per slot, on the device.
+does, whatever else is running, whenever it arrives, whichever slot, step size or prefill batch
+serves it (rows never mix). EOS, stop strings and max_tokens are applied on the host between
+steps; the frequency penalty is per slot, on the device.
 
 The host work overlaps the device: the loop dispatches step t+1 (JAX dispatch is asynchronous)
 before it copies step t's tokens to the host and runs the requests' callbacks and stop checks.
-So a request that ends while step t is delivered has already been advanced by step t+1: those
-tokens are dropped, and its slot takes a new request only once step t+1 has been consumed.
+A request that ends while step t is delivered has already been advanced by step t+1: its slot is
+free at once, and step t+1's tokens go by request (not slot) to those still live, so it gets
+nothing more.
 
 The decode loop runs in its own thread (`ServingEngine.start`); callers `submit` requests from
 any thread and receive tokens through the request's callback.
 """
 
+import bisect
+import collections
 import dataclasses
-import queue
+import functools
 import threading
 import time
 from typing import Callable
@@ -38,6 +52,16 @@ from kforcing_jax.parallel import sharding
 from kforcing_jax.serving import decode
 
 log = metrics_log.log
+
+
+def step_sizes(slots: int, multiple: int = 1) -> tuple[int, ...]:
+  """The compiled batch sizes of steps and prefills: `multiple` (the mesh's data axis) times
+  powers of two below `slots`, then `slots`."""
+  sizes, n = [], multiple
+  while n < slots:
+    sizes.append(n)
+    n *= 2
+  return tuple(sizes) + (slots,)
 
 
 class QueueFull(Exception):
@@ -79,6 +103,7 @@ class Request:
   finish_reason: str | None = None
   t_submit: float = 0.0
   t_first: float | None = None
+  slot: int = -1  # the engine's slot holding it while live (rows move when the step shrinks)
 
   def cancel(self) -> None:
     """Free the slot at the next block boundary (e.g. the client disconnected)."""
@@ -126,17 +151,16 @@ class ServingEngine:
     self.n_cache = self.max_prompt_len + self.spec.buffer_len + k
     self.mesh = loaded.mesh
     self._build()
-    self._pending: queue.Queue = queue.Queue()
-    self._live: dict[int, Request] = {}
-    self._free = list(range(slots))
-    # (slot, step count) of slots whose request ended while a step that advances them was in
-    # flight: free once that many steps have been consumed.
-    self._retiring: list[tuple[int, int]] = []
-    self._consumed = 0  # steps whose tokens have been delivered
+    self._pending: collections.deque[Request] = collections.deque()
+    self._live: dict[int, Request] = {}  # slot -> request
+    self._free = list(range(slots))  # sorted: a new request takes the lowest
     self._lock = threading.Condition()
     self._closing = False
     self._thread: threading.Thread | None = None
     self.steps = 0  # steps dispatched
+    self.step_sizes = collections.Counter()  # steps dispatched per size
+    self.prefills = collections.Counter()  # batched prefills per number of requests
+    self.moves = 0  # rows moved by compaction
     self.state = None
 
   # ---- jitted programs ----
@@ -158,79 +182,101 @@ class ServingEngine:
                        penalty_B=jnp.zeros((self.slots,), jnp.float32),
                        controls=sampling.Controls.rows(self.slots))
 
-    def prefill(params, prompt_1xP, pad_1, keys_1x2, penalty_1, controls_1):
-      """One request: [prompt ; k noise] (PFLM) or the prompt (AR) -> its first block and its
-      cache (1, H, P, head_dim) per layer."""
+    def admit(params, state, prompt_BxP, pad_B, keys_Bx2, penalty_B, controls, slot_B):
+      """Prefill a batch of requests of one prompt bucket ([prompt ; k noise] for a PFLM, the
+      prompt for AR) and insert row b into slot slot_B[b] (>= slots: a padding row, dropped).
+      Returns (state, first blocks (B, k))."""
       m = merge(params)
-      plen = prompt_1xP.shape[1]
-      ck, cv = model_lib.init_cache(cfg, 1, plen + (0 if spec.ar else k))
-      logits, ck, cv = decode.block_logits(m, spec, prompt_1xP, keys_1x2, 0, ck, cv,
-                                           jnp.zeros((), jnp.int32), pad_1, fresh=True,
-                                           tau_B=controls_1.temperature)
-      counts = jnp.zeros((1, cfg.vocab_size), jnp.int32)
-      y, _, _, counts = decode.choose(spec, logits, keys_1x2, 0, jnp.zeros((1,), bool),
-                                      jnp.zeros((1,), jnp.int32), counts, penalty_1, controls_1)
-      return y, tuple(c[:, :, :plen] for c in ck), tuple(c[:, :, :plen] for c in cv), counts
-
-    def insert(state, slot, y_1xK, ck, cv, counts_1xV, pad_1, keys_1x2, penalty_1, controls_1):
-      put = lambda big, small: jax.lax.dynamic_update_slice(
-          big, small.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1))
-      plen = ck[0].shape[2]
-      return state.replace(
-          cache_k=tuple(put(b, s) for b, s in zip(state.cache_k, ck)),
-          cache_v=tuple(put(b, s) for b, s in zip(state.cache_v, cv)),
-          len_B=state.len_B.at[slot].set(plen), pad_B=put(state.pad_B, pad_1),
-          last_BxK=put(state.last_BxK, y_1xK), gen_B=state.gen_B.at[slot].set(k),
-          keys_Bx2=put(state.keys_Bx2, keys_1x2), counts_BxV=put(state.counts_BxV, counts_1xV),
-          penalty_B=put(state.penalty_B, penalty_1),
-          controls=jax.tree.map(put, state.controls, controls_1))
-
-    def step(params, state):
-      """Every slot advances one block at its own cache length (free slots compute junk)."""
-      m = merge(params)
-      logits, ck, cv = decode.block_logits(m, spec, state.last_BxK, state.keys_Bx2, state.gen_B,
-                                           state.cache_k, state.cache_v, state.len_B,
-                                           state.pad_B, tau_B=state.controls.temperature)
-      b = self.slots
-      y, _, _, counts = decode.choose(spec, logits, state.keys_Bx2, state.gen_B,
-                                      jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
-                                      state.counts_BxV, state.penalty_B, state.controls)
-      # A free slot's length stays below the cache end (its writes never leave the cache).
-      len_B = jnp.minimum(state.len_B + k, self.n_cache - 2 * k)
-      new = state.replace(cache_k=ck, cache_v=cv, len_B=len_B, last_BxK=y,
-                          gen_B=state.gen_B + k, counts_BxV=counts)
+      b, plen = prompt_BxP.shape
+      ck, cv = model_lib.init_cache(cfg, b, plen + (0 if spec.ar else k))
+      logits, ck, cv = decode.block_logits(m, spec, prompt_BxP, keys_Bx2, 0, ck, cv,
+                                           jnp.zeros((), jnp.int32), pad_B, fresh=True,
+                                           tau_B=controls.temperature)
+      counts = jnp.zeros((b, cfg.vocab_size), jnp.int32)
+      y, _, _, counts = decode.choose(spec, logits, keys_Bx2, 0, jnp.zeros((b,), bool),
+                                      jnp.zeros((b,), jnp.int32), counts, penalty_B, controls)
+      put = lambda big, small: big.at[slot_B].set(small.astype(big.dtype), mode="drop")
+      put_cache = lambda big, small: big.at[slot_B, :, :plen].set(
+          small[:, :, :plen].astype(big.dtype), mode="drop")
+      new = state.replace(
+          cache_k=tuple(put_cache(c, n) for c, n in zip(state.cache_k, ck)),
+          cache_v=tuple(put_cache(c, n) for c, n in zip(state.cache_v, cv)),
+          len_B=put(state.len_B, jnp.full((b,), plen)), pad_B=put(state.pad_B, pad_B),
+          last_BxK=put(state.last_BxK, y), gen_B=put(state.gen_B, jnp.full((b,), k)),
+          keys_Bx2=put(state.keys_Bx2, keys_Bx2), counts_BxV=put(state.counts_BxV, counts),
+          penalty_B=put(state.penalty_B, penalty_B),
+          controls=jax.tree.map(put, state.controls, controls))
       return new, y
+
+    def step(params, state, size):
+      """Slots [0, size) advance one block, each at its own cache length (free slots among
+      them compute junk); slots >= size are untouched."""
+      part = state if size == self.slots else jax.tree.map(lambda x: x[:size], state)
+      # One row: a scalar cache start (a plain slice write; per-row starts' batched write cost
+      # ~1 ms more at size 1 on CPU, copying the cache).
+      start = part.len_B[0] if size == 1 else part.len_B
+      m = merge(params)
+      logits, ck, cv = decode.block_logits(m, spec, part.last_BxK, part.keys_Bx2, part.gen_B,
+                                           part.cache_k, part.cache_v, start, part.pad_B,
+                                           tau_B=part.controls.temperature)
+      y, _, _, counts = decode.choose(spec, logits, part.keys_Bx2, part.gen_B,
+                                      jnp.zeros((size,), bool), jnp.zeros((size,), jnp.int32),
+                                      part.counts_BxV, part.penalty_B, part.controls)
+      # A free slot's length stays below the cache end (its writes never leave the cache).
+      len_B = jnp.minimum(part.len_B + k, self.n_cache - 2 * k)
+      new = part.replace(cache_k=ck, cache_v=cv, len_B=len_B, last_BxK=y,
+                         gen_B=part.gen_B + k, counts_BxV=counts)
+      if size < self.slots:
+        new = jax.tree.map(lambda full, p: jax.lax.dynamic_update_slice_in_dim(full, p, 0, 0),
+                           state, new)
+      return new, y
+
+    def move(state, src, dst):
+      """Slot src's row copied to slot dst (compaction)."""
+      return jax.tree.map(lambda x: jax.lax.dynamic_update_slice_in_dim(
+          x, jax.lax.dynamic_slice_in_dim(x, src, 1, 0), dst, 0), state)
 
     self._state_sh = sharding.decode_state_shardings(
         mesh, SlotState(cache_k=(4,) * cfg.n_layers, cache_v=(4,) * cfg.n_layers, len_B=1,
                         pad_B=1, last_BxK=2, gen_B=1, keys_Bx2=2, counts_BxV=2, penalty_B=1,
                         controls=sampling.Controls(1, 1, 1, 1)))
     d2 = sharding.batch_sharding(mesh, 2)
-    if self.slots % mesh.shape[sharding.DATA]:
-      raise ValueError(f"slots={self.slots} must be a multiple of the mesh's data axis "
-                       f"({mesh.shape[sharding.DATA]})")
-    opts = decode.compiler_options(mesh.devices.flat[0].platform,
-                                   self.slots * (1 if spec.ar else 2 * k),
-                                   decode.weight_bytes(self.loaded.params))
+    data = mesh.shape[sharding.DATA]
+    if self.slots % data:
+      raise ValueError(f"slots={self.slots} must be a multiple of the mesh's data axis ({data})")
+    self.sizes = step_sizes(self.slots, data)
+    # Prefill batches: every other step size (1, 4, 16 of 16 slots) and the slots, since every
+    # prompt bucket compiles each of them.
+    self.prefill_sizes = tuple(sorted(set(self.sizes[::2]) | {self.slots}))
+    platform, wbytes = mesh.devices.flat[0].platform, decode.weight_bytes(self.loaded.params)
     self._init = jax.jit(init, out_shardings=self._state_sh)
-    self._prefill = jax.jit(prefill, in_shardings=(self._param_sh, rep, rep, rep, rep, rep),
-                            out_shardings=rep)
-    self._insert = jax.jit(insert, donate_argnums=0, out_shardings=self._state_sh)
-    self._step = jax.jit(step, in_shardings=(self._param_sh, self._state_sh),
-                         out_shardings=(self._state_sh, d2), donate_argnums=1,
-                         compiler_options=opts)
+    self._admit = jax.jit(admit, in_shardings=(self._param_sh, self._state_sh) + (rep,) * 6,
+                          out_shardings=(self._state_sh, rep), donate_argnums=1)
+    self._move = jax.jit(move, out_shardings=self._state_sh, donate_argnums=0)
+    self._steps = {
+        size: jax.jit(functools.partial(step, size=size),
+                      in_shardings=(self._param_sh, self._state_sh),
+                      out_shardings=(self._state_sh, d2), donate_argnums=1,
+                      compiler_options=decode.compiler_options(
+                          platform, size * (1 if spec.ar else 2 * k), wbytes))
+        for size in self.sizes}
 
   def warmup(self) -> float:
-    """Compile the step and every prompt bucket's prefill and insert; returns seconds."""
+    """Compile every step size, the row move, and the batched prefill of every (batch size,
+    prompt bucket); returns seconds."""
     t0 = time.perf_counter()
     self.state = self._init()
-    buckets, n = [], 8
-    while n <= self.max_prompt_len:
-      buckets.append(n)
-      n *= 2
-    for plen in buckets or [self.max_prompt_len]:
-      self._admit_slot(0, Request(prompt_ids=[0] * plen, max_tokens=1), plen)
-    self.state, y = self._step(self.loaded.params, self.state)
+    plen = 8
+    while True:
+      for size in self.prefill_sizes:
+        reqs = [Request(prompt_ids=[0] * plen, max_tokens=1)] * size
+        self.state, _ = self._admit_batch(reqs, list(range(size)), plen)
+      if plen >= self.max_prompt_len:
+        break
+      plen *= 2
+    self.state = self._move(self.state, np.int32(self.slots - 1), np.int32(0))
+    for size in self.sizes:
+      self.state, y = self._steps[size](self.loaded.params, self.state)
     jax.block_until_ready(y)
     self.state = self._init()
     return time.perf_counter() - t0
@@ -273,20 +319,18 @@ class ServingEngine:
       if self._closing:
         raise Closed("the server is shutting down" if self.error is None else
                      f"the decode loop failed ({self.error}); the server is restarting")
-      if self._pending.qsize() + len(self._live) >= self.slots + self.max_queue:
+      if len(self._pending) + len(self._live) >= self.slots + self.max_queue:
         raise QueueFull(f"{self.slots} slots busy and {self.max_queue} requests queued")
       req.t_submit = time.perf_counter()
-      self._pending.put(req)
+      self._pending.append(req)
       self._lock.notify()
     return req
 
   def stats(self) -> dict:
-    """Counts for /health and /metrics; a retiring slot (its request is over, a step in flight
-    still advances it) counts as free."""
+    """Counts for /health and /metrics."""
     with self._lock:
-      return {"slots": self.slots, "live": len(self._live),
-              "free": len(self._free) + len(self._retiring),
-              "queued": self._pending.qsize(), "steps": self.steps, "closing": self._closing,
+      return {"slots": self.slots, "live": len(self._live), "free": len(self._free),
+              "queued": len(self._pending), "steps": self.steps, "closing": self._closing,
               "error": self.error}
 
   def start(self) -> None:
@@ -308,8 +352,8 @@ class ServingEngine:
       if not drain:
         for r in list(self._live.values()):
           r.cancel()
-        while not self._pending.empty():
-          self._finish(self._pending.get_nowait(), "cancelled")
+        while self._pending:
+          self._finish(self._pending.popleft(), "cancelled")
       self._lock.notify()
     if self._thread is not None:
       self._thread.join(timeout)
@@ -322,27 +366,33 @@ class ServingEngine:
       except Exception:  # the request's own callback: it is over anyway; the loop goes on
         log.exception("a request's finish callback failed")
 
-  def _admit_slot(self, slot: int, req: Request, plen: int) -> jax.Array:
-    """Prefill `req` and insert it into `slot` (both dispatched, not awaited); returns its first
-    block (1, k) on the device."""
-    x, pad = decode.pad_prompts([req.prompt_ids], 1, plen)
-    keys = decode.row_keys(req.seed, [0])
-    penalty = np.asarray([req.frequency_penalty], np.float32)
-    controls = jax.tree.map(lambda x: np.asarray(x)[None], sampling.Controls(
-        np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p),
-        np.float32(req.min_p)))
-    y, ck, cv, counts = self._prefill(self.loaded.params, x, pad, keys, penalty, controls)
-    self.state = self._insert(self.state, jnp.asarray(slot, jnp.int32), y, ck, cv, counts,
-                              jnp.asarray(pad), jnp.asarray(keys), jnp.asarray(penalty),
-                              controls)
-    return y
+  def _row_inputs(self, req: Request) -> tuple:
+    """One request's prefill inputs: (uniform-stream key (2,), frequency penalty, controls)."""
+    return (decode.row_keys(req.seed, [0])[0], np.float32(req.frequency_penalty),
+            (np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p),
+             np.float32(req.min_p)))
 
-  def _deliver(self, slot: int, req: Request, block: list[int]) -> bool:
-    """Append a block to a request; True when the request is finished (its slot freed, or
-    retiring until the step in flight has been consumed)."""
+  def _admit_batch(self, reqs: list[Request], slots: list[int], plen: int,
+                   rows: list[tuple] | None = None) -> tuple[SlotState, jax.Array]:
+    """Dispatch one prefill of `reqs` (one prompt bucket `plen`) into `slots`, padded to the
+    next compiled size (padding rows repeat the last request and are dropped); returns (state,
+    first blocks (batch, k) on the device), not awaited."""
+    rows = rows or [self._row_inputs(r) for r in reqs]
+    batch = next(s for s in self.prefill_sizes if s >= len(reqs))
+    x, pad = decode.pad_prompts([r.prompt_ids for r in reqs], batch, plen)
+    rows = rows + [rows[-1]] * (batch - len(rows))
+    keys = np.stack([r[0] for r in rows])
+    penalty = np.asarray([r[1] for r in rows], np.float32)
+    controls = sampling.Controls(*(np.asarray(c) for c in zip(*(r[2] for r in rows))))
+    slot_B = np.asarray(list(slots) + [self.slots] * (batch - len(slots)), np.int32)
+    return self._admit(self.loaded.params, self.state, x, pad, keys, penalty, controls, slot_B)
+
+  def _deliver(self, req: Request, block: list[int]) -> None:
+    """Append a block to a live request; ends it (freeing its slot) at EOS, max_tokens, a stop
+    string, cancellation, or a failure of its own code."""
     if req.cancelled:
-      self._release(slot, req, "cancelled")
-      return True
+      self._release(req, "cancelled")
+      return
     if req.t_first is None:
       req.t_first = time.perf_counter()
     new, reason = [], None
@@ -364,79 +414,124 @@ class ServingEngine:
       log.exception("serving one request failed")
       reason = f"error: {type(e).__name__}: {e}"
     if reason is not None:
-      self._release(slot, req, reason)
-      return True
-    return False
+      self._release(req, reason)
 
-  def _release(self, slot: int, req: Request, reason: str) -> None:
+  def _release(self, req: Request, reason: str) -> None:
+    """End a request and free its slot at once: a step in flight that still advances the slot
+    is delivered by request, and this one is no longer live (see _consume)."""
     with self._lock:
-      if self._live.get(slot) is req:  # (never free a slot twice)
-        self._live.pop(slot)
-        if self.steps > self._consumed:  # a step in flight advances it: wait for its tokens
-          self._retiring.append((slot, self.steps))
-        else:
-          self._free.append(slot)
+      if req.slot >= 0 and self._live.get(req.slot) is req:  # (never free a slot twice)
+        self._live.pop(req.slot)
+        bisect.insort(self._free, req.slot)
+      req.slot = -1
     self._finish(req, reason)
 
-  def _admit_waiting(self) -> list[tuple[int, Request, jax.Array]]:
-    """At a block boundary: prefill each waiting request into a free slot. Returns (slot,
-    request, first block on the device) of those admitted."""
-    admitted = []
-    while self._free and not self._pending.empty():
-      req = self._pending.get_nowait()
-      if req.cancelled:
-        self._finish(req, "cancelled")
-        continue
-      with self._lock:
-        slot = self._free.pop(0)
-        self._live[slot] = req
-      try:
-        admitted.append((slot, req, self._admit_slot(slot, req,
-                                                     decode.bucket_len(len(req.prompt_ids)))))
-      except Exception as e:  # this request's prefill: it fails alone (a failed insert
-        log.exception("prefill failed")  # loses the donated state: the step then fails)
-        self._release(slot, req, f"error: {type(e).__name__}: {e}")
-    return admitted
+  def _take_waiting(self) -> tuple[list[Request], list[Request], int]:
+    """Under the lock: the oldest waiting request and the next ones of its prompt bucket, as
+    many as free slots and the largest batch allow, each given the lowest free slot. Returns
+    (admitted, cancelled while waiting, prompt bucket)."""
+    taken, dropped, plen = [], [], 0
+    with self._lock:
+      while self._pending and self._pending[0].cancelled:
+        dropped.append(self._pending.popleft())
+      if self._free and self._pending:
+        plen = decode.bucket_len(len(self._pending[0].prompt_ids))
+        n = min(len(self._free), self.slots)
+        for req in self._pending:
+          if len(taken) == n:
+            break
+          if not req.cancelled and decode.bucket_len(len(req.prompt_ids)) == plen:
+            taken.append(req)
+        for req in taken:
+          self._pending.remove(req)
+          req.slot = self._free.pop(0)
+          self._live[req.slot] = req
+    return taken, dropped, plen
+
+  def _admit_waiting(self) -> tuple[list[Request], jax.Array | None]:
+    """At a block boundary: one batched prefill of waiting requests (one prompt bucket, so a
+    boundary never waits for more than one prefill). Returns (the requests admitted, their
+    first blocks on the device)."""
+    taken, dropped, plen = self._take_waiting()
+    for req in dropped:
+      self._finish(req, "cancelled")
+    admitted, rows = [], []
+    for req in taken:
+      try:  # this request's own inputs: a failure ends it alone
+        rows.append(self._row_inputs(req))
+        admitted.append(req)
+      except Exception as e:
+        log.exception("prefill failed")
+        self._release(req, f"error: {type(e).__name__}: {e}")
+    if not admitted:
+      return [], None
+    try:
+      self.state, y = self._admit_batch(admitted, [r.slot for r in admitted], plen, rows)
+      self.prefills[len(admitted)] += 1
+    except Exception as e:  # a failed dispatch: these requests fail (the donated state may be
+      log.exception("prefill failed")  # lost: then the next step fails the loop)
+      for req in admitted:
+        self._release(req, f"error: {type(e).__name__}: {e}")
+      return [], None
+    return admitted, y
+
+  def _compact(self) -> int:
+    """The step size for the live requests: the smallest compiled size that holds them. Live
+    rows at or above it move into free slots below it (they exist: size >= live count)."""
+    size = next(s for s in self.sizes if s >= len(self._live))
+    moves = []
+    with self._lock:
+      for src in sorted(s for s in self._live if s >= size):
+        dst = self._free.pop(0)
+        req = self._live.pop(src)
+        self._live[dst], req.slot = req, dst
+        bisect.insort(self._free, src)
+        moves.append((src, dst))
+    for src, dst in moves:
+      self.state = self._move(self.state, np.int32(src), np.int32(dst))
+      self.moves += 1
+    return size
 
   def _consume(self, y_BxK: jax.Array, owners: dict[int, Request]) -> None:
-    """Deliver one step's tokens to the requests it advanced (`owners`, as at its dispatch) that
-    are still live, then free the slots that waited for this step."""
-    y = np.asarray(jax.device_get(y_BxK))
-    for slot, req in owners.items():
-      if self._live.get(slot) is req:  # a request that ended since gets nothing more
-        self._deliver(slot, req, [int(t) for t in y[slot]])
-    with self._lock:
-      self._consumed += 1
-      self._free += [s for s, n in self._retiring if n <= self._consumed]
-      self._retiring = [(s, n) for s, n in self._retiring if n > self._consumed]
+    """Deliver one step's tokens to the requests it advanced (`owners`: {row at dispatch:
+    request}) that are still live, wherever they have moved since."""
+    y = np.asarray(jax.device_get(y_BxK)).tolist()
+    for row, req in owners.items():
+      if self._live.get(req.slot) is req:  # a request that ended since gets nothing more
+        self._deliver(req, y[row])
 
   def _loop(self) -> None:
-    """Admit; dispatch the next step; deliver the admitted requests' first blocks and the
-    previous step's tokens while the device computes it."""
-    inflight = None  # (y_BxK on the device, {slot: request} it advances) not yet delivered
+    """Admit (one batched prefill); compact; dispatch the next step at the size the live
+    requests need; deliver the admitted requests' first blocks and the previous step's tokens
+    while the device computes it."""
+    inflight = None  # (y_BxK on the device, {row: request} it advances) not yet delivered
     try:
       while True:
         with self._lock:
-          while (not self._live and self._pending.empty() and inflight is None
+          while (not self._live and not self._pending and inflight is None
                  and not self._closing):
             self._lock.wait()
-          if (self._closing and not self._live and self._pending.empty()
-              and inflight is None):
+          if self._closing and not self._live and not self._pending and inflight is None:
             return
-        admitted = self._admit_waiting()
+        admitted, first = self._admit_waiting()
         step = None
         if self._live:
-          self.state, y = self._step(self.loaded.params, self.state)
+          size = self._compact()
+          self.state, y = self._steps[size](self.loaded.params, self.state)
           self.steps += 1
+          self.step_sizes[size] += 1
           step = (y, dict(self._live))
-        for slot, req, y_1xK in admitted:
+        if admitted:
           try:
-            block = [int(t) for t in np.asarray(jax.device_get(y_1xK))[0]]
-          except Exception as e:  # its prefill failed on the device
+            blocks = np.asarray(jax.device_get(first)).tolist()
+          except Exception as e:  # their prefill failed on the device
             log.exception("prefill failed")
-            self._release(slot, req, f"error: {type(e).__name__}: {e}")
-            continue
-          self._deliver(slot, req, block)
+            blocks = None
+            for req in admitted:
+              self._release(req, f"error: {type(e).__name__}: {e}")
+          for i, req in enumerate(admitted if blocks is not None else []):
+            if self._live.get(req.slot) is req:
+              self._deliver(req, blocks[i])
         if inflight is not None:
           self._consume(*inflight)
         inflight = step
@@ -445,11 +540,11 @@ class ServingEngine:
       with self._lock:
         self.error = f"{type(e).__name__}: {e}"
         self._closing = True
-        self._free += [s for s, _ in self._retiring]
-        self._retiring = []
-        for slot, req in list(self._live.items()):
-          self._live.pop(slot)
-          self._free.append(slot)
-          self._finish(req, f"error: {e}")
-        while not self._pending.empty():
-          self._finish(self._pending.get_nowait(), f"error: {e}")
+        failed = list(self._live.values()) + list(self._pending)
+        self._free = list(range(self.slots))
+        self._live.clear()
+        self._pending.clear()
+        for req in failed:
+          req.slot = -1
+      for req in failed:
+        self._finish(req, f"error: {e}")
