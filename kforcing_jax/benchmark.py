@@ -21,7 +21,8 @@ kforcing_jax/bench/decode_speed.py for the method). Prints a table; writes the J
 and a PNG of speedup vs batch size next to it (same name, .png). Speed does not depend on the
 weights:
 --untrained_pflm measures a PFLM made of the teacher's weights plus a fresh noise encoder when
-no PFLM stage exists yet.
+no PFLM stage exists yet. --methods ...,mdlm adds the masked-diffusion stage ('mdlm') at every
+--k (K tokens committed per pass by --mdlm_commit, in blocks of --mdlm_block).
 """
 
 import dataclasses
@@ -41,7 +42,11 @@ _REPS = flags.DEFINE_integer("reps", 5, "Timed runs per point (median; >= 5 for 
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of prompts and uniform streams.")
 _METHODS = flags.DEFINE_list("methods", ["ar", "ar_stepwise", "pflm"],
                              "Decode methods: ar, ar_stepwise, pflm, pflm_verified, spec, "
-                             "spec_dynamic (ar is always included).")
+                             "spec_dynamic, mdlm (ar is always included).")
+_MDLM_COMMIT = flags.DEFINE_enum("mdlm_commit", "confidence", ["confidence", "greedy", "random"],
+                                 "mdlm: which K masked positions a pass commits.")
+_MDLM_BLOCK = flags.DEFINE_integer("mdlm_block", 0, "mdlm: semi-autoregressive block length "
+                                   "(0 = none).")
 _GAMMA = flags.DEFINE_integer("gamma", 4, "spec/spec_dynamic: draft tokens per teacher pass.")
 _CONFIDENCE = flags.DEFINE_float("confidence", 0.4, "spec_dynamic: stop drafting below this "
                                  "draft probability.")
@@ -137,6 +142,13 @@ def main(argv):
     for m in ("spec", "spec_dynamic"):
       if m in methods:
         verified[m] = methods_lib.verified_engine(teacher, m, draft=draft)
+  mdlm = None
+  if methods_lib.MDLM in methods:
+    if not methods_lib.has_mdlm(workdir):
+      raise FileNotFoundError(f"--methods mdlm needs the 'mdlm' stage in {workdir}; train it "
+                              "with --config.stages=teacher,...,mdlm")
+    mdlm = methods_lib.mdlm_engine(stage_io.load_stage(workdir, methods_lib.MDLM,
+                                                       mesh=teacher.mesh, load_tokenizer=False))
   pool, prompt_source = None, "random ids"
   if _PROMPTS.value != "random":
     try:
@@ -148,6 +160,7 @@ def main(argv):
       log.info("random prompt ids (%s)", e)
   settings = {"workdir": os.path.abspath(workdir), "pflm_stage": pflm_stage, "methods": methods,
               "gamma": _GAMMA.value, "confidence": _CONFIDENCE.value, "prompts": prompt_source,
+              "mdlm_commit": _MDLM_COMMIT.value, "mdlm_block": _MDLM_BLOCK.value,
               "sampling": dataclasses.asdict(controls),
               "batch_sizes": batch_sizes, "k": ks, "prompt_len": _PROMPT_LEN.value,
               "max_new_tokens": _MAX_NEW.value, "reps": _REPS.value,
@@ -168,7 +181,8 @@ def main(argv):
                               progress=log.info, on_batch=lambda rows: save(rows, False),
                               pflm="pflm" in methods, verified=verified, gamma=_GAMMA.value,
                               confidence=_CONFIDENCE.value, prompt_pool=pool,
-                              controls=controls)
+                              controls=controls, mdlm_engine=mdlm,
+                              mdlm_commit=_MDLM_COMMIT.value, mdlm_block=_MDLM_BLOCK.value)
   save(rows, True)
   machine = decode_speed.machine()
   print(decode_speed.table(rows))

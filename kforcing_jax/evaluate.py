@@ -22,6 +22,11 @@ the Gen-PPL / entropy frontier: a table with each stage's Gen-PPL over the teach
 entropy (`ppl@H`), "frontier" in the JSON, and a PNG beside --out. The lossless rows and the
 NLL_j reference points are computed at temperature 1 only. --top_k / --top_p / --min_p filter
 the teacher's and the lossless rows' sampling (a PFLM takes no filter: its rows are skipped).
+
+When the run has the masked-diffusion stage ('mdlm'), rows 'mdlm' decode it at each --mdlm_k
+(K tokens per pass) with each --mdlm_commits rule, in blocks of --mdlm_block, at every
+temperature (and filter): Gen-PPL, entropy, rep_n, agreement; no per-offset NLL (it has no
+noise; its NLL bound is the stage's val_loss in metrics.jsonl).
 """
 
 import os
@@ -56,6 +61,11 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Teacher and lossless rows: top-k (0 =
                               "takes no filter, so its rows are skipped).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "As --top_k, nucleus mass (1 = off).")
 _MIN_P = flags.DEFINE_float("min_p", 0.0, "As --top_k, min-p (0 = off).")
+_MDLM_K = flags.DEFINE_list("mdlm_k", ["1", "2", "4"], "mdlm rows: tokens per pass ('' = none).")
+_MDLM_COMMITS = flags.DEFINE_list("mdlm_commits", ["confidence", "greedy", "random"],
+                                  "mdlm rows: commit rules (serving/mdlm.py).")
+_MDLM_BLOCK = flags.DEFINE_integer("mdlm_block", 0, "mdlm rows: semi-autoregressive block "
+                                   "length (0 = none).")
 _PENALTY = flags.DEFINE_float("frequency_penalty", 0.0, "PFLM rows: subtract penalty * count "
                               "from the logits before each argmax (the reference code's "
                               "option; the paper and the default report pure argmax, 0).")
@@ -108,6 +118,11 @@ def main(argv):
         lossless.append((methods.verified_engine(teacher, method, draft=draft),
                          methods.verify_spec(method, draft.k, _MAX_NEW.value,
                                              gamma=_GAMMA.value, controls=controls)))
+  mdlm = mdlm_stage = None
+  if methods.has_mdlm(workdir) and _MDLM_K.value:
+    mdlm_stage = stage_io.load_stage(workdir, methods.MDLM, mesh=teacher.mesh,
+                                     load_tokenizer=False)
+    mdlm = methods.mdlm_engine(mdlm_stage)
   temps = [float(t) for t in _TEMPS.value] or [1.0]
   if any(t <= 0 for t in temps):
     raise ValueError(f"--temperatures must be > 0 (sampling temperatures), got {temps}")
@@ -117,6 +132,10 @@ def main(argv):
         teacher, stages, prompts, val_tokens, _MAX_NEW.value, _BATCH.value, _SEED.value,
         evaluator, progress=log.info, lossless=lossless if t == 1 else None,
         floor_samples=_FLOOR.value, frequency_penalty=_PENALTY.value, temperature=t,
+        mdlm=[(mdlm_stage, mdlm, methods.mdlm_spec(
+            _MAX_NEW.value, int(k), commit, _MDLM_BLOCK.value,
+            sampling.Controls(t, **filters))) for k in _MDLM_K.value for commit in
+               _MDLM_COMMITS.value] if mdlm else None,
         **filters)
     if len(temps) > 1:
       print(f"temperature {t:g}:")
@@ -134,13 +153,16 @@ def main(argv):
   shown = {name: [{"prompt": tok.decode(p[len(start):]), "completion": tok.decode(o)}
                   for p, o in zip(prompts[:_SHOW.value], outs[:_SHOW.value])]
            for name, outs in samples.items()}
-  settings = {"workdir": os.path.abspath(workdir), "stages": ["teacher"] + names,
-              "steps": {s.stage: s.step for s in [teacher] + stages},
+  settings = {"workdir": os.path.abspath(workdir),
+              "stages": ["teacher"] + names + ([methods.MDLM] if mdlm else []),
+              "steps": {s.stage: s.step for s in [teacher] + stages + [mdlm_stage] if s},
               "num_prompts": len(prompts), "prompt_len": _PROMPT_LEN.value,
               "max_new_tokens": _MAX_NEW.value, "val_seqs": len(val_tokens),
               "seed": _SEED.value, "evaluator": _EVAL_DIR.value or None,
               "floor_samples": _FLOOR.value, "frequency_penalty": _PENALTY.value,
-              "temperatures": temps, **filters}
+              "temperatures": temps, **filters,
+              **({"mdlm_k": [int(k) for k in _MDLM_K.value], "mdlm_commits": _MDLM_COMMITS.value,
+                  "mdlm_block": _MDLM_BLOCK.value} if mdlm else {})}
   out = os.path.abspath(_OUT.value)
   result = {"settings": settings, "rows": rows, "samples": shown}
   if points is not None:

@@ -21,6 +21,11 @@ Lossless methods (the AR teacher verifies a drafter; serving/speculative.py):
                            --temperature 0: the teacher's greedy decode)
   --method spec_dynamic    as spec, drafting stops below --confidence
 Their records also carry "drafted" and "accepted".
+
+Masked diffusion (the 'mdlm' stage, --config.stages=...,mdlm; serving/mdlm.py):
+  --method mdlm            --k tokens committed per forward pass (default 4) by --commit
+                           (confidence, greedy = leftmost first, random), in blocks of --block
+                           (0: anywhere in the continuation); tokens sampled at --temperature
 """
 
 import dataclasses
@@ -49,9 +54,13 @@ _PENALTY = flags.DEFINE_float("frequency_penalty", 0.0, "Subtract penalty * coun
 _STOP = flags.DEFINE_bool("stop_at_eos", True, "Stop a row at the end-of-document token.")
 _NO_BOS = flags.DEFINE_bool("no_bos", False, "Do not prefix prompts with the eos id.")
 _EMA = flags.DEFINE_bool("use_ema", True, "Load the EMA weights when the checkpoint has them.")
-_METHOD = flags.DEFINE_enum("method", "", ["", "pflm_verified", "spec", "spec_dynamic"],
-                            "'' = the stage's own decoding (AR or PFLM); else a lossless method "
-                            "verified by the teacher.")
+_METHOD = flags.DEFINE_enum("method", "",
+                            ["", "pflm_verified", "spec", "spec_dynamic", "mdlm"],
+                            "'' = the stage's own decoding (AR, PFLM, or mdlm for the masked-"
+                            "diffusion stage); else a lossless method verified by the teacher.")
+_COMMIT = flags.DEFINE_enum("commit", "confidence", ["confidence", "greedy", "random"],
+                            "mdlm: which K masked positions a pass commits.")
+_BLOCK = flags.DEFINE_integer("block", 0, "mdlm: semi-autoregressive block length (0 = none).")
 _GAMMA = flags.DEFINE_integer("gamma", 4, "spec/spec_dynamic: draft tokens per teacher pass.")
 _CONFIDENCE = flags.DEFINE_float("confidence", 0.4, "spec_dynamic: stop drafting below this "
                                  "draft probability.")
@@ -106,7 +115,7 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
         batch_size: int = 64, max_new_tokens: int = 128, seed: int = 0,
         controls=None, frequency_penalty: float = 0.0, stop_at_eos: bool = True,
         bos: bool = True, use_ema: bool = True, method: str = "", gamma: int = 4,
-        confidence: float = 0.4) -> list[dict]:
+        confidence: float = 0.4, commit: str = "confidence", block: int = 0) -> list[dict]:
   """Generate for every prompt of `prompts_path` under the sampling `controls`
   (`sampling.Controls`, default temperature 1); writes and returns the output records."""
   from kforcing_jax.distill import sampling
@@ -127,7 +136,17 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
   ids = [tok.encode_prompt(t) if bos else tok.encode(t) for t in texts]
   if not all(ids):
     raise ValueError("an empty prompt with --no_bos has no token to condition on")
-  if method:
+  if not method and loaded.model_cfg.attention == "bidirectional":
+    method = methods.MDLM  # the masked-diffusion stage decodes only one way
+  if method == methods.MDLM:
+    if frequency_penalty:
+      raise ValueError("--method=mdlm has no frequency penalty; drop --frequency_penalty")
+    engine = methods.mdlm_engine(loaded)
+    spec = methods.mdlm_spec(max_new_tokens, k or 4, commit, block, controls, eos)
+    engine.check(spec)
+    method = f"mdlm_{commit}" + methods.controls_label(controls)
+    decode_batch = lambda *a, **kw: (engine.generate(*a, **kw), None)
+  elif method:
     decode_batch, spec, method = _verified_decoder(workdir, loaded, method, k, gamma, confidence,
                                                    max_new_tokens, controls, frequency_penalty,
                                                    eos, use_ema)
@@ -175,7 +194,8 @@ def main(argv):
   controls = sampling.Controls(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
   run(_WORKDIR.value, _PROMPTS.value, _OUT.value, _STAGE.value, _K.value, _BATCH.value,
       _MAX_NEW.value, _SEED.value, controls, _PENALTY.value, _STOP.value,
-      not _NO_BOS.value, _EMA.value, _METHOD.value, _GAMMA.value, _CONFIDENCE.value)
+      not _NO_BOS.value, _EMA.value, _METHOD.value, _GAMMA.value, _CONFIDENCE.value,
+      _COMMIT.value, _BLOCK.value)
 
 
 if __name__ == "__main__":

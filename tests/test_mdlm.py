@@ -228,3 +228,92 @@ def test_mdlm_stage_is_outside_the_chain():
     c.model.mask_token = False
   with pytest.raises(config_check.ConfigError, match="config.model.mask_token"):
     config_check.validate(c, 1)
+
+
+# ---- the tools: generate, benchmark and evaluate pick the method up ----
+
+
+@pytest.fixture(scope="module")
+def mdlm_workdir(tmp_path_factory):
+  """A BPE on a small corpus and params-only 'teacher', 'k2' and 'mdlm' checkpoints."""
+  from kforcing_jax.data import tokenizer as tokenizer_lib
+  from kforcing_jax.model import pflm as pflm_lib
+  from kforcing_jax.training import stage_io, trainer
+
+  root = tmp_path_factory.mktemp("mdlm")
+  rng = np.random.RandomState(0)
+  words = "and the lord said unto moses of israel in that day he shall come behold".split()
+  corpus = root / "corpus.txt"
+  corpus.write_text("\n\n".join(" ".join(rng.choice(words, rng.randint(8, 30)))
+                                for _ in range(300)))
+  cfg = config_base.base_config()
+  cfg.stages = "teacher,k2,mdlm"
+  cfg.data.source, cfg.data.text_files = "text_files", str(corpus)
+  cfg.data.tfds_data_dir = str(root / "tfds")
+  cfg.data.bpe_vocab_size = 300
+  cfg.data.val_fraction = 0.2
+  cfg.seq_len = 32
+  cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads = 32, 2, 2
+  wd = str(root / "w")
+  tok = tokenizer_lib.build_tokenizer(cfg.data, wd)
+  model_cfg = trainer.resolve_model_config(cfg, tok)
+  mdlm_cfg = trainer.stage_model_config(cfg, model_cfg, "mdlm")
+  with nnx.use_eager_sharding(False):
+    _, t_params = model_lib.split_params(model_lib.Transformer(model_cfg, nnx.Rngs(0)))
+    _, s_params = model_lib.split_params(pflm_lib.PFLM(model_cfg, nnx.Rngs(1)))
+  t_params["head"] = 0.3 * jax.random.normal(jax.random.key(2), t_params["head"].shape)
+  meta = {"config": cfg.to_dict()}
+  stage_io.save_params_stage(wd, "teacher", t_params, model_cfg, step=5, extra_meta=meta)
+  stage_io.save_params_stage(wd, "k2", pflm_lib.init_from(t_params, s_params), model_cfg,
+                             step=3, extra_meta=meta)
+  stage_io.save_params_stage(wd, "mdlm", t_params, mdlm_cfg, step=4, extra_meta=meta)
+  return wd
+
+
+def _run(module, *args):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-m", f"kforcing_jax.{module}", *args], cwd=root,
+                       env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return out.stdout
+
+
+@pytest.mark.slow
+def test_generate_benchmark_and_evaluate_decode_the_mdlm_stage(mdlm_workdir, tmp_path):
+  import json
+
+  from kforcing_jax.training import stage_io
+  assert stage_io.list_stages(mdlm_workdir) == ["teacher", "k2"]  # outside the chain
+  assert stage_io.list_stages(mdlm_workdir, include_mdlm=True) == ["teacher", "mdlm", "k2"]
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('"and the lord"\n"behold"\n"he shall come unto the"\n')
+  out = tmp_path / "samples.jsonl"
+  _run("generate", f"--workdir={mdlm_workdir}", "--method=mdlm", "--commit=random", "--k=2",
+       f"--prompts={prompts}", "--max_new_tokens=6", "--batch_size=2", "--nostop_at_eos",
+       f"--out={out}")
+  recs = [json.loads(x) for x in out.read_text().splitlines()]
+  assert all(r["stage"] == "mdlm" and r["method"] == "mdlm_random" and r["k"] == 2
+             and len(r["completion_ids"]) == 6 for r in recs)
+  bench = tmp_path / "bench.json"
+  _run("benchmark", f"--workdir={mdlm_workdir}", "--methods=ar,pflm,mdlm", "--batch_sizes=2",
+       "--k=1,2", "--reps=1", "--prompt_len=8", "--max_new_tokens=8", f"--out={bench}")
+  rows = json.loads(bench.read_text())["rows"]
+  assert {(r["method"], r["k"]) for r in rows} == {
+      ("ar", 1), ("pflm", 1), ("pflm", 2), ("mdlm", 1), ("mdlm", 2)}
+  assert all(r["tokens_per_s"] > 0 and r["commit"] == "confidence"
+             for r in rows if r["method"] == "mdlm")
+  ev = tmp_path / "eval.json"
+  stdout = _run("evaluate", f"--workdir={mdlm_workdir}", f"--out={ev}", "--num_prompts=4",
+                "--prompt_len=6", "--max_new_tokens=6", "--batch_size=4", "--val_seqs=4",
+                "--floor_samples=0", "--nolossless", "--mdlm_k=1,2",
+                "--mdlm_commits=confidence,random")
+  assert "mdlm:random" in stdout
+  rows = json.loads(ev.read_text())["rows"]
+  got = [(r["method"], r.get("commit"), r["k"]) for r in rows if r["method"] == "mdlm"]
+  assert got == [("mdlm", c, k) for k in (1, 2) for c in ("confidence", "random")]
+  assert all(r["gen_ppl"] > 1 and r["tokens_per_pass"] == r["k"] for r in rows
+             if r["method"] == "mdlm")

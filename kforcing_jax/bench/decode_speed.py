@@ -15,6 +15,9 @@ drifting load on a shared machine cannot favour one of them:
                teacher-verify passes until every row has max_new_tokens; rows accept different
                numbers of tokens, so the batch runs until its slowest row is done.
                tokens_per_pass = tokens a row gains per teacher forward pass (AR: 1, PFLM: k).
+  mdlm         the masked-diffusion stage (serving/mdlm.py): ceil(max_new/K) passes over the whole
+               [prompt ; continuation], K tokens committed per pass, one jitted fori_loop
+               (no cache: ttft_s and step_s are not defined; roofline bound 1).
 tokens/s = B * max_new_tokens / seconds (prefill included, as in the paper); ttft_s = time to
 first token = the jitted prefill alone; step_s = one decode step, timed as a fori_loop of all
 the steps of a generation (from a prefilled state) divided by their number. The measured
@@ -41,7 +44,7 @@ from kforcing_jax.distill import sampling
 from kforcing_jax.observe import metrics_log, report
 from kforcing_jax.serving import decode, methods as methods_lib, speculative
 
-METHODS = ("ar", "ar_stepwise", "pflm") + methods_lib.LOSSLESS
+METHODS = ("ar", "ar_stepwise", "pflm") + methods_lib.LOSSLESS + (methods_lib.MDLM,)
 
 def _method_timers(engine: decode.Engine, spec: decode.DecodeSpec, inputs,
                    stepwise: bool = False) -> dict[str, tuple[Callable, Callable | None]]:
@@ -113,14 +116,16 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
             on_batch: Callable[[list[dict]], None] | None = None, pflm: bool = True,
             verified: dict | None = None, gamma: int = 4, confidence: float = 0.4,
             prompt_pool: list[list[int]] | None = None,
-            controls: sampling.Controls = sampling.Controls()) -> list[dict]:
+            controls: sampling.Controls = sampling.Controls(), mdlm_engine=None,
+            mdlm_commit: str = "confidence", mdlm_block: int = 0) -> list[dict]:
   """Rows (one per method, k, batch size) with tokens/s, speedup, tokens per teacher pass and
   the roofline bound. `verified`: {method: speculative.VerifiedEngine} of the lossless methods
   (pflm_verified drafts k tokens for each k of `ks`; spec/spec_dynamic draft `gamma`).
   `prompt_pool`: token lists (>= prompt_len long) to draw prompts from (held-out text, so that
   acceptance rates mean something); else random ids. `on_batch(rows so far)` runs after each
   batch size (the CLI saves partial results). `controls`: the sampling controls of every
-  method (the PFLM takes the temperature only)."""
+  method (the PFLM takes the temperature only). `mdlm_engine`: rows 'mdlm' for each k of `ks`
+  (K tokens per pass, committed by `mdlm_commit` in blocks of `mdlm_block`)."""
   if reps < 1:
     raise ValueError(f"reps must be >= 1, got {reps}")
   verified = verified or {}
@@ -131,7 +136,8 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
   rng = np.random.RandomState(seed)
   rows = []
   n_verified = sum(len(ks) if m == "pflm_verified" else 1 for m in verified)
-  n_jobs = len(batch_sizes) * (1 + int(stepwise) + len(ks) * int(pflm) + n_verified)
+  n_mdlm = len(ks) if mdlm_engine is not None else 0
+  n_jobs = len(batch_sizes) * (1 + int(stepwise) + len(ks) * int(pflm) + n_verified + n_mdlm)
   note = metrics_log.Progress(n_jobs, progress).step
 
   for b in batch_sizes:
@@ -149,6 +155,12 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
       pflm_engine.check(spec)
       inputs = pflm_engine.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
       methods[("pflm", k)] = _method_timers(pflm_engine, spec, inputs)
+    for k in ks if mdlm_engine is not None else ():
+      mspec = methods_lib.mdlm_spec(max_new_tokens, k, mdlm_commit, mdlm_block, controls)
+      mdlm_engine.check(mspec)
+      inputs = mdlm_engine.device_inputs(prompts, seed, prompt_len=prompt_len, batch_size=b)
+      run = (lambda sp, x: lambda: mdlm_engine.generate_arrays(sp, *x))(mspec, inputs)
+      methods[(methods_lib.MDLM, k)] = {"seconds": (run, None)}
     vspecs = {}
     for method, engine in verified.items():
       for g in (ks if method == "pflm_verified" else (gamma,)):
@@ -174,7 +186,7 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
                                                 max_new_tokens)
         r["tokens_per_pass"] = r["acceptance"]["tokens_per_pass"]
       else:
-        r["tokens_per_pass"] = float(k if method == "pflm" else 1)
+        r["tokens_per_pass"] = float(k if method in ("pflm", methods_lib.MDLM) else 1)
       runs.append((method, k, r))
       note(f"B={b} {method} k={k} {b * max_new_tokens / r['seconds']:.0f} tok/s")
     ar = timed[("ar", 1)]
@@ -192,6 +204,8 @@ def measure(ar_engine: decode.Engine, pflm_engine: decode.Engine | None, batch_s
              "matmul_bound": mm_bound, "times": r["times"], "reps": reps}
       if "acceptance" in r:
         row["acceptance"] = r["acceptance"]
+      if method == methods_lib.MDLM:
+        row.update(commit=mdlm_commit, block=mdlm_block)
       rows.append(row)
     if on_batch is not None:
       on_batch(rows)
@@ -231,14 +245,14 @@ def plot(rows: list[dict], out_png: str, title: str = "") -> None:
       ax.plot(xs, [r["speedup_vs_ar"] for r in rs], "o-", color=color, label=f"PFLM k={k}")
       ax.plot(xs, [r["roofline_bound"] for r in rs], "--", color=color, alpha=0.6,
               label=f"bound k={k}")
-    styles = {"pflm_verified": "s-", "spec": "^-", "spec_dynamic": "v-"}
+    styles = {"pflm_verified": "s-", "spec": "^-", "spec_dynamic": "v-", "mdlm": "D-"}
     n = len(ks)
     for method, style in styles.items():
       for k in sorted({r["k"] for r in rows if r["method"] == method}):
         rs = report.by(rows, "batch_size", method=method, k=k)
         ax.plot([r["batch_size"] for r in rs], [r["speedup_vs_ar"] for r in rs], style,
                 color=f"C{n}",
-                label=f"{method} {'k' if method == 'pflm_verified' else 'gamma'}={k}")
+                label=f"{method} {'gamma' if method.startswith('spec') else 'k'}={k}")
         n += 1
     rs = report.by(rows, "batch_size", method="ar_stepwise")
     if rs:

@@ -201,12 +201,13 @@ def validate(config: ml_collections.ConfigDict, n_devices: int, process_count: i
   stages = parse_stages(config.stages)
   for name, over in config.get("stage_overrides", {}).items():
     _require(is_stage_name(name), f"stage_overrides.{name}",
-             f"{name!r} is not a stage name ('teacher', 'draft', 'mdlm', 'k<n>' or 'k<n>_<p>'); stages "
-             f"here: {stages}")
+             f"{name!r} is not a stage name ('teacher', 'draft', 'mdlm', 'k<n>' or 'k<n>_<p>'); "
+             f"stages here: {stages}")
     _check_override(config, name, over)
   dc = config.distill
   _require(dc.target in TARGETS, "distill.target", f"must be one of {TARGETS}, got {dc.target!r}")
-  _require(dc.target != "noise_inversion" or len({base_stage(n) for n in stages} - set(SIDE_STAGES)) <= 2,
+  chain_stages = {base_stage(n) for n in stages} - set(SIDE_STAGES)
+  _require(dc.target != "noise_inversion" or len(chain_stages) <= 2,
            "distill.target", "noise_inversion distils the AR teacher directly: use "
            "stages='teacher,k<n>' (and its phases k<n>_<p>)")
   _require(0 < dc.tau_min <= dc.tau_max, "distill.tau_min",

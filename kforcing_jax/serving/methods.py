@@ -7,11 +7,13 @@ benchmark, evaluate and serve.
   pflm_verified   a PFLM stage drafts k' tokens per teacher pass (speculative.py; lossless)
   spec            the 'draft' stage drafts gamma tokens, speculative sampling (lossless)
   spec_dynamic    as spec, drafting stops below a confidence (lossless)
+  mdlm            the masked-diffusion stage 'mdlm', K tokens committed per pass by confidence,
+                  left to right or at random (serving/mdlm.py); a baseline, not lossless
 """
 
 from kforcing_jax.config import check as config_check
 from kforcing_jax.distill import sampling
-from kforcing_jax.serving import decode, speculative
+from kforcing_jax.serving import decode, mdlm, speculative
 from kforcing_jax.training import stage_io
 
 LOSSLESS = speculative.METHODS
@@ -26,10 +28,13 @@ def pflm_stages(workdir: str) -> list[str]:
 
 
 def default_stage(workdir: str, method: str = "") -> str:
-  """The stage a tool decodes when none is named: the 'draft' for the methods it drafts, else
-  the last stage of the chain (the widest PFLM once one is trained); '' when there is none."""
+  """The stage a tool decodes when none is named: the 'draft' for the methods it drafts, the
+  'mdlm' for method mdlm, else the last stage of the chain (the widest PFLM once one is
+  trained); '' when there is none."""
   if DRAFTER.get(method) == config_check.DRAFT:
     return config_check.DRAFT
+  if method == MDLM:
+    return config_check.MDLM if has_mdlm(workdir) else ""
   found = stage_io.list_stages(workdir)
   return found[-1] if found else ""
 
@@ -42,6 +47,31 @@ def default_pflm_stage(workdir: str) -> str:
 
 def has_draft(workdir: str) -> bool:
   return config_check.DRAFT in stage_io.list_stages(workdir, include_draft=True)
+
+
+MDLM = "mdlm"  # the method name, and its stage's (config_check.MDLM)
+
+
+def has_mdlm(workdir: str) -> bool:
+  return config_check.MDLM in stage_io.list_stages(workdir, include_mdlm=True)
+
+
+def mdlm_spec(max_new_tokens: int, k: int, commit: str = "confidence", block: int = 0,
+              controls: sampling.Controls = sampling.Controls(),
+              eos_id: int | None = None) -> mdlm.MdlmDecodeSpec:
+  """The mdlm stage's decoding: K tokens per pass by `commit` (mdlm.COMMITS), in blocks of
+  `block` (0: anywhere), tokens sampled under `controls`."""
+  return mdlm.MdlmDecodeSpec(k=k, max_new_tokens=max_new_tokens, commit=commit, block=block,
+                             tau=controls.temperature, top_k=controls.top_k,
+                             top_p=controls.top_p, min_p=controls.min_p, eos_id=eos_id)
+
+
+def mdlm_engine(loaded) -> mdlm.MdlmEngine:
+  """The decoder of a loaded 'mdlm' stage (refuses any other stage)."""
+  if loaded.model_cfg.attention != "bidirectional":
+    raise ValueError(f"method mdlm decodes the masked-diffusion stage 'mdlm', not "
+                     f"{loaded.stage!r}")
+  return mdlm.MdlmEngine.from_stage(loaded)
 
 
 def verified_engine(teacher, method: str, pflm=None, draft=None) -> speculative.VerifiedEngine:
@@ -110,9 +140,11 @@ def controls_label(controls: sampling.Controls) -> str:
 
 
 def name(spec) -> str:
-  """The method a spec decodes with: a VerifySpec's own, else 'ar' or 'pflm'."""
+  """The method a spec decodes with: a VerifySpec's own, 'mdlm', else 'ar' or 'pflm'."""
   if isinstance(spec, speculative.VerifySpec):
     return spec.method
+  if isinstance(spec, mdlm.MdlmDecodeSpec):
+    return MDLM
   return "ar" if spec.ar else "pflm"
 
 

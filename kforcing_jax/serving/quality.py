@@ -100,7 +100,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
              floor_samples: int = 32,
              frequency_penalty: float = 0.0,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             min_p: float = 0.0) -> tuple[list[dict], dict]:
+             min_p: float = 0.0, mdlm: Sequence | None = None) -> tuple[list[dict], dict]:
   """Rows per (stage, k) as described above; also returns the samples per (stage, k).
 
   `teacher` and each of `stages` are stage_io.LoadedStage; `evaluator` an optional AR
@@ -117,6 +117,8 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
   against AR targets made at it; Gen-PPL is always under the teacher at temperature 1.
   `top_k`, `top_p`, `min_p`: filters of the AR row (and of the lossless rows' specs, which the
   caller builds); a PFLM takes none, so with a filter on the PFLM rows are skipped.
+  `mdlm`: (LoadedStage, serving.mdlm.MdlmEngine, MdlmDecodeSpec) triples: rows of the masked-
+  diffusion stage (method 'mdlm', with its commit rule and block; no per-offset metrics).
   """
   filters = dict(top_k=top_k, top_p=top_p, min_p=min_p)
   filtered = bool(sampling.active_filters(top_k, top_p, min_p))
@@ -142,6 +144,8 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
   for engine, vspec in lossless or ():
     jobs.append((engine.drafter, engine, dataclasses.replace(vspec,
                                                              max_new_tokens=max_new_tokens)))
+  jobs += [(st, engine, dataclasses.replace(mspec, max_new_tokens=max_new_tokens))
+           for st, engine, mspec in mdlm or ()]
   rows, samples = [], {}
   kmax = max([stage.k for stage in stages] or [0])
   note = metrics_log.Progress(len(jobs), progress).step
@@ -154,18 +158,23 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
       reference = outs  # the AR teacher's own rollout: the first job
     verified = isinstance(spec, speculative.VerifySpec)
     k, method = methods.window(spec), methods.name(spec)
+    is_mdlm = method == methods.MDLM
     s, n = scorer.continuation_nll(teacher.graphdef, teacher.params, list(zip(prompts, outs)))
     row = {"stage": st.stage, "k": k, "method": method, "temperature": temperature,
            **({c: v for c, v in filters.items()} if filtered else {}),
            "gen_ppl": math.exp(s / n), **qm.text_stats(outs), **qm.agreement(outs, reference),
            "n_samples": len(outs), "gen_seconds": gen_s}
-    row["entropy_by_offset"] = qm.entropy_by_offset(outs, max(kmax, 1) if verified or spec.ar
-                                                    else k)
+    if is_mdlm:
+      row.update(commit=spec.commit, block=spec.block)
+    row["entropy_by_offset"] = qm.entropy_by_offset(
+        outs, max(kmax, 1) if verified or is_mdlm or spec.ar else k)
     if evaluator is not None:
       row["eval_ppl"] = _evaluator_ppl(scorer, evaluator, tok, prompts, outs)
     if verified:
       row["acceptance"] = counts["accepted"] / max(counts["drafted"], 1)
       row["tokens_per_pass"] = sum(len(o) for o in outs) / max(counts["passes"], 1)
+    elif is_mdlm:
+      row["tokens_per_pass"] = float(k)
     elif spec.ar:
       data_rows = scorer.data_nll_rows(teacher.graphdef, teacher.params, val_tokens)
       row["data_nll"] = float(data_rows.mean())  # rows of equal length: the token mean
@@ -181,7 +190,8 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
                                        val_tokens, spec.k, seed, temperature))
       row.update(qm.gaps_to_data_nll(row.pop("row_nll"), data_rows))
     rows.append(row)
-    samples[f"{method}:{st.stage}@k{k}" if verified else f"{st.stage}@k{k}"] = outs
+    samples[f"{method}:{st.stage}@k{k}" if verified else
+            f"mdlm_{spec.commit}@k{k}" if is_mdlm else f"{st.stage}@k{k}"] = outs
     note(f"{method} {st.stage} k={k}: gen_ppl {row['gen_ppl']:.1f}, agree {row['agree']:.3f}")
   return rows, samples
 
@@ -218,7 +228,8 @@ def table(rows: list[dict]) -> str:
   short = {"acceptance": "accept", "tokens_per_pass": "tok/pass"}
   columns = [("method", "<14"), ("stage", "<9"), ("k", ">3")] + [
       (short.get(c, c), ">9.3f") for c in cols]
-  lines = [report.text_table(columns, ([r.get("method", ""), r["stage"], r["k"]]
+  label = lambda r: r.get("method", "") + (f":{r['commit'][:6]}" if "commit" in r else "")
+  lines = [report.text_table(columns, ([label(r), r["stage"], r["k"]]
                                        + [r.get(c, "-") for c in cols] for r in rows))]
   # The teacher row's reference points for nll_j, in the nll_j columns.
   for r in rows:
