@@ -110,6 +110,13 @@ def row_keys(seed: int, row_ids: Sequence[int]) -> np.ndarray:
   return np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)))
 
 
+def seed_keys(seeds_B: jax.Array, row: int = 0) -> jax.Array:
+  """(B, 2) key data, traced: row_keys(seed, [row]) of each uint32 seed (the serving engine
+  derives its requests' keys inside its jitted prefill, not on the host)."""
+  one = lambda s: jax.random.key_data(jax.random.fold_in(jax.random.key(s, impl=KEY_IMPL), row))
+  return jax.vmap(one)(seeds_B)
+
+
 def uniforms(keys_Bx2: jax.Array, first: jax.Array | int, n: int, stream: int = 0) -> jax.Array:
   """(B, n) float32 uniforms of token indices first .. first + n - 1 of each row's stream.
 

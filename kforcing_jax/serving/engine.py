@@ -17,7 +17,7 @@ prefilled in one call of the next compiled size and scattered into their slots; 
 boundary, so live slots never wait for more than one.
 
 Outputs do not depend on the batch: a request's uniforms come from `decode.row_keys(seed, [0])`
-and its token i uses uniform i, exactly as offline `decode.Engine.generate([prompt], spec, seed)`
+(derived inside the jitted prefill: `decode.seed_keys`) and its token i uses uniform i, exactly as offline `decode.Engine.generate([prompt], spec, seed)`
 does, whatever else is running, whenever it arrives, whichever slot, step size or prefill batch
 serves it (rows never mix). EOS, stop strings and max_tokens are applied on the host between
 steps; the frequency penalty is per slot, on the device.
@@ -182,11 +182,13 @@ class ServingEngine:
                        penalty_B=jnp.zeros((self.slots,), jnp.float32),
                        controls=sampling.Controls.rows(self.slots))
 
-    def admit(params, state, prompt_BxP, pad_B, keys_Bx2, penalty_B, controls, slot_B):
+    def admit(params, state, prompt_BxP, pad_B, seeds_B, penalty_B, controls, slot_B):
       """Prefill a batch of requests of one prompt bucket ([prompt ; k noise] for a PFLM, the
       prompt for AR) and insert row b into slot slot_B[b] (>= slots: a padding row, dropped).
-      Returns (state, first blocks (B, k))."""
+      Row b's uniforms are row 0 of seed seeds_B[b]'s stream. Returns (state, first blocks (B,
+      k))."""
       m = merge(params)
+      keys_Bx2 = decode.seed_keys(seeds_B)
       b, plen = prompt_BxP.shape
       ck, cv = model_lib.init_cache(cfg, b, plen + (0 if spec.ar else k))
       logits, ck, cv = decode.block_logits(m, spec, prompt_BxP, keys_Bx2, 0, ck, cv,
@@ -307,13 +309,15 @@ class ServingEngine:
 
   def submit(self, req: Request) -> Request:
     """Queue a request (any thread). Raises QueueFull beyond slots + max_queue waiting or live
-    requests, Closed while shutting down, ValueError for a prompt or max_tokens out of range,
-    Unsupported (a ValueError) for sampling settings the stage cannot honour."""
+    requests, Closed while shutting down, ValueError for a prompt, max_tokens or seed (uint32)
+    out of range, Unsupported (a ValueError) for sampling settings the stage cannot honour."""
     if not 1 <= len(req.prompt_ids) <= self.max_prompt_len:
       raise ValueError(f"the prompt has {len(req.prompt_ids)} tokens; this server takes 1 to "
                        f"{self.max_prompt_len}")
     if not 1 <= req.max_tokens <= self.max_tokens:
       raise ValueError(f"max_tokens must be in 1..{self.max_tokens}, got {req.max_tokens}")
+    if not 0 <= req.seed < 2**32:
+      raise ValueError(f"seed must be in 0..{2**32 - 1}, got {req.seed}")
     self.check_sampling(req)
     with self._lock:
       if self._closing:
@@ -367,8 +371,8 @@ class ServingEngine:
         log.exception("a request's finish callback failed")
 
   def _row_inputs(self, req: Request) -> tuple:
-    """One request's prefill inputs: (uniform-stream key (2,), frequency penalty, controls)."""
-    return (decode.row_keys(req.seed, [0])[0], np.float32(req.frequency_penalty),
+    """One request's prefill inputs: (seed, frequency penalty, controls)."""
+    return (np.uint32(req.seed), np.float32(req.frequency_penalty),
             (np.float32(req.temperature), np.int32(req.top_k), np.float32(req.top_p),
              np.float32(req.min_p)))
 
@@ -381,11 +385,11 @@ class ServingEngine:
     batch = next(s for s in self.prefill_sizes if s >= len(reqs))
     x, pad = decode.pad_prompts([r.prompt_ids for r in reqs], batch, plen)
     rows = rows + [rows[-1]] * (batch - len(rows))
-    keys = np.stack([r[0] for r in rows])
+    seeds = np.asarray([r[0] for r in rows], np.uint32)
     penalty = np.asarray([r[1] for r in rows], np.float32)
     controls = sampling.Controls(*(np.asarray(c) for c in zip(*(r[2] for r in rows))))
     slot_B = np.asarray(list(slots) + [self.slots] * (batch - len(slots)), np.int32)
-    return self._admit(self.loaded.params, self.state, x, pad, keys, penalty, controls, slot_B)
+    return self._admit(self.loaded.params, self.state, x, pad, seeds, penalty, controls, slot_B)
 
   def _deliver(self, req: Request, block: list[int]) -> None:
     """Append a block to a live request; ends it (freeing its slot) at EOS, max_tokens, a stop

@@ -245,6 +245,8 @@ class CompletionApp:
     try:
       while reason is None:
         _, reason = await inbox.get()
+        while reason is None and not inbox.empty():  # blocks that queued up meanwhile: one text
+          _, reason = inbox.get_nowait()
         text, hit = self.cut_at_stop(self.text_of(req.tokens), stops)
         if hit:  # (the engine ends the request at the same block boundary)
           reason = "stop"
@@ -320,12 +322,16 @@ class CompletionApp:
         if get not in done:
           get.cancel()
           continue
-        index, delta, reason, n_tok = get.result()
-        if reason is not None:
-          finished += 1
-          completion_tokens += n_tok
-        for event in fmt.chunks(head, index, delta, reason):
-          yield sse(event)
+        ready = [get.result()]
+        while not events.empty():  # what queued up meanwhile goes in one write
+          ready.append(events.get_nowait())
+        out = []
+        for index, delta, reason, n_tok in ready:
+          if reason is not None:
+            finished += 1
+            completion_tokens += n_tok
+          out += [sse(event) for event in fmt.chunks(head, index, delta, reason)]
+        yield "".join(out)
       if job.include_usage:
         yield sse({**head, "object": fmt.chunk_object, "choices": [],
                    "usage": usage(completion_tokens)})
