@@ -66,6 +66,8 @@ _MDLM_COMMITS = flags.DEFINE_list("mdlm_commits", ["confidence", "greedy", "rand
                                   "mdlm rows: commit rules (serving/mdlm.py).")
 _MDLM_BLOCK = flags.DEFINE_integer("mdlm_block", 0, "mdlm rows: semi-autoregressive block "
                                    "length (0 = none).")
+_MDLM_RERANK = flags.DEFINE_float("mdlm_rerank", 0.0, "mdlm rows: > 0 adds confidence rows "
+                                  "with this attention-discounted reranking (serving/mdlm.py).")
 _PENALTY = flags.DEFINE_float("frequency_penalty", 0.0, "PFLM rows: subtract penalty * count "
                               "from the logits before each argmax (the reference code's "
                               "option; the paper and the default report pure argmax, 0).")
@@ -133,9 +135,11 @@ def main(argv):
         evaluator, progress=log.info, lossless=lossless if t == 1 else None,
         floor_samples=_FLOOR.value, frequency_penalty=_PENALTY.value, temperature=t,
         mdlm=[(mdlm_stage, mdlm, methods.mdlm_spec(
-            _MAX_NEW.value, int(k), commit, _MDLM_BLOCK.value,
-            sampling.Controls(t, **filters))) for k in _MDLM_K.value for commit in
-               _MDLM_COMMITS.value] if mdlm else None,
+            _MAX_NEW.value, int(k), commit, _MDLM_BLOCK.value, sampling.Controls(t, **filters),
+            rerank=rerank)) for k in _MDLM_K.value for commit, rerank in
+              [(c, 0.0) for c in _MDLM_COMMITS.value]
+              + ([("confidence", _MDLM_RERANK.value)] if _MDLM_RERANK.value else [])]
+        if mdlm else None,
         **filters)
     if len(temps) > 1:
       print(f"temperature {t:g}:")
@@ -162,7 +166,8 @@ def main(argv):
               "floor_samples": _FLOOR.value, "frequency_penalty": _PENALTY.value,
               "temperatures": temps, **filters,
               **({"mdlm_k": [int(k) for k in _MDLM_K.value], "mdlm_commits": _MDLM_COMMITS.value,
-                  "mdlm_block": _MDLM_BLOCK.value} if mdlm else {})}
+                  "mdlm_block": _MDLM_BLOCK.value, "mdlm_rerank": _MDLM_RERANK.value}
+                 if mdlm else {})}
   out = os.path.abspath(_OUT.value)
   result = {"settings": settings, "rows": rows, "samples": shown}
   if points is not None:

@@ -25,7 +25,8 @@ Their records also carry "drafted" and "accepted".
 Masked diffusion (the 'mdlm' stage, --config.stages=...,mdlm; serving/mdlm.py):
   --method mdlm            --k tokens committed per forward pass (default 4) by --commit
                            (confidence, greedy = leftmost first, random), in blocks of --block
-                           (0: anywhere in the continuation); tokens sampled at --temperature
+                           (0: anywhere in the continuation); tokens sampled at --temperature;
+                           --rerank > 0: confidence discounted by attention on masked positions
 """
 
 import dataclasses
@@ -61,6 +62,8 @@ _METHOD = flags.DEFINE_enum("method", "",
 _COMMIT = flags.DEFINE_enum("commit", "confidence", ["confidence", "greedy", "random"],
                             "mdlm: which K masked positions a pass commits.")
 _BLOCK = flags.DEFINE_integer("block", 0, "mdlm: semi-autoregressive block length (0 = none).")
+_RERANK = flags.DEFINE_float("rerank", 0.0, "mdlm, --commit=confidence: attention-discounted "
+                             "reranking exponent (0 = off; serving/mdlm.py).")
 _GAMMA = flags.DEFINE_integer("gamma", 4, "spec/spec_dynamic: draft tokens per teacher pass.")
 _CONFIDENCE = flags.DEFINE_float("confidence", 0.4, "spec_dynamic: stop drafting below this "
                                  "draft probability.")
@@ -115,7 +118,8 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
         batch_size: int = 64, max_new_tokens: int = 128, seed: int = 0,
         controls=None, frequency_penalty: float = 0.0, stop_at_eos: bool = True,
         bos: bool = True, use_ema: bool = True, method: str = "", gamma: int = 4,
-        confidence: float = 0.4, commit: str = "confidence", block: int = 0) -> list[dict]:
+        confidence: float = 0.4, commit: str = "confidence", block: int = 0,
+        rerank: float = 0.0) -> list[dict]:
   """Generate for every prompt of `prompts_path` under the sampling `controls`
   (`sampling.Controls`, default temperature 1); writes and returns the output records."""
   from kforcing_jax.distill import sampling
@@ -142,7 +146,7 @@ def run(workdir: str, prompts_path: str, out_path: str, stage: str = "", k: int 
     if frequency_penalty:
       raise ValueError("--method=mdlm has no frequency penalty; drop --frequency_penalty")
     engine = methods.mdlm_engine(loaded)
-    spec = methods.mdlm_spec(max_new_tokens, k or 4, commit, block, controls, eos)
+    spec = methods.mdlm_spec(max_new_tokens, k or 4, commit, block, controls, eos, rerank)
     engine.check(spec)
     method = f"mdlm_{commit}" + methods.controls_label(controls)
     decode_batch = lambda *a, **kw: (engine.generate(*a, **kw), None)
@@ -195,7 +199,7 @@ def main(argv):
   run(_WORKDIR.value, _PROMPTS.value, _OUT.value, _STAGE.value, _K.value, _BATCH.value,
       _MAX_NEW.value, _SEED.value, controls, _PENALTY.value, _STOP.value,
       not _NO_BOS.value, _EMA.value, _METHOD.value, _GAMMA.value, _CONFIDENCE.value,
-      _COMMIT.value, _BLOCK.value)
+      _COMMIT.value, _BLOCK.value, _RERANK.value)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,25 @@ def test_subs_never_predicts_the_mask_and_copies_unmasked_inputs():
   np.testing.assert_allclose(np.exp(logp[~carried]).sum(-1), 1.0, rtol=1e-5)
 
 
+def test_attention_mass_is_the_softmax_share_on_the_marked_keys():
+  rng = np.random.RandomState(1)
+  q = rng.randn(2, 4, 3, 8).astype(np.float32)  # 4 query heads over 2 kv heads (grouped)
+  k = rng.randn(2, 2, 5, 8).astype(np.float32)
+  mask = attention.span_mask(jnp.asarray([0, 1]), jnp.asarray([5, 4]), 5)
+  to = np.array([[1, 0, 0, 1, 1], [0, 1, 1, 0, 1]], bool)
+  got = np.asarray(attention.attention_mass(jnp.asarray(q), jnp.asarray(k), mask,
+                                            jnp.asarray(to)))
+  want = np.zeros((2, 3))
+  for b in range(2):
+    keys = np.arange(5)[(np.arange(5) >= [0, 1][b]) & (np.arange(5) < [5, 4][b])]
+    for h in range(4):
+      s = q[b, h] @ k[b, h // 2, keys].T / np.sqrt(8)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      want[b] += (p * to[b, keys]).sum(-1) / 4
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_span_mask_is_bidirectional_within_each_row_span():
   m = np.asarray(attention.span_mask(jnp.asarray([0, 2]), jnp.asarray([3, 5]), 5))[:, 0, 0]
   np.testing.assert_array_equal(m, [[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
@@ -146,12 +165,14 @@ def test_k1_greedy_left_to_right_matches_uncached_reference(block):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("commit,k,block,tau", [("confidence", 2, 0, 1.0), ("greedy", 3, 4, 1.0),
-                                                ("random", 4, 4, 0.0)])
-def test_decode_invariants_and_batch_invariance(commit, k, block, tau):
+@pytest.mark.parametrize("commit,k,block,tau,rerank", [
+    ("confidence", 2, 0, 1.0, 0.0), ("greedy", 3, 4, 1.0, 0.0), ("random", 4, 4, 0.0, 0.0),
+    ("confidence", 3, 0, 0.0, 2.0)])
+def test_decode_invariants_and_batch_invariance(commit, k, block, tau, rerank):
   graphdef, params = _params()
   engine = _engine(graphdef, params)
-  spec = mdlm_decode.MdlmDecodeSpec(k=k, max_new_tokens=10, commit=commit, block=block, tau=tau)
+  spec = mdlm_decode.MdlmDecodeSpec(k=k, max_new_tokens=10, commit=commit, block=block, tau=tau,
+                                    rerank=rerank)
   prompt_in, pad, keys = engine.device_inputs(PROMPTS, seed=5)
   # The decode loop's whole sequence: the prompt is never changed, no mask is left.
   full = np.asarray(jax.jit(lambda p, x, pd, kk: jax.lax.fori_loop(
@@ -195,6 +216,8 @@ def test_spec_and_engine_refuse_bad_settings():
     mdlm_decode.MdlmDecodeSpec(k=2, max_new_tokens=8, commit="best")
   with pytest.raises(ValueError, match="k must be"):
     mdlm_decode.MdlmDecodeSpec(k=0, max_new_tokens=8)
+  with pytest.raises(ValueError, match="rerank"):
+    mdlm_decode.MdlmDecodeSpec(k=2, max_new_tokens=8, commit="greedy", rerank=1.0)
   graphdef, params = _params()
   engine = _engine(graphdef, params)
   with pytest.raises(ValueError, match="MdlmDecodeSpec"):

@@ -88,16 +88,19 @@ def corrupt(spec: MdlmSpec, key: jax.Array, tokens_BxL: jax.Array, mask_id: int)
 
 
 def token_logits(model: model_lib.Transformer, z_BxL: jax.Array, pad_B: jax.Array | None = None,
-                 len_B: jax.Array | None = None, n_tokens: int | None = None) -> jax.Array:
+                 len_B: jax.Array | None = None, n_tokens: int | None = None,
+                 mass_to_BxL: jax.Array | None = None):
   """Logits (B, n, V) of the tokens at the last n = n_tokens positions (default all L), each
   read from the bidirectional output one position earlier. With n = L, row 0 (no position
-  before it; never masked) is a placeholder of zeros."""
+  before it; never masked) is a placeholder of zeros. mass_to_BxL: also the attention share of
+  those same outputs on the marked positions, (logits, mass (B, n)) (Transformer's)."""
   n = z_BxL.shape[1]
   want = n if n_tokens is None else n_tokens
-  out = model.bidirectional_logits(z_BxL, pad_B, len_B, n_out=min(want + 1, n))
-  if want == n:
-    return jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)
-  return out[:, :-1]
+  out = model.bidirectional_logits(z_BxL, pad_B, len_B, n_out=min(want + 1, n),
+                                   mass_to_BxL=mass_to_BxL)
+  shift = lambda a: (jnp.concatenate([jnp.zeros_like(a[:, :1]), a[:, :-1]], axis=1)
+                     if want == n else a[:, :-1])
+  return shift(out) if mass_to_BxL is None else (shift(out[0]), shift(out[1]))
 
 
 def subs_log_probs(logits_BxLxV: jax.Array, z_BxL: jax.Array, mask_id: int) -> jax.Array:

@@ -71,6 +71,19 @@ def span_mask(lo_B: jax.Array, hi_B: jax.Array, n_keys: int) -> jax.Array:
   return ((key_S[None, :] >= lo_B[:, None]) & (key_S[None, :] < hi_B[:, None]))[:, None, None]
 
 
+def attention_mass(q_BxHxLxK: jax.Array, k_BxGxSxK: jax.Array, mask: jax.Array,
+                   to_BxS: jax.Array) -> jax.Array:
+  """(B, L): the share of each query's attention (softmax under `mask`, averaged over heads)
+  that falls on the keys where to_BxS is True. The MDLM decoder's attention-discounted
+  reranking reads it: a prediction that attends to still-masked positions rests on unknowns."""
+  b, h, l, k = q_BxHxLxK.shape
+  q = _grouped(q_BxHxLxK, k_BxGxSxK.shape[1])  # (B, Hkv, G, L, K); G = 1 without grouping
+  s = jnp.einsum("bhglk,bhsk->bhgls", q, k_BxGxSxK, preferred_element_type=jnp.float32)
+  m = mask[..., None, :, :] if jnp.ndim(mask) == 4 else mask
+  p = jax.nn.softmax(jnp.where(m, s * k ** -0.5, NEG_INF), axis=-1)
+  return (p * to_BxS[:, None, None, None, :]).sum(-1).reshape(b, h, l).mean(1)
+
+
 # ---- PFLM two-stream attention (spec section 3) ----
 #
 # Every context position t owns a window of W tokens (noise tokens, or tokens produced in earlier

@@ -199,20 +199,28 @@ class Transformer(nnx.Module):
                        "diffusion stage: bidirectional_logits, decoded with method 'mdlm')")
 
   def bidirectional_logits(self, tokens_BxL: jax.Array, pad_B: jax.Array | None = None,
-                           len_B: jax.Array | None = None, n_out: int | None = None) -> jax.Array:
+                           len_B: jax.Array | None = None, n_out: int | None = None,
+                           mass_to_BxL: jax.Array | None = None):
     """The masked-diffusion (MDLM) pass: logits (B, L, V) at every position (the last n_out
     only, if given), each position attending to its whole row (`attention.span_mask`). Row b's
     tokens occupy [pad_B[b], len_B[b]) (default: all L); its rotary positions start at 0 at
-    pad_B[b]. Which token each output predicts is the objective's choice (diffusion/mdlm.py)."""
+    pad_B[b]. Which token each output predicts is the objective's choice (diffusion/mdlm.py).
+    mass_to_BxL: also return, per output, the last block's attention share on those positions
+    (`attention.attention_mass`): (logits, mass (B, n_out or L))."""
     b, n = tokens_BxL.shape
     pad_B = jnp.zeros((b,), jnp.int32) if pad_B is None else pad_B.astype(jnp.int32)
     len_B = jnp.full((b,), n, jnp.int32) if len_B is None else len_B.astype(jnp.int32)
     mask = attention.span_mask(pad_B, len_B, n)
     pos_BxL = jnp.arange(n, dtype=jnp.int32)[None, :] - pad_B[:, None]
-    h, _ = self.run_blocks(self.embed(tokens_BxL), pos_BxL,
-                           lambda i, q, k, v: attention.dense_attention(q, k, v, mask),
-                           keep_last=n_out)
-    return self.logits(h)
+    mass = []
+
+    def attend(i, q, k, v):
+      if mass_to_BxL is not None and i == self.cfg.n_layers - 1:
+        mass.append(attention.attention_mass(q, k, mask, mass_to_BxL))
+      return attention.dense_attention(q, k, v, mask)
+
+    h, _ = self.run_blocks(self.embed(tokens_BxL), pos_BxL, attend, keep_last=n_out)
+    return self.logits(h) if mass_to_BxL is None else (self.logits(h), mass[0])
 
   # ---- two-stream passes (spec section 3); used by the PFLM student and the teacher rollouts ----
 

@@ -11,6 +11,9 @@ distribution (mask never proposed, committed tokens carried over) and commits K 
           probable (top-K confidence, MaskGIT / LLaDA), 'greedy' the K leftmost (a left-to-right
           sweep), 'random' K in a random order drawn once per row (MDLM's ancestral sampler
           unmasks uniformly random positions).
+  rerank  (confidence only) attention-discounted reranking in the spirit of ADAS: a proposal's
+          confidence times (1 - a)^rerank, a = the share of its last-layer attention on
+          positions still masked: a prediction that rests on unknowns waits (0: off).
 
 Tokens are sampled under the sampling controls (temperature 0: argmax) with the inverse-CDF of
 the uniform of their position in the row's stream (decode.uniforms: (seed, row)), so a row
@@ -44,6 +47,7 @@ class MdlmDecodeSpec(sampling.ControlFields):
   max_new_tokens: int
   commit: str = "confidence"
   block: int = 0  # semi-autoregressive block length; 0 = the whole continuation
+  rerank: float = 0.0  # attention discount exponent of the confidence rule (0 = off)
   tau: float = 1.0  # temperature of the proposals; 0 = argmax
   top_k: int = 0
   top_p: float = 1.0
@@ -58,6 +62,9 @@ class MdlmDecodeSpec(sampling.ControlFields):
       raise ValueError(f"MdlmDecodeSpec.max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.commit not in COMMITS:
       raise ValueError(f"MdlmDecodeSpec.commit must be one of {COMMITS}, got {self.commit!r}")
+    if self.rerank < 0 or (self.rerank and self.commit != "confidence"):
+      raise ValueError(f"MdlmDecodeSpec.rerank must be >= 0 and only reranks commit="
+                       f"'confidence', got {self.rerank} with commit={self.commit!r}")
     if self.block < 0:
       raise ValueError(f"MdlmDecodeSpec.block must be >= 0 (0 = no blocks), got {self.block}")
     sampling.check_controls(self.tau, self.top_k, self.top_p, self.min_p)
@@ -82,16 +89,23 @@ def initial_tokens(prompt_BxP: jax.Array, max_new_tokens: int, mask_id: int) -> 
 def propose(m: model_lib.Transformer, spec: MdlmDecodeSpec, x_BxL: jax.Array, pad_B: jax.Array,
             z_BxT: jax.Array):
   """One forward pass: (proposed tokens (B, T), their probability (B, T)) of the continuation,
-  from the SUBS distribution (committed positions propose themselves with probability 1)."""
+  from the SUBS distribution (committed positions propose themselves with probability 1); the
+  probability discounted by the attention on masked positions when spec.rerank."""
   t = spec.max_new_tokens
   mask_id = m.cfg.mask_id
-  logits = mdlm_lib.token_logits(m, x_BxL, pad_B, n_tokens=t)
+  if spec.rerank:
+    logits, mass_BxT = mdlm_lib.token_logits(m, x_BxL, pad_B, n_tokens=t,
+                                             mass_to_BxL=x_BxL == mask_id)
+  else:
+    logits = mdlm_lib.token_logits(m, x_BxL, pad_B, n_tokens=t)
   logp_BxTxV = mdlm_lib.subs_log_probs(logits, x_BxL[:, -t:], mask_id)
   b, _, v = logp_BxTxV.shape
   flat = logp_BxTxV.reshape(b * t, v)
   y = spec.controls.sample(flat, None if spec.greedy else z_BxT.reshape(b * t))
   y_BxT = y.reshape(b, t).astype(x_BxL.dtype)
   conf_BxT = jnp.exp(jnp.take_along_axis(logp_BxTxV, y_BxT[..., None], axis=-1)[..., 0])
+  if spec.rerank:
+    conf_BxT = conf_BxT * jnp.clip(1.0 - mass_BxT, 0.0, 1.0) ** spec.rerank
   return y_BxT, conf_BxT
 
 

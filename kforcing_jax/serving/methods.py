@@ -58,11 +58,12 @@ def has_mdlm(workdir: str) -> bool:
 
 def mdlm_spec(max_new_tokens: int, k: int, commit: str = "confidence", block: int = 0,
               controls: sampling.Controls = sampling.Controls(),
-              eos_id: int | None = None) -> mdlm.MdlmDecodeSpec:
+              eos_id: int | None = None, rerank: float = 0.0) -> mdlm.MdlmDecodeSpec:
   """The mdlm stage's decoding: K tokens per pass by `commit` (mdlm.COMMITS), in blocks of
-  `block` (0: anywhere), tokens sampled under `controls`."""
+  `block` (0: anywhere), tokens sampled under `controls`; `rerank`: the confidence rule's
+  attention discount (0: off)."""
   return mdlm.MdlmDecodeSpec(k=k, max_new_tokens=max_new_tokens, commit=commit, block=block,
-                             tau=controls.temperature, top_k=controls.top_k,
+                             rerank=rerank, tau=controls.temperature, top_k=controls.top_k,
                              top_p=controls.top_p, min_p=controls.min_p, eos_id=eos_id)
 
 

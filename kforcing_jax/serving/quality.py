@@ -165,7 +165,7 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
            "gen_ppl": math.exp(s / n), **qm.text_stats(outs), **qm.agreement(outs, reference),
            "n_samples": len(outs), "gen_seconds": gen_s}
     if is_mdlm:
-      row.update(commit=spec.commit, block=spec.block)
+      row.update(commit=spec.commit, block=spec.block, rerank=spec.rerank)
     row["entropy_by_offset"] = qm.entropy_by_offset(
         outs, max(kmax, 1) if verified or is_mdlm or spec.ar else k)
     if evaluator is not None:
@@ -191,7 +191,8 @@ def evaluate(teacher, stages: Sequence, prompts: list[list[int]], val_tokens: np
       row.update(qm.gaps_to_data_nll(row.pop("row_nll"), data_rows))
     rows.append(row)
     samples[f"{method}:{st.stage}@k{k}" if verified else
-            f"mdlm_{spec.commit}@k{k}" if is_mdlm else f"{st.stage}@k{k}"] = outs
+            f"mdlm_{spec.commit}{'_rerank' if spec.rerank else ''}@k{k}" if is_mdlm else
+            f"{st.stage}@k{k}"] = outs
     note(f"{method} {st.stage} k={k}: gen_ppl {row['gen_ppl']:.1f}, agree {row['agree']:.3f}")
   return rows, samples
 
@@ -228,7 +229,8 @@ def table(rows: list[dict]) -> str:
   short = {"acceptance": "accept", "tokens_per_pass": "tok/pass"}
   columns = [("method", "<14"), ("stage", "<9"), ("k", ">3")] + [
       (short.get(c, c), ">9.3f") for c in cols]
-  label = lambda r: r.get("method", "") + (f":{r['commit'][:6]}" if "commit" in r else "")
+  label = lambda r: r.get("method", "") + (f":{r['commit'][:6]}" if "commit" in r else "") + (
+      "+ra" if r.get("rerank") else "")
   lines = [report.text_table(columns, ([label(r), r["stage"], r["k"]]
                                        + [r.get(c, "-") for c in cols] for r in rows))]
   # The teacher row's reference points for nll_j, in the nll_j columns.
