@@ -334,7 +334,7 @@ def test_generate_benchmark_and_evaluate_decode_the_mdlm_stage(mdlm_workdir, tmp
                 "--prompt_len=6", "--max_new_tokens=6", "--batch_size=4", "--val_seqs=4",
                 "--floor_samples=0", "--nolossless", "--mdlm_k=1,2",
                 "--mdlm_commits=confidence,random")
-  assert "mdlm:random" in stdout
+  assert "mdlm:random" in stdout and "mdlm:conf " in stdout
   rows = json.loads(ev.read_text())["rows"]
   got = [(r["method"], r.get("commit"), r["k"]) for r in rows if r["method"] == "mdlm"]
   assert got == [("mdlm", c, k) for k in (1, 2) for c in ("confidence", "random")]

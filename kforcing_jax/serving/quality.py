@@ -229,7 +229,9 @@ def table(rows: list[dict]) -> str:
   short = {"acceptance": "accept", "tokens_per_pass": "tok/pass"}
   columns = [("method", "<14"), ("stage", "<9"), ("k", ">3")] + [
       (short.get(c, c), ">9.3f") for c in cols]
-  label = lambda r: r.get("method", "") + (f":{r['commit'][:6]}" if "commit" in r else "") + (
+  short_commit = {"confidence": "conf"}
+  label = lambda r: r.get("method", "") + (
+      f":{short_commit.get(r['commit'], r['commit'])}" if "commit" in r else "") + (
       "+ra" if r.get("rerank") else "")
   lines = [report.text_table(columns, ([label(r), r["stage"], r["k"]]
                                        + [r.get(c, "-") for c in cols] for r in rows))]
