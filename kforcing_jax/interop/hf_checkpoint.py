@@ -143,6 +143,9 @@ def to_hf(workdir: str, out_dir: str, stage: str | None = None, use_ema: bool = 
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   loaded = stage_io.load_stage(workdir, stage, mesh=mesh, use_ema=use_ema)
   cfg = loaded.model_cfg
+  if cfg.attention != "causal":
+    raise ValueError(f"stage {stage!r} is a {cfg.attention} (masked-diffusion) model; a Hugging "
+                     "Face Llama-family model is causal, so it would not run as one")
   host = jax.tree.map(np.asarray, jax.device_get(loaded.params))
   tensors = hf_format.to_hf(host, cfg)
   if loaded.k:

@@ -244,6 +244,9 @@ def to_torch(workdir: str, out_path: str, stage: str | None = None,
   from kforcing_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   loaded = stage_io.load_stage(workdir, stage, mesh=mesh, use_ema=use_ema, load_tokenizer=False)
+  if loaded.model_cfg.attention != "causal":
+    raise ValueError(f"stage {stage!r} is a {loaded.model_cfg.attention} (masked-diffusion) "
+                     "model; the authors' layout holds causal models only")
   if loaded.k and loaded.model_cfg.noise_max_freq != 1.0:
     log.warning("This stage's noise encoder uses noise_max_freq=%g; the authors' model code "
                 "assumes 1, so only kforcing_jax (reading the sidecar) decodes it correctly.",
