@@ -209,8 +209,8 @@ def test_unsupported_sampling_of_the_stage_is_a_400_naming_it(live, monkeypatch)
 
 
 def test_one_failing_request_ends_alone(live, monkeypatch):
-  """A bug while serving one request (here its stop-string check, on the decode thread) ends
-  that request with an error; the others and the decode loop go on, and no slot leaks."""
+  """A bug while serving one request (here its stop-string check) ends that request with an
+  error; the others and the decode loop go on, and no slot leaks."""
   api = live.app.state.api
   real = api.cut_at_stop
 

@@ -99,6 +99,7 @@ class Request:
   stop_check: Callable[[list[int]], bool] | None = None  # True: a stop string was produced
   on_tokens: Callable[[list[int], str | None], None] | None = None
   cancelled: bool = False
+  stopped: bool = False
   tokens: list[int] = dataclasses.field(default_factory=list)
   finish_reason: str | None = None
   t_submit: float = 0.0
@@ -108,6 +109,11 @@ class Request:
   def cancel(self) -> None:
     """Free the slot at the next block boundary (e.g. the client disconnected)."""
     self.cancelled = True
+
+  def stop(self) -> None:
+    """End with finish reason "stop" at the next block boundary, delivering nothing more: the
+    caller found a stop string itself (the server detokenises off the decode thread)."""
+    self.stopped = True
 
 
 @flax.struct.dataclass
@@ -394,8 +400,8 @@ class ServingEngine:
   def _deliver(self, req: Request, block: list[int]) -> None:
     """Append a block to a live request; ends it (freeing its slot) at EOS, max_tokens, a stop
     string, cancellation, or a failure of its own code."""
-    if req.cancelled:
-      self._release(req, "cancelled")
+    if req.stopped or req.cancelled:
+      self._release(req, "stop" if req.stopped else "cancelled")
       return
     if req.t_first is None:
       req.t_first = time.perf_counter()

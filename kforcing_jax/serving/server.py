@@ -202,13 +202,11 @@ class CompletionApp:
     """One engine request per prompt, all checked before any is submitted; a submit that fails
     (full queue) cancels the ones already in."""
     loop = asyncio.get_running_loop()
-    stops = job.stop
-    check = (lambda toks: self.cut_at_stop(self.text_of(toks), stops)[1]) if stops else None
     runs = []
     for ids in job.prompt_ids:
       seed = job.seed if job.seed is not None else secrets.randbits(31)
       req = engine_lib.Request(prompt_ids=ids, max_tokens=job.max_tokens, seed=seed,
-                               stop_check=check, **job.sampling)
+                               **job.sampling)
       try:
         self.engine.check_sampling(req)
       except engine_lib.Unsupported as e:
@@ -240,23 +238,33 @@ class CompletionApp:
 
   async def _run_one(self, index: int, req: engine_lib.Request, inbox: asyncio.Queue,
                      stops: list[str], events: asyncio.Queue):
-    """Put (index, text delta, finish_reason or None, n_tokens) events for one request."""
-    sent, reason = "", None
+    """Put (index, text delta, finish_reason or None, n_tokens) events for one request. Text
+    and stop strings are handled here, on the event loop: a stop string found ends the engine
+    request at its next block (`Request.stop`), so the decode thread never detokenises. A
+    failure (or cancellation) is put as the event (index, exception, None, 0), then raised."""
+    sent, reason, tokens = "", None, []
     try:
       while reason is None:
-        _, reason = await inbox.get()
+        new, reason = await inbox.get()
+        tokens += new
         while reason is None and not inbox.empty():  # blocks that queued up meanwhile: one text
-          _, reason = inbox.get_nowait()
-        text, hit = self.cut_at_stop(self.text_of(req.tokens), stops)
-        if hit:  # (the engine ends the request at the same block boundary)
+          new, reason = inbox.get_nowait()
+          tokens += new
+        text, hit = self.cut_at_stop(self.text_of(tokens), stops)
+        if hit:
+          if reason is None:
+            req.stop()
           reason = "stop"
         if reason is not None and reason.startswith("error"):
           raise ApiError(500, f"decoding failed: {reason}", err_type="server_error")
         final = reason is not None
         ready = text if final else self.safe_prefix(text, stops)
         if len(ready) > len(sent) or final:
-          await events.put((index, ready[len(sent):], reason, len(req.tokens)))
+          await events.put((index, ready[len(sent):], reason, len(tokens)))
           sent = ready
+    except BaseException as e:
+      events.put_nowait((index, e, None, 0))
+      raise
     finally:
       if reason is None:
         req.cancel()  # the client went away (the task was cancelled) or this failed: free it
@@ -310,23 +318,16 @@ class CompletionApp:
         yield sse(event)
       finished, completion_tokens = 0, 0
       while finished < len(tasks):
-        get = asyncio.create_task(events.get())
-        done, _ = await asyncio.wait([get, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        failed = [t for t in tasks if t.done() and (t.cancelled() or t.exception())]
-        if failed and get not in done:
-          get.cancel()
-          e = None if failed[0].cancelled() else failed[0].exception()
-          msg = e.message if isinstance(e, ApiError) else f"{type(e).__name__}: {e}"
-          yield sse({"error": {"message": msg, "type": "server_error"}})
-          return
-        if get not in done:
-          get.cancel()
-          continue
-        ready = [get.result()]
+        ready = [await events.get()]
         while not events.empty():  # what queued up meanwhile goes in one write
           ready.append(events.get_nowait())
         out = []
         for index, delta, reason, n_tok in ready:
+          if isinstance(delta, BaseException):  # that completion failed or was cancelled
+            msg = delta.message if isinstance(delta, ApiError) else (
+                f"{type(delta).__name__}: {delta}")
+            yield "".join(out) + sse({"error": {"message": msg, "type": "server_error"}})
+            return
           if reason is not None:
             finished += 1
             completion_tokens += n_tok
