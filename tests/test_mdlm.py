@@ -152,7 +152,6 @@ def _reference_greedy(graphdef, params, prompt, max_new):
   return x[len(prompt):].tolist()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("block", [0, 4])
 def test_k1_greedy_left_to_right_matches_uncached_reference(block):
   graphdef, params = _params()

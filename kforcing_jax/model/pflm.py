@@ -37,8 +37,9 @@ def abstract_pflm(cfg: model_lib.ModelConfig) -> PFLM:
 
 
 def stage_module(cfg: model_lib.ModelConfig, k: int):
-  """(factory(rngs) -> module, abstract module) of a stage: the AR Transformer for k = 0 (the
-  teacher), else a PFLM of window k. The one place that maps a stage to its model class."""
+  """(factory(rngs) -> module, abstract module) of a stage: the Transformer for k = 0 (the AR
+  teacher and draft; the mdlm stage too, its cfg.attention "bidirectional"), else a PFLM of
+  window k. The one place that maps a stage to its model class."""
   cls = model_lib.Transformer if k == 0 else PFLM
   abstract = model_lib.abstract_model(cfg) if k == 0 else abstract_pflm(cfg)
   return (lambda rngs: cls(cfg, rngs)), abstract
