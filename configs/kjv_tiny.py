@@ -126,8 +126,4 @@ def get_config():
   c.distill.tau_min = 0.5
   c.distill.tau_max = 1.2
   c.distill.greedy_share = 0.1
-  # Half the sampled sequences at exactly 1, the API's default temperature. At temperature 1 the
-  # range alone cost +0.23 / +0.14 / +0.09 / +0.07 nats of NLL_j against training at 1 only;
-  # with this, +0.15 / +0.09 / +0.06 / +0.04 (evaluate's gaps, s.e. 0.04; docs/results.md).
-  c.distill.tau_one_share = 0.5
   return c
