@@ -102,24 +102,25 @@ def test_requests_joining_mid_generation_equal_offline_generate(stages, name, k)
 @pytest.mark.slow
 @pytest.mark.parametrize("name,k", [("k3", 3), ("teacher", 1)])
 def test_right_sized_steps_grow_shrink_and_batched_prefill_keep_offline_tokens(stages, name, k):
-  """A lone request runs at step size 1; three arriving together are prefilled in one batch
-  (padded to 4) and the step grows to 4; as they end it shrinks to 2 and 1, moving the live
-  rows down (slot 3 -> 1 -> 0). Every request still decodes exactly as offline."""
+  """A lone request runs at step size 1 (in bursts of 4 steps per dispatch); three arriving
+  together are prefilled in one batch (padded to 4) and the step grows to 4; as they end it
+  shrinks to 2 and 1, moving the live rows down (slot 3 -> 1 -> 0). Every request still decodes
+  exactly as offline."""
   loaded = stages[name]
-  eng = engine_lib.ServingEngine(loaded, k, slots=4, max_prompt_len=16, max_tokens=30,
+  eng = engine_lib.ServingEngine(loaded, k, slots=4, max_prompt_len=16, max_tokens=48,
                                  max_queue=4)
-  assert eng.sizes == (1, 2, 4) and eng.prefill_sizes == (1, 4)
+  assert eng.sizes == (1, 2, 4) and eng.prefill_sizes == (1, 4) and eng.burst == 4
   eng.warmup()
   n_programs = _programs(eng)
   # A long; B, C short; D longest: D (slot 3) outlives B and C, then A.
-  specs = [(PROMPTS[0], 24, 21), (PROMPTS[2], 5, 22), (PROMPTS[3], 8, 23), (PROMPTS[1], 30, 24)]
+  specs = [(PROMPTS[0], 45, 21), (PROMPTS[2], 5, 22), (PROMPTS[3], 8, 23), (PROMPTS[1], 48, 24)]
   reqs = [engine_lib.Request(prompt_ids=p, max_tokens=n, seed=s, stop_at_eos=False)
           for p, n, s in specs]
   done = _collect(eng, reqs)
   collect = reqs[0].on_tokens
 
-  def on_a(new, reason):  # B, C, D arrive together when A has its second block
-    if len(reqs[0].tokens) == 2 * k:
+  def on_a(new, reason):  # B, C, D arrive together once A has two blocks
+    if len(reqs[0].tokens) >= 2 * k and not reqs[1].t_submit:
       for r in reqs[1:]:
         eng.submit(r)
     collect(new, reason)
@@ -133,7 +134,7 @@ def test_right_sized_steps_grow_shrink_and_batched_prefill_keep_offline_tokens(s
       assert r.tokens == _offline(loaded, p, n, s, k), f"prompt {p}, {n} tokens"
     assert set(eng.step_sizes) == {1, 2, 4} and eng.prefills == {1: 1, 3: 1}, (
         eng.step_sizes, eng.prefills)
-    assert eng.moves == 2
+    assert eng.moves == 2 and eng.bursts > 0
     assert _programs(eng) == n_programs  # every size was compiled before serving
     st = eng.stats()
     assert st["live"] == 0 and st["free"] == 4 and st["queued"] == 0

@@ -14,7 +14,8 @@ New requests take the lowest free slot, and when the size shrinks the live rows 
 into free slots below it (`_compact`, one row copy each). Batched prefill: at a block boundary
 the oldest waiting request and the next ones of its prompt bucket (as many as free slots) are
 prefilled in one call of the next compiled size and scattered into their slots; one prefill per
-boundary, so live slots never wait for more than one.
+boundary, so live slots never wait for more than one. While no request waits and every live one
+has `burst` blocks left, one dispatch runs `burst` steps (a scan) and delivers them together.
 
 Outputs do not depend on the batch: a request's uniforms come from `decode.row_keys(seed, [0])`
 (derived inside the jitted prefill: `decode.seed_keys`) and its token i uses uniform i, exactly as offline `decode.Engine.generate([prompt], spec, seed)`
@@ -44,6 +45,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kforcing_jax.distill import sampling
 from kforcing_jax.model import transformer as model_lib
@@ -105,6 +107,7 @@ class Request:
   t_submit: float = 0.0
   t_first: float | None = None
   slot: int = -1  # the engine's slot holding it while live (rows move when the step shrinks)
+  planned: int = 0  # tokens dispatched for it (delivered or in flight)
 
   def cancel(self) -> None:
     """Free the slot at the next block boundary (e.g. the client disconnected)."""
@@ -140,16 +143,20 @@ class ServingEngine:
   error: str | None = None
 
   def __init__(self, loaded, k: int, slots: int = 16, max_prompt_len: int = 128,
-               max_tokens: int = 256, max_queue: int = 64, eos_id: int | None = None):
+               max_tokens: int = 256, max_queue: int = 64, eos_id: int | None = None,
+               burst: int = 4):
     self.loaded, self.cfg = loaded, loaded.model_cfg
     ar = loaded.k == 0
     if ar and k != 1:
       raise ValueError(f"the AR stage {loaded.stage!r} decodes one token per step; use k=1")
     if not ar and not 1 <= k <= loaded.k:
       raise ValueError(f"k={k} must be in 1..{loaded.k} (the trained window of {loaded.stage!r})")
-    if slots < 1 or max_prompt_len < 1 or max_tokens < 1 or max_queue < 0:
-      raise ValueError("slots, max_prompt_len and max_tokens must be >= 1, max_queue >= 0")
+    if slots < 1 or max_prompt_len < 1 or max_tokens < 1 or max_queue < 0 or burst < 1:
+      raise ValueError("slots, max_prompt_len, max_tokens and burst must be >= 1, max_queue >= 0")
     self.k, self.slots, self.max_queue, self.eos_id = k, slots, max_queue, eos_id
+    # Steps per dispatch while no request waits and every live one has that many blocks left:
+    # one dispatch and one delivery per `burst` steps (the offline decoder's loop, on the host).
+    self.burst = burst
     self.max_prompt_len = decode.bucket_len(max_prompt_len)
     self.max_tokens = max_tokens
     # Static decode settings; the penalty is per slot (SlotState.penalty_B), EOS is on the host.
@@ -167,6 +174,7 @@ class ServingEngine:
     self.step_sizes = collections.Counter()  # steps dispatched per size
     self.prefills = collections.Counter()  # batched prefills per number of requests
     self.moves = 0  # rows moved by compaction
+    self.bursts = 0  # dispatches of `burst` steps
     self.state = None
 
   # ---- jitted programs ----
@@ -216,14 +224,12 @@ class ServingEngine:
           controls=jax.tree.map(put, state.controls, controls))
       return new, y
 
-    def step(params, state, size):
-      """Slots [0, size) advance one block, each at its own cache length (free slots among
-      them compute junk); slots >= size are untouched."""
-      part = state if size == self.slots else jax.tree.map(lambda x: x[:size], state)
+    def advance(m, part):
+      """Every row of `part` advances one block at its own cache length."""
+      size = part.len_B.shape[0]
       # One row: a scalar cache start (a plain slice write; per-row starts' batched write cost
       # ~1 ms more at size 1 on CPU, copying the cache).
       start = part.len_B[0] if size == 1 else part.len_B
-      m = merge(params)
       logits, ck, cv = decode.block_logits(m, spec, part.last_BxK, part.keys_Bx2, part.gen_B,
                                            part.cache_k, part.cache_v, start, part.pad_B,
                                            tau_B=part.controls.temperature)
@@ -232,8 +238,19 @@ class ServingEngine:
                                       part.counts_BxV, part.penalty_B, part.controls)
       # A free slot's length stays below the cache end (its writes never leave the cache).
       len_B = jnp.minimum(part.len_B + k, self.n_cache - 2 * k)
-      new = part.replace(cache_k=ck, cache_v=cv, len_B=len_B, last_BxK=y,
-                         gen_B=part.gen_B + k, counts_BxV=counts)
+      return part.replace(cache_k=ck, cache_v=cv, len_B=len_B, last_BxK=y,
+                          gen_B=part.gen_B + k, counts_BxV=counts), y
+
+    def step(params, state, size, n):
+      """Slots [0, size) advance n blocks (free slots among them compute junk); slots >= size
+      are untouched. Returns (state, the blocks (n, size, k))."""
+      part = state if size == self.slots else jax.tree.map(lambda x: x[:size], state)
+      m = merge(params)
+      if n == 1:
+        new, y = advance(m, part)
+        y = y[None]
+      else:
+        new, y = jax.lax.scan(lambda p, _: advance(m, p), part, None, length=n)
       if size < self.slots:
         new = jax.tree.map(lambda full, p: jax.lax.dynamic_update_slice_in_dim(full, p, 0, 0),
                            state, new)
@@ -248,7 +265,7 @@ class ServingEngine:
         mesh, SlotState(cache_k=(4,) * cfg.n_layers, cache_v=(4,) * cfg.n_layers, len_B=1,
                         pad_B=1, last_BxK=2, gen_B=1, keys_Bx2=2, counts_BxV=2, penalty_B=1,
                         controls=sampling.Controls(1, 1, 1, 1)))
-    d2 = sharding.batch_sharding(mesh, 2)
+    blocks_sh = NamedSharding(mesh, P(None, sharding.DATA, None))
     data = mesh.shape[sharding.DATA]
     if self.slots % data:
       raise ValueError(f"slots={self.slots} must be a multiple of the mesh's data axis ({data})")
@@ -262,12 +279,12 @@ class ServingEngine:
                           out_shardings=(self._state_sh, rep), donate_argnums=1)
     self._move = jax.jit(move, out_shardings=self._state_sh, donate_argnums=0)
     self._steps = {
-        size: jax.jit(functools.partial(step, size=size),
-                      in_shardings=(self._param_sh, self._state_sh),
-                      out_shardings=(self._state_sh, d2), donate_argnums=1,
-                      compiler_options=decode.compiler_options(
-                          platform, size * (1 if spec.ar else 2 * k), wbytes))
-        for size in self.sizes}
+        (size, n): jax.jit(functools.partial(step, size=size, n=n),
+                           in_shardings=(self._param_sh, self._state_sh),
+                           out_shardings=(self._state_sh, blocks_sh), donate_argnums=1,
+                           compiler_options=decode.compiler_options(
+                               platform, size * (1 if spec.ar else 2 * k), wbytes))
+        for size in self.sizes for n in sorted({1, self.burst})}
 
   def warmup(self) -> float:
     """Compile every step size, the row move, and the batched prefill of every (batch size,
@@ -283,8 +300,8 @@ class ServingEngine:
         break
       plen *= 2
     self.state = self._move(self.state, np.int32(self.slots - 1), np.int32(0))
-    for size in self.sizes:
-      self.state, y = self._steps[size](self.loaded.params, self.state)
+    for key in self._steps:
+      self.state, y = self._steps[key](self.loaded.params, self.state)
     jax.block_until_ready(y)
     self.state = self._init()
     return time.perf_counter() - t0
@@ -478,6 +495,8 @@ class ServingEngine:
     try:
       self.state, y = self._admit_batch(admitted, [r.slot for r in admitted], plen, rows)
       self.prefills[len(admitted)] += 1
+      for req in admitted:
+        req.planned = self.k
     except Exception as e:  # a failed dispatch: these requests fail (the donated state may be
       log.exception("prefill failed")  # lost: then the next step fails the loop)
       for req in admitted:
@@ -502,19 +521,19 @@ class ServingEngine:
       self.moves += 1
     return size
 
-  def _consume(self, y_BxK: jax.Array, owners: dict[int, Request]) -> None:
-    """Deliver one step's tokens to the requests it advanced (`owners`: {row at dispatch:
-    request}) that are still live, wherever they have moved since."""
-    y = np.asarray(jax.device_get(y_BxK)).tolist()
+  def _consume(self, y_NxBxK: jax.Array, owners: dict[int, Request]) -> None:
+    """Deliver one dispatch's blocks (n steps) to the requests it advanced (`owners`: {row at
+    dispatch: request}) that are still live, wherever they have moved since."""
+    y = np.asarray(jax.device_get(y_NxBxK))
     for row, req in owners.items():
       if self._live.get(req.slot) is req:  # a request that ended since gets nothing more
-        self._deliver(req, y[row])
+        self._deliver(req, y[:, row].reshape(-1).tolist())
 
   def _loop(self) -> None:
     """Admit (one batched prefill); compact; dispatch the next step at the size the live
     requests need; deliver the admitted requests' first blocks and the previous step's tokens
     while the device computes it."""
-    inflight = None  # (y_BxK on the device, {row: request} it advances) not yet delivered
+    inflight = None  # (blocks (n, size, k) on the device, {row: request}) not yet delivered
     try:
       while True:
         with self._lock:
@@ -527,9 +546,14 @@ class ServingEngine:
         step = None
         if self._live:
           size = self._compact()
-          self.state, y = self._steps[size](self.loaded.params, self.state)
-          self.steps += 1
-          self.step_sizes[size] += 1
+          n = self.burst if all(r.max_tokens - r.planned >= self.burst * self.k
+                                for r in self._live.values()) and not self._pending else 1
+          self.state, y = self._steps[size, n](self.loaded.params, self.state)
+          self.steps += n
+          self.bursts += n > 1
+          self.step_sizes[size] += n
+          for r in self._live.values():
+            r.planned += n * self.k
           step = (y, dict(self._live))
         if admitted:
           try:
