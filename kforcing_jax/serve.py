@@ -28,6 +28,8 @@ _SLOTS = flags.DEFINE_integer("slots", 16, "Concurrent sequences (the decode bat
 _MAX_PROMPT = flags.DEFINE_integer("max_prompt_len", 128, "Longest prompt in tokens.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Largest max_tokens of a request.")
 _QUEUE = flags.DEFINE_integer("max_queue", 64, "Requests waiting for a slot before 429.")
+_BURST = flags.DEFINE_integer("burst", 4, "Steps per dispatch while no request waits and every "
+                              "live one has that many blocks left (1: one step per dispatch).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port (0 = any free port; the URL is printed).")
 _DRAIN = flags.DEFINE_integer("drain_s", 30, "On SIGTERM, seconds to let requests finish.")
@@ -65,7 +67,7 @@ def main(argv):
   try:
     engine = engine_lib.ServingEngine(loaded, k, _SLOTS.value, _MAX_PROMPT.value,
                                       _MAX_TOKENS.value, _QUEUE.value,
-                                      eos_id=loaded.tokenizer.eos_id)
+                                      eos_id=loaded.tokenizer.eos_id, burst=_BURST.value)
   except ValueError as e:
     raise config_check.UserError(str(e)) from None
   log.info("compiling the decode steps (sizes %s, k=%d) and the batched prefills ...",
