@@ -54,6 +54,10 @@ def main(argv):
   workdir = _WORKDIR.value
   found = stage_io.list_stages(workdir)
   stage = _STAGE.value or methods.default_stage(workdir)
+  if stage == config_check.MDLM:
+    raise config_check.UserError("--stage mdlm: the masked-diffusion baseline is offline only "
+                                 "(generate / benchmark / evaluate --method mdlm); serve the "
+                                 "teacher or a PFLM stage")
   if stage not in found:
     raise config_check.UserError(f"--stage {stage!r}: no such stage in {workdir} "
                                  f"(found {found or 'none'})")

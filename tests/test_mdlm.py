@@ -304,6 +304,18 @@ def _run(module, *args):
   return out.stdout
 
 
+def test_serving_the_mdlm_stage_is_a_one_line_error(mdlm_workdir):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-m", "kforcing_jax.serve", f"--workdir={mdlm_workdir}",
+                        "--stage=mdlm", "--port=0"], cwd=root, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=root), timeout=300)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "--stage mdlm: the masked-diffusion baseline is offline only" in out.stderr
+
+
 @pytest.mark.slow
 def test_generate_benchmark_and_evaluate_decode_the_mdlm_stage(mdlm_workdir, tmp_path):
   import json
