@@ -93,19 +93,11 @@ def read_prompts(path: str) -> list[str]:
 def _verified_decoder(workdir, drafter, method, k, gamma, confidence, max_new_tokens, controls,
                       frequency_penalty, eos, use_ema):
   """(decode_batch, VerifySpec, method name) of a lossless method: the teacher verifies."""
-  from kforcing_jax.training import stage_io
   from kforcing_jax.serving import methods
   if frequency_penalty:
     raise ValueError(f"--method={method} is lossless: it reproduces the teacher, which has no "
                      "frequency penalty; drop --frequency_penalty")
-  if method == "pflm_verified":
-    if drafter.k == 0:
-      raise ValueError(f"--method=pflm_verified drafts with a PFLM stage (k<n>), not "
-                       f"{drafter.stage!r}")
-  elif drafter.stage != "draft":
-    raise ValueError(f"--method={method} drafts with the 'draft' stage, not {drafter.stage!r}")
-  teacher = stage_io.load_stage(workdir, "teacher", use_ema=use_ema, mesh=drafter.mesh,
-                                load_tokenizer=False)
+  teacher = methods.load_verifier(workdir, drafter, method, use_ema)
   engine = methods.verified_engine(teacher, method, pflm=drafter, draft=drafter)
   spec = methods.verify_spec(method, drafter.k, max_new_tokens, k=k, gamma=gamma,
                              controls=controls, confidence=confidence, eos_id=eos,

@@ -92,11 +92,11 @@ def server(workdir):  # noqa: F811
   s.stop()
 
 
-def _offline_text(workdir, prompt, n, seed, stage="k2"):  # noqa: F811
+def _offline_text(workdir, prompt, n, seed, stage="k2", tau=1.0):  # noqa: F811
   loaded = stage_io.load_stage(workdir, stage)
   tok = loaded.tokenizer
   spec = decode.DecodeSpec(k=loaded.k or 1, max_new_tokens=n, ar=loaded.k == 0,
-                           eos_id=tok.eos_id)
+                           eos_id=tok.eos_id, tau=tau)
   ids = decode.Engine.from_stage(loaded).generate([tok.encode_prompt(prompt)], spec,
                                                   seed)[0].tokens
   return tok.decode([t for t in ids if t != tok.eos_id])
@@ -254,5 +254,33 @@ def test_queue_limit_429_then_sigterm_drains_and_exits(workdir):  # noqa: F811
     assert "[DONE]" in text and ('"finish_reason": "length"' in text or
                                  '"finish_reason": "stop"' in text)
     assert s.proc.wait(timeout=60) == 0
+  finally:
+    s.stop()
+
+
+def test_a_lossless_method_served_returns_the_teachers_tokens(workdir):  # noqa: F811
+  """serve --method=pflm_verified: the k2 stage drafts, the teacher verifies; a completion is
+  the AR teacher's own offline decode with that seed, greedy too; its drafts show in /metrics;
+  a frequency penalty (which would change the teacher's distribution) is a 400."""
+  s = Server(workdir, "--method=pflm_verified", "--slots=2", "--burst=1")
+  try:
+    assert "serving pflm_verified:k2 (k=2)" in s.startup_line
+    client = s.client()
+    for seed, temperature in ((5, 1.0), (6, 0.0)):
+      r = client.completions.create(model="pflm_verified:k2", prompt="and the lord",
+                                    max_tokens=10, seed=seed, temperature=temperature)
+      want = _offline_text(workdir, "and the lord", 10, seed, stage="teacher",
+                           tau=temperature)
+      assert r.choices[0].text == want, (seed, temperature)
+    metrics = urllib.request.urlopen(s.url + "/metrics", timeout=10).read().decode()
+    drafted = re.search(r"^kforcing:spec_decode_num_draft_tokens_total (\S+)$", metrics, re.M)
+    accepted = re.search(r"^kforcing:spec_decode_num_accepted_tokens_total (\S+)$", metrics,
+                         re.M)
+    assert float(drafted.group(1)) > 0 and 0 <= float(accepted.group(1)) <= float(
+        drafted.group(1))
+    status, body, _ = s.post_raw(json.dumps({"prompt": "and", "max_tokens": 4,
+                                             "frequency_penalty": 0.5}).encode())
+    assert status == 400 and body["error"]["param"] == "frequency_penalty"
+    assert s.get("/health")["status"] == "ok"
   finally:
     s.stop()

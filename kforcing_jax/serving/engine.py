@@ -66,6 +66,38 @@ def step_sizes(slots: int, multiple: int = 1) -> tuple[int, ...]:
   return tuple(sizes) + (slots,)
 
 
+def check_ranges(req: "Request") -> None:
+  """Raise Unsupported naming the first sampling setting out of its valid range."""
+  settings = {"temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
+              "min_p": req.min_p}
+  for name, value in settings.items():
+    try:
+      sampling.check_controls(**{name: value})
+    except ValueError as e:
+      raise Unsupported(name, str(e)) from None
+
+
+def sized_step(advance: Callable, slots: int, state, size: int, n: int):
+  """Slots [0, size) of `state` advance n times by `advance(part) -> (part, out)` (free slots
+  among them compute junk); slots >= size are untouched. Returns (state, outs stacked (n, ...))."""
+  part = state if size == slots else jax.tree.map(lambda x: x[:size], state)
+  if n == 1:
+    new, y = advance(part)
+    y = jax.tree.map(lambda a: a[None], y)
+  else:
+    new, y = jax.lax.scan(lambda p, _: advance(p), part, None, length=n)
+  if size < slots:
+    new = jax.tree.map(lambda full, p: jax.lax.dynamic_update_slice_in_dim(full, p, 0, 0),
+                       state, new)
+  return new, y
+
+
+def move_row(state, src, dst):
+  """Slot src's row copied to slot dst (compaction)."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_update_slice_in_dim(
+      x, jax.lax.dynamic_slice_in_dim(x, src, 1, 0), dst, 0), state)
+
+
 class QueueFull(Exception):
   """More requests than slots plus the bounded queue: retry later."""
 
@@ -153,16 +185,33 @@ class ServingEngine:
       raise ValueError(f"k={k} must be in 1..{loaded.k} (the trained window of {loaded.stage!r})")
     if slots < 1 or max_prompt_len < 1 or max_tokens < 1 or max_queue < 0 or burst < 1:
       raise ValueError("slots, max_prompt_len, max_tokens and burst must be >= 1, max_queue >= 0")
+    # Static decode settings; the penalty is per slot (SlotState.penalty_B), EOS is on the host.
+    self.spec = decode.DecodeSpec(k=k, max_new_tokens=max_tokens, ar=ar)
+    self.n_cache = decode.bucket_len(max_prompt_len) + self.spec.buffer_len + k
+    self._setup(k, slots, max_prompt_len, max_tokens, max_queue, eos_id, burst)
+
+  def _setup(self, k, slots, max_prompt_len, max_tokens, max_queue, eos_id, burst,
+             params=None, prefill_tokens=None, step_tokens=None):
+    """What every engine has: the programs (`_build`) and the host's slot bookkeeping.
+    `params`: the pytree the programs take (default the stage's); `prefill_tokens` /
+    `step_tokens`: tokens a prefill produces / a step produces at least (default k)."""
     self.k, self.slots, self.max_queue, self.eos_id = k, slots, max_queue, eos_id
     # Steps per dispatch while no request waits and every live one has that many blocks left:
     # one dispatch and one delivery per `burst` steps (the offline decoder's loop, on the host).
     self.burst = burst
     self.max_prompt_len = decode.bucket_len(max_prompt_len)
     self.max_tokens = max_tokens
-    # Static decode settings; the penalty is per slot (SlotState.penalty_B), EOS is on the host.
-    self.spec = decode.DecodeSpec(k=k, max_new_tokens=max_tokens, ar=ar)
-    self.n_cache = self.max_prompt_len + self.spec.buffer_len + k
-    self.mesh = loaded.mesh
+    self.mesh = self.loaded.mesh
+    self._params = self.loaded.params if params is None else params
+    self._prefill_tokens = k if prefill_tokens is None else prefill_tokens
+    self._step_tokens = k if step_tokens is None else step_tokens
+    data = self.mesh.shape[sharding.DATA]
+    if slots % data:
+      raise ValueError(f"slots={slots} must be a multiple of the mesh's data axis ({data})")
+    self.sizes = step_sizes(slots, data)
+    # Prefill batches: every other step size (1, 4, 16 of 16 slots) and the slots, since every
+    # prompt bucket compiles each of them.
+    self.prefill_sizes = tuple(sorted(set(self.sizes[::2]) | {slots}))
     self._build()
     self._pending: collections.deque[Request] = collections.deque()
     self._live: dict[int, Request] = {}  # slot -> request
@@ -242,42 +291,19 @@ class ServingEngine:
                           gen_B=part.gen_B + k, counts_BxV=counts), y
 
     def step(params, state, size, n):
-      """Slots [0, size) advance n blocks (free slots among them compute junk); slots >= size
-      are untouched. Returns (state, the blocks (n, size, k))."""
-      part = state if size == self.slots else jax.tree.map(lambda x: x[:size], state)
       m = merge(params)
-      if n == 1:
-        new, y = advance(m, part)
-        y = y[None]
-      else:
-        new, y = jax.lax.scan(lambda p, _: advance(m, p), part, None, length=n)
-      if size < self.slots:
-        new = jax.tree.map(lambda full, p: jax.lax.dynamic_update_slice_in_dim(full, p, 0, 0),
-                           state, new)
-      return new, y
-
-    def move(state, src, dst):
-      """Slot src's row copied to slot dst (compaction)."""
-      return jax.tree.map(lambda x: jax.lax.dynamic_update_slice_in_dim(
-          x, jax.lax.dynamic_slice_in_dim(x, src, 1, 0), dst, 0), state)
+      return sized_step(lambda part: advance(m, part), self.slots, state, size, n)
 
     self._state_sh = sharding.decode_state_shardings(
         mesh, SlotState(cache_k=(4,) * cfg.n_layers, cache_v=(4,) * cfg.n_layers, len_B=1,
                         pad_B=1, last_BxK=2, gen_B=1, keys_Bx2=2, counts_BxV=2, penalty_B=1,
                         controls=sampling.Controls(1, 1, 1, 1)))
     blocks_sh = NamedSharding(mesh, P(None, sharding.DATA, None))
-    data = mesh.shape[sharding.DATA]
-    if self.slots % data:
-      raise ValueError(f"slots={self.slots} must be a multiple of the mesh's data axis ({data})")
-    self.sizes = step_sizes(self.slots, data)
-    # Prefill batches: every other step size (1, 4, 16 of 16 slots) and the slots, since every
-    # prompt bucket compiles each of them.
-    self.prefill_sizes = tuple(sorted(set(self.sizes[::2]) | {self.slots}))
     platform, wbytes = mesh.devices.flat[0].platform, decode.weight_bytes(self.loaded.params)
     self._init = jax.jit(init, out_shardings=self._state_sh)
     self._admit = jax.jit(admit, in_shardings=(self._param_sh, self._state_sh) + (rep,) * 6,
                           out_shardings=(self._state_sh, rep), donate_argnums=1)
-    self._move = jax.jit(move, out_shardings=self._state_sh, donate_argnums=0)
+    self._move = jax.jit(move_row, out_shardings=self._state_sh, donate_argnums=0)
     self._steps = {
         (size, n): jax.jit(functools.partial(step, size=size, n=n),
                            in_shardings=(self._param_sh, self._state_sh),
@@ -301,7 +327,7 @@ class ServingEngine:
       plen *= 2
     self.state = self._move(self.state, np.int32(self.slots - 1), np.int32(0))
     for key in self._steps:
-      self.state, y = self._steps[key](self.loaded.params, self.state)
+      self.state, y = self._steps[key](self._params, self.state)
     jax.block_until_ready(y)
     self.state = self._init()
     return time.perf_counter() - t0
@@ -312,13 +338,7 @@ class ServingEngine:
     """Raise Unsupported (naming the request field) for settings the served stage cannot honour:
     the AR teacher takes any temperature >= 0, top_k, top_p and min_p; a PFLM only the
     temperatures it was trained at (0 = its greedy mode, if it has one) and no filters."""
-    settings = {"temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
-                "min_p": req.min_p}
-    for name, value in settings.items():
-      try:
-        sampling.check_controls(**{name: value})
-      except ValueError as e:
-        raise Unsupported(name, str(e)) from None
+    check_ranges(req)
     if self.spec.ar:
       return
     temps = self.loaded.temperatures
@@ -412,7 +432,7 @@ class ServingEngine:
     penalty = np.asarray([r[1] for r in rows], np.float32)
     controls = sampling.Controls(*(np.asarray(c) for c in zip(*(r[2] for r in rows))))
     slot_B = np.asarray(list(slots) + [self.slots] * (batch - len(slots)), np.int32)
-    return self._admit(self.loaded.params, self.state, x, pad, seeds, penalty, controls, slot_B)
+    return self._admit(self._params, self.state, x, pad, seeds, penalty, controls, slot_B)
 
   def _deliver(self, req: Request, block: list[int]) -> None:
     """Append a block to a live request; ends it (freeing its slot) at EOS, max_tokens, a stop
@@ -496,7 +516,7 @@ class ServingEngine:
       self.state, y = self._admit_batch(admitted, [r.slot for r in admitted], plen, rows)
       self.prefills[len(admitted)] += 1
       for req in admitted:
-        req.planned = self.k
+        req.planned = self._prefill_tokens
     except Exception as e:  # a failed dispatch: these requests fail (the donated state may be
       log.exception("prefill failed")  # lost: then the next step fails the loop)
       for req in admitted:
@@ -524,10 +544,14 @@ class ServingEngine:
   def _consume(self, y_NxBxK: jax.Array, owners: dict[int, Request]) -> None:
     """Deliver one dispatch's blocks (n steps) to the requests it advanced (`owners`: {row at
     dispatch: request}) that are still live, wherever they have moved since."""
-    y = np.asarray(jax.device_get(y_NxBxK))
+    y = jax.device_get(y_NxBxK)
     for row, req in owners.items():
       if self._live.get(req.slot) is req:  # a request that ended since gets nothing more
-        self._deliver(req, y[:, row].reshape(-1).tolist())
+        self._deliver(req, self._row_tokens(y, row))
+
+  def _row_tokens(self, y_NxBxK, row: int) -> list[int]:
+    """One row's tokens of a dispatch's output (on the host), in order."""
+    return y_NxBxK[:, row].reshape(-1).tolist()
 
   def _loop(self) -> None:
     """Admit (one batched prefill); compact; dispatch the next step at the size the live
@@ -546,16 +570,16 @@ class ServingEngine:
         step = None
         if self._live:
           size = self._compact()
-          n = self.burst if all(r.max_tokens - r.planned >= self.burst * self.k
+          n = self.burst if all(r.max_tokens - r.planned >= self.burst * self._step_tokens
                                 for r in self._live.values()) and not self._pending else 1
-          self.state, y = self._steps[size, n](self.loaded.params, self.state)
+          self.state, y = self._steps[size, n](self._params, self.state)
           self.steps += n
           self.bursts += n > 1
           self.step_sizes[size] += n
           for r in self._live.values():
-            r.planned += n * self.k
+            r.planned += n * self._step_tokens
           step = (y, dict(self._live))
-        if admitted:
+        if admitted and first is not None:
           try:
             blocks = np.asarray(jax.device_get(first)).tolist()
           except Exception as e:  # their prefill failed on the device

@@ -86,6 +86,21 @@ def verified_engine(teacher, method: str, pflm=None, draft=None) -> speculative.
   return speculative.VerifiedEngine(teacher, drafter)
 
 
+def load_verifier(workdir: str, drafter, method: str, use_ema: bool = True):
+  """The AR teacher (a LoadedStage on the drafter's mesh) that verifies `drafter` for `method`,
+  after checking the pairing: pflm_verified drafts with a PFLM stage, spec and spec_dynamic with
+  the 'draft' stage."""
+  if method not in DRAFTER:
+    raise ValueError(f"unknown lossless method {method!r}; choose from {LOSSLESS}")
+  if DRAFTER[method] == "pflm":
+    if drafter.k == 0:
+      raise ValueError(f"{method} drafts with a PFLM stage (k<n>), not {drafter.stage!r}")
+  elif drafter.stage != config_check.DRAFT:
+    raise ValueError(f"{method} drafts with the 'draft' stage, not {drafter.stage!r}")
+  return stage_io.load_stage(workdir, config_check.TEACHER, use_ema=use_ema, mesh=drafter.mesh,
+                             load_tokenizer=False)
+
+
 def verify_spec(method: str, drafter_k: int, max_new_tokens: int, k: int = 0, gamma: int = 4,
                 controls: sampling.Controls = sampling.Controls(), confidence: float = 0.4,
                 eos_id: int | None = None,

@@ -11,7 +11,10 @@ request's callback on the decode thread; prometheus_client is thread-safe).
   kforcing:num_requests_waiting       gauge    requests queued for a slot
   kforcing:num_slots                  gauge    slots (--slots): the decode batch
   kforcing:engine_up                  gauge    1 while the decode loop can serve, else 0
-  kforcing:decode_steps_total         counter  batched decode steps (k tokens per live slot)
+  kforcing:decode_steps_total         counter  batched decode steps (k tokens per live slot;
+                                               lossless methods: one teacher pass)
+  kforcing:spec_decode_num_draft_tokens_total     counter  lossless methods only: drafts
+  kforcing:spec_decode_num_accepted_tokens_total  counter  verified and accepted by the teacher
   kforcing:request_success_total      counter  {finished_reason="stop"|"length"}
   kforcing:request_failure_total      counter  {reason="cancelled"|"error"} (client gone /
                                                internal error)
@@ -59,6 +62,11 @@ class _EngineCollector:
       yield GaugeMetricFamily(PREFIX + name, doc, value=value)
     yield CounterMetricFamily(PREFIX + "decode_steps", "Batched decode steps.",
                               value=st["steps"])
+    if "drafted" in st:  # a lossless method (serving/verified_engine.py)
+      yield CounterMetricFamily(PREFIX + "spec_decode_num_draft_tokens",
+                                "Draft tokens the teacher verified.", value=st["drafted"])
+      yield CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens",
+                                "Draft tokens the teacher accepted.", value=st["accepted"])
 
 
 class ServingMetrics:

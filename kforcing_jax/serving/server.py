@@ -37,7 +37,10 @@ Metrics (GET /metrics; per app registry): kforcing:num_requests_running, num_req
 num_slots, engine_up, decode_steps_total, request_success_total{finished_reason},
 request_failure_total{reason}, api_requests_total{endpoint, status}, prompt_tokens_total,
 generation_tokens_total, and the histograms time_to_first_token_seconds,
-time_per_output_token_seconds, e2e_request_latency_seconds.
+time_per_output_token_seconds, e2e_request_latency_seconds; serving a lossless method (`serve
+--method`, serving/verified_engine.py) also spec_decode_num_draft_tokens_total and
+spec_decode_num_accepted_tokens_total. Such a server returns the AR teacher's own samples, so it
+takes any valid sampling controls and refuses frequency_penalty.
 """
 
 import asyncio

@@ -96,6 +96,8 @@ class VerifyState:
   passes: jax.Array  # () teacher forward passes so far (the prefill excluded)
   drafted_B: jax.Array  # drafts proposed by live rows, summed over steps
   accepted_B: jax.Array  # drafts accepted
+  plen_B: jax.Array  # prompt slots of each row: generated token i sits at slot plen_B + i
+  limit_B: jax.Array  # a row is done once it has this many tokens (its max_new_tokens)
 
 
 def _gather(x_BxS: jax.Array, start_B: jax.Array, n: int) -> jax.Array:
@@ -113,34 +115,37 @@ def _leading(ok_BxG: jax.Array) -> jax.Array:
   return jnp.cumprod(ok_BxG.astype(jnp.int32), axis=1).sum(axis=1)
 
 
+def prefill_cache(m, prompt_BxP, pad_B, n_slots: int, cache_sharding=None) -> tuple:
+  """A model's (cache_k, cache_v) of n_slots slots, valid over the prompt's first P-1 slots
+  (its last token is pending: the first verify step feeds it)."""
+  ck, cv = model_lib.init_cache(m.cfg, prompt_BxP.shape[0], n_slots, cache_sharding)
+  _, ck, cv = m.forward_cached(m.embed(prompt_BxP[:, :-1]), ck, cv, 0, pad_B, n_out=1,
+                               fresh=True)
+  return ck, cv
+
+
 def prefill(teacher, drafter, spec: VerifySpec, prompt_BxP, pad_B, keys_Bx2,
             cache_sharding=None) -> VerifyState:
   """Both caches over the prompt's first P-1 slots; the prompt's last token is pending."""
   b, plen = prompt_BxP.shape
   slots = spec.seq_len(plen)
   seq = jnp.full((b, slots), spec.fill_id, jnp.int32).at[:, :plen].set(prompt_BxP)
-  ctx = prompt_BxP[:, :-1]
-
-  def fill(m):
-    ck, cv = model_lib.init_cache(m.cfg, b, slots, cache_sharding)
-    _, ck, cv = m.forward_cached(m.embed(ctx), ck, cv, 0, pad_B, n_out=1, fresh=True)
-    return ck, cv
-
+  fill = lambda m: prefill_cache(m, prompt_BxP, pad_B, slots, cache_sharding)
   zeros = jnp.zeros((b,), jnp.int32)
   return VerifyState(seq_BxS=seq, n_B=zeros, t_cache=fill(teacher), d_cache=fill(drafter),
                      d_len_B=zeros + (plen - 1), pad_B=pad_B.astype(jnp.int32),
                      keys_Bx2=keys_Bx2, done_B=jnp.zeros((b,), bool),
-                     passes=jnp.zeros((), jnp.int32), drafted_B=zeros, accepted_B=zeros)
+                     passes=jnp.zeros((), jnp.int32), drafted_B=zeros, accepted_B=zeros,
+                     plen_B=zeros + plen, limit_B=zeros + spec.max_new_tokens)
 
 
-def _draft_pflm(m, spec: VerifySpec, s: VerifyState, plen: int):
+def _draft_pflm(m, spec: VerifySpec, s: VerifyState, controls, draft_tau):
   """PFLM(k) drafts from the row's uniforms: input [committed tokens not yet in its cache (1 to
   k+1 of them) ; k noise], W = 2k+1 positions; drafts = argmax at the noise positions."""
   k = spec.gamma
-  c_B = plen + s.n_B - s.d_len_B  # real tokens to feed, in [1, k + 1]
+  c_B = s.plen_B + s.n_B - s.d_len_B  # real tokens to feed, in [1, k + 1]
   toks_BxK1 = _gather(s.seq_BxS, s.d_len_B, k + 1)
-  noise_BxKxD = decode.noise(m, s.keys_Bx2, s.n_B, k,
-                             spec.tau if spec.draft_tau is None else spec.draft_tau)
+  noise_BxKxD = decode.noise(m, s.keys_Bx2, s.n_B, k, draft_tau)
   w = jnp.arange(2 * k + 1)
   tok_x = m.embed(jnp.concatenate([toks_BxK1, jnp.zeros_like(toks_BxK1[:, :k])], 1))
   j_BxW = jnp.clip(w[None, :] - c_B[:, None], 0, k - 1)
@@ -155,11 +160,12 @@ def _draft_pflm(m, spec: VerifySpec, s: VerifyState, plen: int):
   return drafts, None, gamma_B, (ck, cv), lambda a_B: d_len_B
 
 
-def _draft_ar(m, spec: VerifySpec, s: VerifyState, plen: int):
+def _draft_ar(m, spec: VerifySpec, s: VerifyState, controls, draft_tau):
   """The AR draft model proposes up to gamma tokens one by one (a fori/while loop of 1-token
   passes after one 2-token pass that re-feeds the last committed token when it is cached)."""
   g = spec.gamma
   b = s.n_B.shape[0]
+  plen = s.plen_B
   start_B = plen + s.n_B - 2  # the last two committed tokens (one may be cached already)
   x = m.embed(_gather(s.seq_BxS, start_B, 2))
   h, ck, cv = m.forward_cached(x, *s.d_cache, start_B, s.pad_B, n_out=1)
@@ -168,8 +174,8 @@ def _draft_ar(m, spec: VerifySpec, s: VerifyState, plen: int):
 
   def pick(logits_BxV, i):
     # The draft samples under the teacher's controls: the closer q is to p, the more accepted.
-    y = spec.controls.sample(logits_BxV, z_BxG[:, i])
-    probs = jax.nn.softmax(spec.controls.transformed(logits_BxV), axis=-1)
+    y = controls.sample(logits_BxV, z_BxG[:, i])
+    probs = jax.nn.softmax(controls.transformed(logits_BxV), axis=-1)
     return y, probs
 
   y0, q0 = pick(m.logits(h)[:, 0], 0)
@@ -205,24 +211,28 @@ def _draft_ar(m, spec: VerifySpec, s: VerifyState, plen: int):
   return drafts, q_BxGxV, gamma_B, cache, lambda a_B: plen + n + jnp.minimum(a_B, n_drafted - 1)
 
 
-def _verify(teacher, spec: VerifySpec, s: VerifyState, plen: int, drafts_BxG, q_BxGxV, gamma_B):
+def _verify(teacher, spec: VerifySpec, s: VerifyState, controls, drafts_BxG, q_BxGxV, gamma_B):
   """The teacher scores [pending ; drafts] in one pass: (emitted tokens (B, G+1), accepted a_B,
   teacher cache). Rows emit a_B + 1 tokens: the accepted drafts, then the teacher's token."""
   g = spec.gamma
   b = s.n_B.shape[0]
+  plen = s.plen_B
   pending = _gather(s.seq_BxS, plen + s.n_B - 1, 1)
   x = teacher.embed(jnp.concatenate([pending, drafts_BxG], axis=1))
   h, ck, cv = teacher.forward_cached(x, *s.t_cache, plen + s.n_B - 1, s.pad_B)
   logits_BxG1xV = teacher.logits(h)
   valid_BxG = jnp.arange(g)[None, :] < gamma_B[:, None]
-  if spec.method == "pflm_verified" or spec.greedy:
-    # The teacher's own tokens (its argmax, or its inverse-CDF samples under the row's uniforms).
-    z = None if spec.greedy else decode.uniforms(s.keys_Bx2, s.n_B, g + 1)
-    t_BxG1 = spec.controls.sample(logits_BxG1xV, z)
+  greedy = isinstance(controls.temperature, (int, float)) and controls.temperature == 0
+  if spec.method == "pflm_verified" or greedy:
+    # The teacher's own tokens (its argmax, or its inverse-CDF samples under the row's uniforms;
+    # per-row controls take the argmax in their temperature-0 rows).
+    z = None if greedy else decode.uniforms(s.keys_Bx2, s.n_B, g + 1)
+    t_BxG1 = controls.sample(logits_BxG1xV, z)
     a_B = _leading((drafts_BxG == t_BxG1[:, :g]) & valid_BxG)
     return t_BxG1, a_B, (ck, cv)
-  # Speculative sampling against the transformed teacher distribution.
-  p_BxG1xV = spec.controls.probabilities(logits_BxG1xV)
+  # Speculative sampling against the transformed teacher distribution (one-hot on the argmax in
+  # per-row temperature-0 rows: then it accepts exactly the drafts equal to the argmax).
+  p_BxG1xV = controls.probabilities(logits_BxG1xV)
   p_d = jnp.take_along_axis(p_BxG1xV[:, :g], drafts_BxG[..., None], axis=-1)[..., 0]
   q_d = jnp.take_along_axis(q_BxGxV, drafts_BxG[..., None], axis=-1)[..., 0]
   r_BxG = decode.uniforms(s.keys_Bx2, s.n_B, g, stream=ACCEPT_STREAM)
@@ -240,14 +250,17 @@ def _verify(teacher, spec: VerifySpec, s: VerifyState, plen: int, drafts_BxG, q_
   return out, a_B, (ck, cv)
 
 
-def verify_step(teacher, drafter, spec: VerifySpec, s: VerifyState) -> VerifyState:
-  """One teacher pass: draft, verify, commit a_B + 1 tokens per live row."""
-  plen = s.seq_BxS.shape[1] - spec.seq_len(0)
-  if spec.method == "pflm_verified":
-    drafts, q, gamma_B, d_cache, d_len_fn = _draft_pflm(drafter, spec, s, plen)
-  else:
-    drafts, q, gamma_B, d_cache, d_len_fn = _draft_ar(drafter, spec, s, plen)
-  out_BxG1, a_B, t_cache = _verify(teacher, spec, s, plen, drafts, q, gamma_B)
+def verify_step(teacher, drafter, spec: VerifySpec, s: VerifyState,
+                controls: sampling.Controls | None = None, draft_tau=None) -> VerifyState:
+  """One teacher pass: draft, verify, commit a_B + 1 tokens per live row. `controls` /
+  `draft_tau`: per-row arrays (the serving engine) instead of the spec's numbers."""
+  if controls is None:
+    controls = spec.controls
+    draft_tau = spec.tau if spec.draft_tau is None else spec.draft_tau
+  draft = _draft_pflm if spec.method == "pflm_verified" else _draft_ar
+  drafts, q, gamma_B, d_cache, d_len_fn = draft(drafter, spec, s, controls, draft_tau)
+  plen = s.plen_B
+  out_BxG1, a_B, t_cache = _verify(teacher, spec, s, controls, drafts, q, gamma_B)
   d_len = d_len_fn(a_B)
   emit_B = a_B + 1
   if spec.eos_id is not None:  # stop at the first EOS among the emitted tokens
@@ -264,10 +277,20 @@ def verify_step(teacher, drafter, spec: VerifySpec, s: VerifyState) -> VerifySta
   return s.replace(
       seq_BxS=seq, n_B=n_B, t_cache=t_cache, d_cache=d_cache,
       d_len_B=jnp.where(live, d_len, s.d_len_B),
-      done_B=s.done_B | (live & (hit | (n_B >= spec.max_new_tokens))),
+      done_B=s.done_B | (live & (hit | (n_B >= s.limit_B))),
       passes=s.passes + 1,
       drafted_B=s.drafted_B + jnp.where(live, gamma_B, 0),
       accepted_B=s.accepted_B + jnp.where(live, a_B, 0))
+
+
+def emitting_step(teacher, drafter, spec: VerifySpec, s: VerifyState,
+                  controls: sampling.Controls, draft_tau) -> tuple:
+  """`verify_step` with per-row controls that also returns what it committed: (state, tokens
+  (B, gamma + 1) of which each row's first `emitted_B` are new, emitted_B, drafted_B this step)
+  (the serving engine delivers them; done rows emit nothing)."""
+  new = verify_step(teacher, drafter, spec, s, controls, draft_tau)
+  toks_BxG1 = _gather(new.seq_BxS, s.plen_B + s.n_B, spec.gamma + 1)
+  return new, toks_BxG1, new.n_B - s.n_B, new.drafted_B - s.drafted_B
 
 
 def generate(teacher, drafter, spec: VerifySpec, prompt_BxP, pad_B, keys_Bx2,
