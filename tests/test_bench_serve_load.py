@@ -53,3 +53,11 @@ def test_serve_load_reports_latency_and_the_offline_decoder(workdir, tmp_path): 
     assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["latency_p99_s"]
     assert math.isnan(r["tpot_p50_s"]) or r["tpot_p50_s"] > 0
   assert (tmp_path / "load.png").stat().st_size > 0
+
+
+def test_offline_figure_of_a_lossless_server_is_the_verified_decoder(workdir):  # noqa: F811
+  from kforcing_jax.bench import serve_load
+  from kforcing_jax.serving import speculative
+  off = serve_load.Offline(workdir, "pflm_verified:k2", 2, 6, reps=1)
+  assert isinstance(off.engine, speculative.VerifiedEngine) and off.spec.gamma == 2
+  assert off.tokens_per_s(2) > 0

@@ -18,7 +18,8 @@ and end-to-end latency. Output tokens are the server's own count (the stream's f
 chunk, stream_options.include_usage).
 
 With --workdir (the served stage's work dir) it also measures, in the same run on the same
-machine, the offline decoder (`decode.Engine.generate`) on the same stage and k: a batch of
+machine, the offline decoder (`decode.Engine.generate`, or `VerifiedEngine.generate` for a
+server of a lossless method) on the same stage and k: a batch of
 min(C, server slots) of the same prompts' ids, max_tokens tokens per row (no EOS stop), once to
 compile, then timed over --offline_reps calls back to back, host transfers included, while the
 server is idle between levels; `server/offline` is the served tokens/s over it. Prints a table;
@@ -127,27 +128,38 @@ async def run_level(url: str, model: str, concurrency: int, n: int, max_tokens: 
 
 
 class Offline:
-  """The offline decoder on the served stage: tokens/s of `decode.Engine.generate` on a batch
-  of the benchmark's prompts (their ids as the server's tokenizer makes them)."""
+  """The offline decoder of what the server serves: tokens/s of `decode.Engine.generate` on the
+  served stage, or of `VerifiedEngine.generate` for a lossless method (model
+  "<method>:<drafter stage>"), on a batch of the benchmark's prompts (their ids as the server's
+  tokenizer makes them), at the server's k (gamma)."""
 
-  def __init__(self, workdir: str, stage: str, k: int, max_tokens: int, reps: int):
-    from kforcing_jax.serving import decode
+  def __init__(self, workdir: str, model: str, k: int, max_tokens: int, reps: int):
+    from kforcing_jax.serving import decode, methods
     from kforcing_jax.training import stage_io
 
+    method, _, stage = model.rpartition(":")
     loaded = stage_io.load_stage(workdir, stage)
-    self.engine = decode.Engine.from_stage(loaded)
+    if method:
+      teacher = methods.load_verifier(workdir, loaded, method)
+      self.engine = methods.verified_engine(teacher, method, pflm=loaded, draft=loaded)
+      self.spec = methods.verify_spec(method, loaded.k, max_tokens, k=k, gamma=k,
+                                      drafter_temps=loaded.temperatures)
+      self.generate = lambda ids: self.engine.generate(ids, self.spec, seed=0)
+    else:
+      self.engine = decode.Engine.from_stage(loaded)
+      self.spec = decode.DecodeSpec(k=k, max_new_tokens=max_tokens, ar=loaded.k == 0)
+      self.generate = lambda ids: self.engine.generate(ids, self.spec, seed=0)
     self.prompt_ids = [loaded.tokenizer.encode_prompt(p) for p in PROMPTS]
-    self.spec = decode.DecodeSpec(k=k, max_new_tokens=max_tokens, ar=loaded.k == 0)
-    self.reps = reps
+    self.max_tokens, self.reps = max_tokens, reps
 
   def tokens_per_s(self, batch: int) -> float:
     """Warm (one call compiles), then `reps` timed calls back to back."""
     ids = [self.prompt_ids[i % len(self.prompt_ids)] for i in range(batch)]
-    self.engine.generate(ids, self.spec, seed=0)
+    self.generate(ids)
     t0 = time.perf_counter()
     for _ in range(self.reps):
-      self.engine.generate(ids, self.spec, seed=0)
-    return self.reps * batch * self.spec.max_new_tokens / (time.perf_counter() - t0)
+      self.generate(ids)
+    return self.reps * batch * self.max_tokens / (time.perf_counter() - t0)
 
 
 # (header, format, field, scale): TTFT and latency in s, TPOT and ITL in ms.
