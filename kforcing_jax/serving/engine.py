@@ -77,19 +77,34 @@ def check_ranges(req: "Request") -> None:
       raise Unsupported(name, str(e)) from None
 
 
-def sized_step(advance: Callable, slots: int, state, size: int, n: int):
+def sized_step(advance: Callable, slots: int, state, size: int, n: int,
+               cache_len: int | None = None):
   """Slots [0, size) of `state` advance n times by `advance(part) -> (part, out)` (free slots
-  among them compute junk); slots >= size are untouched. Returns (state, outs stacked (n, ...))."""
-  part = state if size == slots else jax.tree.map(lambda x: x[:size], state)
+  among them compute junk); slots >= size are untouched. `cache_len`: the KV caches (the rank-4
+  arrays, as in sharding.decode_state_shardings) are seen and written over their first cache_len
+  positions only. Returns (state, outs stacked (n, ...))."""
+  def view(x):
+    if x.ndim == 4 and cache_len is not None:
+      return x[:size, :, :cache_len]
+    return x if size == slots else x[:size]
+  part = jax.tree.map(view, state)
   if n == 1:
     new, y = advance(part)
     y = jax.tree.map(lambda a: a[None], y)
   else:
     new, y = jax.lax.scan(lambda p, _: advance(p), part, None, length=n)
-  if size < slots:
-    new = jax.tree.map(lambda full, p: jax.lax.dynamic_update_slice_in_dim(full, p, 0, 0),
-                       state, new)
+  new = jax.tree.map(lambda full, p: p if p.shape == full.shape else jax.lax.dynamic_update_slice(
+      full, p, (0,) * full.ndim), state, new)
   return new, y
+
+
+def cache_lens(n_cache: int, minimum: int) -> tuple[int, ...]:
+  """The attended cache lengths compiled: `minimum` doubling below n_cache, then n_cache."""
+  out, c = [], max(1, minimum)
+  while c < n_cache:
+    out.append(c)
+    c *= 2
+  return tuple(out) + (n_cache,)
 
 
 def move_row(state, src, dst):
@@ -176,7 +191,7 @@ class ServingEngine:
 
   def __init__(self, loaded, k: int, slots: int = 16, max_prompt_len: int = 128,
                max_tokens: int = 256, max_queue: int = 64, eos_id: int | None = None,
-               burst: int = 4):
+               burst: int = 4, min_cache_len: int = 128):
     self.loaded, self.cfg = loaded, loaded.model_cfg
     ar = loaded.k == 0
     if ar and k != 1:
@@ -188,6 +203,10 @@ class ServingEngine:
     # Static decode settings; the penalty is per slot (SlotState.penalty_B), EOS is on the host.
     self.spec = decode.DecodeSpec(k=k, max_new_tokens=max_tokens, ar=ar)
     self.n_cache = decode.bucket_len(max_prompt_len) + self.spec.buffer_len + k
+    # Right-sized attention: a step attends over (and writes) the first cache_len positions of
+    # the cache, the smallest of these that holds every live row through the dispatch, so short
+    # requests do not pay for the longest prompt plus max_tokens (`_step_key`).
+    self.cache_lens = cache_lens(self.n_cache, min_cache_len)
     self._setup(k, slots, max_prompt_len, max_tokens, max_queue, eos_id, burst)
 
   def _setup(self, k, slots, max_prompt_len, max_tokens, max_queue, eos_id, burst,
@@ -221,6 +240,7 @@ class ServingEngine:
     self._thread: threading.Thread | None = None
     self.steps = 0  # steps dispatched
     self.step_sizes = collections.Counter()  # steps dispatched per size
+    self.step_keys = collections.Counter()  # steps dispatched per program (_step_key)
     self.prefills = collections.Counter()  # batched prefills per number of requests
     self.moves = 0  # rows moved by compaction
     self.bursts = 0  # dispatches of `burst` steps
@@ -286,13 +306,13 @@ class ServingEngine:
                                       jnp.zeros((size,), bool), jnp.zeros((size,), jnp.int32),
                                       part.counts_BxV, part.penalty_B, part.controls)
       # A free slot's length stays below the cache end (its writes never leave the cache).
-      len_B = jnp.minimum(part.len_B + k, self.n_cache - 2 * k)
+      len_B = jnp.minimum(part.len_B + k, part.cache_k[0].shape[2] - 2 * k)
       return part.replace(cache_k=ck, cache_v=cv, len_B=len_B, last_BxK=y,
                           gen_B=part.gen_B + k, counts_BxV=counts), y
 
-    def step(params, state, size, n):
+    def step(params, state, size, n, cache_len):
       m = merge(params)
-      return sized_step(lambda part: advance(m, part), self.slots, state, size, n)
+      return sized_step(lambda part: advance(m, part), self.slots, state, size, n, cache_len)
 
     self._state_sh = sharding.decode_state_shardings(
         mesh, SlotState(cache_k=(4,) * cfg.n_layers, cache_v=(4,) * cfg.n_layers, len_B=1,
@@ -305,12 +325,12 @@ class ServingEngine:
                           out_shardings=(self._state_sh, rep), donate_argnums=1)
     self._move = jax.jit(move_row, out_shardings=self._state_sh, donate_argnums=0)
     self._steps = {
-        (size, n): jax.jit(functools.partial(step, size=size, n=n),
-                           in_shardings=(self._param_sh, self._state_sh),
-                           out_shardings=(self._state_sh, blocks_sh), donate_argnums=1,
-                           compiler_options=decode.compiler_options(
-                               platform, size * (1 if spec.ar else 2 * k), wbytes))
-        for size in self.sizes for n in sorted({1, self.burst})}
+        (size, n, c): jax.jit(functools.partial(step, size=size, n=n, cache_len=c),
+                              in_shardings=(self._param_sh, self._state_sh),
+                              out_shardings=(self._state_sh, blocks_sh), donate_argnums=1,
+                              compiler_options=decode.compiler_options(
+                                  platform, size * (1 if spec.ar else 2 * k), wbytes))
+        for size in self.sizes for n in sorted({1, self.burst}) for c in self.cache_lens}
 
   def warmup(self) -> float:
     """Compile every step size, the row move, and the batched prefill of every (batch size,
@@ -549,6 +569,15 @@ class ServingEngine:
       if self._live.get(req.slot) is req:  # a request that ended since gets nothing more
         self._deliver(req, self._row_tokens(y, row))
 
+  def _step_key(self, size: int, n: int) -> tuple:
+    """The program of a dispatch of n steps at `size` slots: the shortest compiled cache_len
+    that holds every live row's writes (a row's cache holds its prompt bucket, then k positions
+    per block before the last; a step writes its window, 2k positions for a PFLM, 1 for AR)."""
+    window = 1 if self.spec.ar else 2 * self.k
+    need = max((decode.bucket_len(len(r.prompt_ids)) + r.planned + (n - 2) * self.k + window
+                for r in self._live.values()), default=0)
+    return size, n, next(c for c in self.cache_lens if c >= need)
+
   def _row_tokens(self, y_NxBxK, row: int) -> list[int]:
     """One row's tokens of a dispatch's output (on the host), in order."""
     return y_NxBxK[:, row].reshape(-1).tolist()
@@ -572,7 +601,9 @@ class ServingEngine:
           size = self._compact()
           n = self.burst if all(r.max_tokens - r.planned >= self.burst * self._step_tokens
                                 for r in self._live.values()) and not self._pending else 1
-          self.state, y = self._steps[size, n](self._params, self.state)
+          key = self._step_key(size, n)
+          self.state, y = self._steps[key](self._params, self.state)
+          self.step_keys[key] += n
           self.steps += n
           self.bursts += n > 1
           self.step_sizes[size] += n

@@ -164,6 +164,9 @@ class VerifiedServingEngine(engine_lib.ServingEngine):
       return 1.0  # (unused: an AR draft samples under the row's controls)
     return methods.nearest_temperature(self.drafter.temperatures, temperature)
 
+  def _step_key(self, size: int, n: int) -> tuple:
+    return size, n  # (the whole cache: rows advance by up to gamma + 1 tokens a step)
+
   def _row_tokens(self, y, row: int) -> list[int]:
     toks, emitted, drafted = y
     out = []
