@@ -233,9 +233,9 @@ def test_command_line_sets_any_overridable_field_of_a_preset_stage():
             "--config.stage_overrides.k2.optim.schedule=constant",
             "--config.stage_overrides.k8.batch_size=16")
   k4 = config_check.stage_config(c, "k4")
-  # Set on the command line, from the file (warmup 96, batch 4), and unset (the base value).
+  # Set on the command line, from the file (warmup 154, batch 4), and unset (the base value).
   assert (k4.optim.lr, k4.train.eval_every, k4.optim.warmup_steps, k4.batch_size) == (
-      1e-4, 80, 96, 4)
+      1e-4, 80, 154, 4)
   assert k4.optim.b2 == c.optim.b2 and k4.train.log_every == c.train.log_every
   assert config_check.stage_config(c, "k2").optim.schedule == "constant"
   assert config_check.stage_config(c, "k8").batch_size == 16
