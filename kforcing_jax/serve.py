@@ -46,10 +46,10 @@ _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Largest max_tokens of a r
 _QUEUE = flags.DEFINE_integer("max_queue", 64, "Requests waiting for a slot before 429.")
 _BURST = flags.DEFINE_integer("burst", 4, "Steps per dispatch while no request waits and every "
                               "live one has that many blocks left (1: one step per dispatch).")
-_MIN_CACHE = flags.DEFINE_integer("min_cache_len", 128, "Shortest attended KV-cache length "
-                                  "compiled; steps attend over the shortest of it doubling (then "
-                                  "the whole cache) that holds the live rows. Larger: fewer "
-                                  "programs to compile, slower steps for short requests.")
+_MIN_CACHE = flags.DEFINE_integer(
+    "min_cache_len", 128, "AR / PFLM: shortest attended KV-cache length compiled; a step attends "
+    "over the shortest of it doubling (then the whole cache) that holds the live rows. Larger: "
+    "fewer programs to compile, slower steps for short requests.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port (0 = any free port; the URL is printed).")
 _DRAIN = flags.DEFINE_integer("drain_s", 30, "On SIGTERM, seconds to let requests finish.")

@@ -17,10 +17,16 @@ prefilled in one call of the next compiled size and scattered into their slots; 
 boundary, so live slots never wait for more than one. While no request waits and every live one
 has `burst` blocks left, one dispatch runs `burst` steps (a scan) and delivers them together.
 
+Right-sized cache: a step attends over (and writes) only the first cache_len positions of the
+KV cache, the shortest compiled length (`min_cache_len` doubling, then the whole cache) that
+holds every live row through the dispatch, so short requests do not pay for the longest prompt
+plus max_tokens.
+
 Outputs do not depend on the batch: a request's uniforms come from `decode.row_keys(seed, [0])`
-(derived inside the jitted prefill: `decode.seed_keys`) and its token i uses uniform i, exactly as offline `decode.Engine.generate([prompt], spec, seed)`
-does, whatever else is running, whenever it arrives, whichever slot, step size or prefill batch
-serves it (rows never mix). EOS, stop strings and max_tokens are applied on the host between
+(derived inside the jitted prefill: `decode.seed_keys`) and its token i uses uniform i, exactly
+as offline `decode.Engine.generate([prompt], spec, seed)` does, whatever else is running,
+whenever it arrives, whichever slot, step size, cache length or prefill batch serves it (rows
+never mix). EOS, stop strings and max_tokens are applied on the host between
 steps; the frequency penalty is per slot, on the device.
 
 The host work overlaps the device: the loop dispatches step t+1 (JAX dispatch is asynchronous)
@@ -183,7 +189,8 @@ class SlotState:
 
 
 class ServingEngine:
-  """Slot-based decoding of one stage (the AR teacher, or a PFLM at k' <= its window)."""
+  """Slot-based decoding of one stage (the AR teacher, or a PFLM at k' <= its window); the
+  lossless methods subclass it (serving/verified_engine.py)."""
 
   # Why the decode loop stopped, if it failed: it never restarts, so the server reports it
   # (/health 503) and exits for an orchestrator to restart it.
@@ -203,9 +210,6 @@ class ServingEngine:
     # Static decode settings; the penalty is per slot (SlotState.penalty_B), EOS is on the host.
     self.spec = decode.DecodeSpec(k=k, max_new_tokens=max_tokens, ar=ar)
     self.n_cache = decode.bucket_len(max_prompt_len) + self.spec.buffer_len + k
-    # Right-sized attention: a step attends over (and writes) the first cache_len positions of
-    # the cache, the smallest of these that holds every live row through the dispatch, so short
-    # requests do not pay for the longest prompt plus max_tokens (`_step_key`).
     self.cache_lens = cache_lens(self.n_cache, min_cache_len)
     self._setup(k, slots, max_prompt_len, max_tokens, max_queue, eos_id, burst)
 
