@@ -262,7 +262,7 @@ def test_a_lossless_method_served_returns_the_teachers_tokens(workdir):  # noqa:
   """serve --method=pflm_verified: the k2 stage drafts, the teacher verifies; a completion is
   the AR teacher's own offline decode with that seed, greedy too; its drafts show in /metrics;
   a frequency penalty (which would change the teacher's distribution) is a 400."""
-  s = Server(workdir, "--method=pflm_verified", "--slots=2", "--burst=1")
+  s = Server(workdir, "--method=pflm_verified", "--slots=2", "--burst=1", "--max_prompt_len=8")
   try:
     assert "serving pflm_verified:k2 (k=2)" in s.startup_line
     client = s.client()
