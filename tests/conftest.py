@@ -25,13 +25,3 @@ import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 
-
-def pytest_collection_modifyitems(config, items):
-  """Files with the most slow tests first (stable otherwise): under `-n 2 --dist loadfile` the
-  workers take whole files in this order, so the long ones no longer start last and leave one
-  worker finishing alone."""
-  slow = {}
-  for item in items:
-    slow[item.fspath] = slow.get(item.fspath, 0) + (item.get_closest_marker("slow") is not None)
-  order = {item: i for i, item in enumerate(items)}
-  items.sort(key=lambda item: (-slow[item.fspath], order[item]))
