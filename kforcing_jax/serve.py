@@ -83,7 +83,7 @@ def main(argv):
     raise config_check.UserError(f"--stage {stage!r}: no such stage in {workdir} "
                                  f"(found {found or 'none'})")
   loaded = stage_io.load_stage(workdir, stage, use_ema=_EMA.value)
-  k = _K.value or loaded.k if method or loaded.k else 1
+  k = (_K.value or loaded.k) if method or loaded.k else 1
   if not method and loaded.k == 0 and _K.value > 1:
     raise config_check.UserError(f"--k={_K.value}: {stage} is the AR model (one token per step)")
   if loaded.k and not 1 <= k <= loaded.k:

@@ -448,15 +448,24 @@ class ServingEngine:
     """Dispatch one prefill of `reqs` (one prompt bucket `plen`) into `slots`, padded to the
     next compiled size (padding rows repeat the last request and are dropped); returns (state,
     first blocks (batch, k) on the device), not awaited."""
+    x, pad, seeds, controls, slot_B, _, rows = self._prefill_inputs(reqs, slots, plen, rows)
+    penalty = np.asarray([r[1] for r in rows], np.float32)
+    return self._admit(self._params, self.state, x, pad, seeds, penalty, controls, slot_B)
+
+  def _prefill_inputs(self, reqs: list[Request], slots: list[int], plen: int,
+                      rows: list[tuple] | None = None) -> tuple:
+    """The host arrays of one prefill, padded to the next compiled batch size (padding rows
+    repeat the last request, and their slot, out of range, drops them): (prompts, left pads,
+    seeds, controls, slots, and the padded requests and `_row_inputs` rows)."""
     rows = rows or [self._row_inputs(r) for r in reqs]
     batch = next(s for s in self.prefill_sizes if s >= len(reqs))
     x, pad = decode.pad_prompts([r.prompt_ids for r in reqs], batch, plen)
+    reqs = list(reqs) + [reqs[-1]] * (batch - len(reqs))
     rows = rows + [rows[-1]] * (batch - len(rows))
     seeds = np.asarray([r[0] for r in rows], np.uint32)
-    penalty = np.asarray([r[1] for r in rows], np.float32)
     controls = sampling.Controls(*(np.asarray(c) for c in zip(*(r[2] for r in rows))))
     slot_B = np.asarray(list(slots) + [self.slots] * (batch - len(slots)), np.int32)
-    return self._admit(self._params, self.state, x, pad, seeds, penalty, controls, slot_B)
+    return x, pad, seeds, controls, slot_B, reqs, rows
 
   def _deliver(self, req: Request, block: list[int]) -> None:
     """Append a block to a live request; ends it (freeing its slot) at EOS, max_tokens, a stop

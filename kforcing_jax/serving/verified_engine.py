@@ -145,16 +145,9 @@ class VerifiedServingEngine(engine_lib.ServingEngine):
           "serves the AR teacher's own distribution (lossless)")
 
   def _admit_batch(self, reqs, slots, plen, rows=None):
-    rows = rows or [self._row_inputs(r) for r in reqs]
-    batch = next(s for s in self.prefill_sizes if s >= len(reqs))
-    x, pad = decode.pad_prompts([r.prompt_ids for r in reqs], batch, plen)
-    reqs = list(reqs) + [reqs[-1]] * (batch - len(reqs))
-    rows = rows + [rows[-1]] * (batch - len(rows))
-    seeds = np.asarray([r[0] for r in rows], np.uint32)
+    x, pad, seeds, controls, slot_B, reqs, _ = self._prefill_inputs(reqs, slots, plen, rows)
     limit = np.asarray([r.max_tokens for r in reqs], np.int32)
-    controls = sampling.Controls(*(np.asarray(c) for c in zip(*(r[2] for r in rows))))
     draft_tau = np.asarray([self._draft_tau(r.temperature) for r in reqs], np.float32)
-    slot_B = np.asarray(list(slots) + [self.slots] * (batch - len(slots)), np.int32)
     state = self._admit(self._params, self.state, x, pad, seeds, limit, controls, draft_tau,
                         slot_B)
     return state, None  # a prefill produces no token
